@@ -1,0 +1,3 @@
+"""spoctl: Sequential Preference Optimization for causal language models."""
+
+__version__ = "0.1.0"

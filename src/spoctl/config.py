@@ -1,0 +1,319 @@
+"""Configuration: one pydantic model per concern, a YAML file, and CLI overrides.
+
+Precedence, lowest first: the models' defaults < the config file < `--set KEY=VALUE` < dedicated CLI flags.
+The config file has one section per subcommand:
+
+    prepare:
+      max_length: 1024
+    align:
+      beta: 0.1
+      stages:
+        harmless: {beta: 0.2, alpha: 0.5}
+
+Unknown keys and bad values fail with a message that names the key, the bad value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UsageError
+
+SECTIONS = ("prepare", "align", "eval", "export")
+DIM_PATTERN = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"
+
+
+class StrictModel(BaseModel):
+    """Every config model forbids unknown keys, so a typo is an error and not a silently ignored option."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------------- prepare
+FormatName = Literal["auto", "pairwise", "hh-rlhf", "pku-saferlhf", "helpsteer"]
+
+
+class LengthPolicy(StrictModel):
+    max_prompt_tokens: int = Field(512, gt=0, description="Longest prompt kept, in tokens.")
+    max_length: int = Field(1024, gt=1, description="Longest prompt + response, in tokens.")
+    overflow: Literal["truncate", "drop"] = Field(
+        "truncate", description="Over-long pairs: truncate (prompt from the left, responses from the right) or drop."
+    )
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> "LengthPolicy":
+        if self.max_prompt_tokens >= self.max_length:
+            raise ValueError(
+                f"max_prompt_tokens ({self.max_prompt_tokens}) must be smaller than max_length ({self.max_length}),"
+                " so that responses keep at least one token"
+            )
+        return self
+
+
+class PrepareConfig(StrictModel):
+    data: dict[str, str] = Field(default_factory=dict, description="DIM -> SOURCE (file or Hub dataset id).")
+    format: FormatName = "auto"
+    model: str | None = Field(None, description="Tokenizer/chat template: a local folder, a Hub id or a .gguf file.")
+    out: Path = Path("prepared")
+    length: LengthPolicy = Field(default_factory=LengthPolicy)
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of each dimension held out for eval.")
+    seed: int = 0
+    max_pairs: int | None = Field(None, gt=0, description="Keep at most this many pairs per dimension (after cleaning).")
+    min_score_gap: float = Field(1.0, ge=0.0, description="HelpSteer-style ratings: smallest score gap that makes a pair.")
+    attributes: list[str] | None = Field(None, description="HelpSteer-style ratings: which attributes become dimensions.")
+    hub_split: str = Field("train", description="Split to read when SOURCE is a Hub dataset id.")
+    system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
+    trust_remote_code: bool = False
+    force: bool = Field(False, description="Replace an existing output directory.")
+
+    @field_validator("data")
+    @classmethod
+    def _dims_named_well(cls, value: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for dim in value:
+            if not re.match(DIM_PATTERN, dim):
+                raise ValueError(f"dimension name {dim!r} must start with a letter and use letters, digits, '_' or '-'")
+        return value
+
+
+# ----------------------------------------------------------------------------------------------- align
+LossType = Literal["sigmoid", "ipo", "hinge"]
+
+
+class LossConfig(StrictModel):
+    type: LossType = Field("sigmoid", description="sigmoid (DPO), ipo, or hinge; applied to the SPO margin.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO: assumed label-noise rate.")
+    sft_weight: float = Field(0.0, ge=0.0, description="Weight of an SFT (NLL) term on the chosen responses.")
+
+
+class LoraConfig(StrictModel):
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class StageOverrides(StrictModel):
+    """Per-stage settings (keyed by dimension under `align.stages`); anything left out uses the global value."""
+
+    beta: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, ge=0)
+    weights: dict[str, float] | None = None
+    learning_rate: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    loss: LossConfig | None = None
+
+
+class AlignConfig(StrictModel):
+    dims: list[str] = Field(default_factory=list, description="Dimensions, in stage order.")
+    data: Path | None = Field(None, description="Prepared-data directory (from `spoctl prepare`).")
+    model: str | None = Field(None, description="Base model pi_0; defaults to the model the data was prepared for.")
+    out: Path | None = Field(None, description="Run directory; defaults to runs/<timestamp>.")
+    mode: Literal["previous", "all"] = Field("previous", description="How earlier dimensions are weighted (SPO §6).")
+    alpha: float = Field(0.5, ge=0.0, description="`previous` mode weight; 0 is sequential DPO.")
+    weights: dict[str, float] = Field(default_factory=dict, description="`all` mode: weight per earlier dimension.")
+    beta: float = Field(0.1, gt=0)
+    learning_rate: float = Field(5e-6, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, gt=0, description="Pairs per optimizer step, across all processes.")
+    micro_batch_size: int = Field(4, gt=0, description="Pairs per forward pass on one process.")
+    frozen_batch_size: int = Field(16, gt=0, description="Pairs per forward in the no-grad frozen log-prob pass.")
+    max_steps: int | None = Field(None, gt=0, description="Cap on optimizer steps per stage.")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")
+    loss: LossConfig = Field(default_factory=LossConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    stages: dict[str, StageOverrides] = Field(default_factory=dict)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    save_every: int = Field(50, ge=0, description="Checkpoint every N optimizer steps within a stage (0: stage end only).")
+    log_every: int = Field(1, gt=0)
+    logprob_chunk: int = Field(256, gt=0, description="Sequence positions per chunk when computing log-probs.")
+    gradient_checkpointing: bool = False
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    trust_remote_code: bool = False
+    resume: bool = False
+
+    @field_validator("dims")
+    @classmethod
+    def _dims_unique(cls, dims: list[str]) -> list[str]:
+        import re
+
+        seen: set[str] = set()
+        for d in dims:
+            if not re.match(DIM_PATTERN, d):
+                raise ValueError(f"dimension name {d!r} must start with a letter and use letters, digits, '_' or '-'")
+            if d in seen:
+                raise ValueError(f"dimension {d!r} is listed twice; each dimension is one stage")
+            seen.add(d)
+        return dims
+
+    @model_validator(mode="after")
+    def _stages_refer_to_dims(self) -> "AlignConfig":
+        if self.dims:
+            for dim, st in self.stages.items():
+                if dim not in self.dims:
+                    raise ValueError(f"stages.{dim}: no such dimension in dims {self.dims}")
+                for other in (st.weights or {}):
+                    if other not in self.dims or self.dims.index(other) >= self.dims.index(dim):
+                        raise ValueError(
+                            f"stages.{dim}.weights.{other}: weights may only name dimensions aligned before {dim!r}"
+                        )
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- loading
+M = TypeVar("M", bound=StrictModel)
+
+
+def read_config_file(path: Path | str | None) -> dict[str, Any]:
+    """Read the YAML config file; return {} when no file is given."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: config file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UsageError(f"{path}:{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS)}")
+    unknown = [k for k in raw if k not in SECTIONS]
+    if unknown:
+        raise UsageError(f"{path}: unknown section {unknown[0]!r}{_suggest(unknown[0], SECTIONS)}; accepted: {', '.join(SECTIONS)}")
+    return raw
+
+
+def parse_set_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`--set a.b=1 --set c=[x, y]` -> nested dict; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set beta=0.2 or --set stages.harmless.alpha=0.3")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        set_dotted(out, key.strip(), parsed)
+    return out
+
+
+def set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = target
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"--set {dotted}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve_config(
+    model_cls: type[M],
+    section: str,
+    config_file: Path | str | None = None,
+    set_items: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> M:
+    """Build a validated config: defaults < file section < --set < flags (flags whose value is None are ignored)."""
+    file_cfg = read_config_file(config_file).get(section) or {}
+    if not isinstance(file_cfg, dict):
+        raise UsageError(f"{config_file}: section {section!r} must be a mapping")
+    merged = deep_merge(file_cfg, parse_set_overrides(set_items))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_dotted(merged, key, value)
+    return validate(model_cls, merged, section, source=str(config_file) if config_file else None)
+
+
+def validate(model_cls: type[M], data: dict[str, Any], section: str, source: str | None = None) -> M:
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as err:
+        raise UsageError(format_validation_error(err, model_cls, section, source)) from None
+
+
+def format_validation_error(err: ValidationError, model_cls: type[BaseModel], section: str, source: str | None) -> str:
+    lines = []
+    prefix = f"{source}: " if source else ""
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        key = f"{section}.{loc}" if loc else section
+        if e["type"] == "extra_forbidden":
+            accepted = _accepted_keys(model_cls, e["loc"][:-1])
+            name = str(e["loc"][-1])
+            lines.append(
+                f"{prefix}unknown key '{key}'{_suggest(name, accepted)}; accepted keys here: {', '.join(accepted)}"
+            )
+        else:
+            bad = e.get("input")
+            shown = "" if isinstance(bad, dict) else f" got {bad!r}:"
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{prefix}invalid value for '{key}':{shown} {msg}")
+    return "configuration error:\n  " + "\n  ".join(lines) if len(lines) > 1 else "configuration error: " + lines[0]
+
+
+def _accepted_keys(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Walk the model along `loc` to find which keys are valid at that place."""
+    cls: Any = model_cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            # a dict of sub-models (e.g. stages.<dim>): stay on the value type
+            continue
+        cls = _submodel(field.annotation)
+    return sorted(getattr(cls, "model_fields", {}).keys())
+
+
+def _submodel(annotation: Any) -> Any:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _suggest(name: str, choices: Any) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def dump_config(cfg: BaseModel, section: str) -> str:
+    """The resolved configuration as a YAML config file that reproduces it."""
+    return yaml.safe_dump({section: cfg.model_dump(mode="json")}, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,110 @@
+"""Loading tokenizers and causal LMs from a local folder, a local .gguf file, or a Hugging Face Hub id.
+
+Safe by default: weights load from safetensors only (no pickle), `trust_remote_code` only when asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: `kind` is 'folder', 'gguf' or 'hub'."""
+
+    spec: str
+    kind: str
+    path: str  # folder for 'folder' and 'gguf', the repo id for 'hub'
+    gguf_file: str | None = None
+
+    def from_pretrained_args(self) -> tuple[str, dict[str, Any]]:
+        kwargs: dict[str, Any] = {}
+        if self.gguf_file:
+            kwargs["gguf_file"] = self.gguf_file
+        return self.path, kwargs
+
+
+def resolve_model_source(spec: str) -> ModelSource:
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UsageError(f"{spec}: GGUF file does not exist")
+        return ModelSource(spec, "gguf", str(p.resolve().parent), p.name)
+    if p.exists():
+        if not p.is_dir():
+            raise UsageError(f"{spec}: a model must be a Hugging Face folder, a .gguf file or a Hub id")
+        if not (p / "config.json").exists() and not (p / "tokenizer_config.json").exists():
+            raise UsageError(f"{spec}: not a Hugging Face model folder (no config.json or tokenizer_config.json)")
+        return ModelSource(spec, "folder", str(p.resolve()))
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UsageError(f"{spec}: no such file or folder")
+    return ModelSource(spec, "hub", spec)
+
+
+def _load_error(spec: str, err: Exception) -> UsageError:
+    hint = ""
+    if "offline" in str(err).lower() or "connect" in str(err).lower() or "resolve" in str(err).lower():
+        hint = " (the Hugging Face Hub could not be reached: give a local folder or .gguf file instead)"
+    return UsageError(f"could not load model '{spec}': {type(err).__name__}: {str(err).splitlines()[0]}{hint}")
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    src = resolve_model_source(spec)
+    path, kwargs = src.from_pretrained_args()
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as err:  # transformers raises OSError, ValueError, HF errors...
+        raise _load_error(spec, err) from None
+    if tok.pad_token_id is None:
+        # Padding never reaches the loss (it is masked), so any existing special token serves.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_model_source(spec)
+    path, kwargs = src.from_pretrained_args()
+    if src.kind == "folder":
+        has_safetensors = any(Path(path).glob("*.safetensors"))
+        if not has_safetensors:
+            raise UsageError(
+                f"{spec}: no .safetensors weights in this folder; spoctl does not load pickled (.bin) weights."
+                " Convert them with `model.save_pretrained(dir, safe_serialization=True)` from a trusted environment."
+            )
+    if src.kind != "gguf":
+        kwargs["use_safetensors"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except Exception as err:
+        raise _load_error(spec, err) from None
+    return model
+
+
+def tokenizer_identity(tok, spec: str) -> dict[str, Any]:
+    """What makes two tokenizers interchangeable: vocabulary, special tokens and chat template, hashed."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    h.update(json.dumps(tok.all_special_tokens).encode())
+    h.update((getattr(tok, "chat_template", None) or "").encode())
+    return {
+        "source": spec,
+        "class": type(tok).__name__,
+        "vocab_size": len(tok),
+        "eos_token": tok.eos_token,
+        "pad_token": tok.pad_token,
+        "has_chat_template": bool(getattr(tok, "chat_template", None)),
+        "sha256": h.hexdigest(),
+    }
