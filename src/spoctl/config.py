@@ -92,6 +92,12 @@ class LossConfig(StrictModel):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO: assumed label-noise rate.")
     sft_weight: float = Field(0.0, ge=0.0, description="Weight of an SFT (NLL) term on the chosen responses.")
 
+    @model_validator(mode="after")
+    def _smoothing_is_sigmoid_only(self) -> "LossConfig":
+        if self.label_smoothing and self.type != "sigmoid":
+            raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {self.type!r}")
+        return self
+
 
 class LoraConfig(StrictModel):
     enabled: bool = False
@@ -140,6 +146,8 @@ class AlignConfig(StrictModel):
     seed: int = 0
     save_every: int = Field(50, ge=0, description="Checkpoint every N optimizer steps within a stage (0: stage end only).")
     log_every: int = Field(1, gt=0)
+    eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: at stage end only).")
+    pack: bool = Field(False, description="Padding-free batches: sequences packed in one row with position ids.")
     logprob_chunk: int = Field(256, gt=0, description="Sequence positions per chunk when computing log-probs.")
     gradient_checkpointing: bool = False
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)

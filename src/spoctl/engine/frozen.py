@@ -1,0 +1,68 @@
+"""The frozen log-prob pass: summed completion log-probs of chosen and rejected under a frozen model.
+
+Computed once per (model, data) before a stage trains, in inference mode with a larger batch than training, and
+cached as safetensors beside the prepared data, keyed by the data hash, the model fingerprint and the dtype: a
+re-run, a resume, or a later stage that needs the same numbers reads them back instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .batching import Pair, collate_pairs, inference_batches
+from .logprobs import SequenceScorer, score_batch
+
+
+@dataclass(frozen=True)
+class FrozenLogps:
+    chosen: torch.Tensor  # [N] float32, in the dataset's row order
+    rejected: torch.Tensor
+
+
+def cache_file(cache_dir: Path, dim: str, split: str, data_hash: str, model_fp: str, dtype: torch.dtype) -> Path:
+    dt = str(dtype).removeprefix("torch.")
+    return cache_dir / f"{dim}-{split}-{data_hash[:16]}-{model_fp[:16]}-{dt}.safetensors"
+
+
+def load_cached(path: Path) -> FrozenLogps | None:
+    if not path.exists():
+        return None
+    t = load_file(str(path))
+    return FrozenLogps(t["chosen"], t["rejected"])
+
+
+def save_cached(path: Path, value: FrozenLogps) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"chosen": value.chosen.contiguous(), "rejected": value.rejected.contiguous()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@torch.inference_mode()
+def compute_logps(model: nn.Module, pairs: Sequence[Pair], *, batch_size: int, pad_token_id: int, chunk_size: int,
+                  device: torch.device, pack: bool = False,
+                  on_batch: Callable[[int], None] | None = None) -> FrozenLogps:
+    scorer = SequenceScorer(model, chunk_size=chunk_size)
+    chosen = torch.empty(len(pairs), dtype=torch.float32)
+    rejected = torch.empty(len(pairs), dtype=torch.float32)
+    for idx in inference_batches([p.length for p in pairs], batch_size):
+        batch = collate_pairs([pairs[i] for i in idx], pad_token_id, pack=pack).to(device)
+        c, r, _, _ = score_batch(scorer, batch)
+        chosen[idx] = c.float().cpu()
+        rejected[idx] = r.float().cpu()
+        if on_batch:
+            on_batch(len(idx))
+    return FrozenLogps(chosen, rejected)

@@ -1,0 +1,135 @@
+"""The chain of models of a run: pi_0 (the base) and pi_k (after stage k), how to load each, and a fingerprint
+of each that keys the frozen log-prob cache.
+
+Full fine-tuning saves every stage as a complete Hugging Face folder. LoRA saves each stage as a PEFT adapter
+trained on top of the *previous stage's model*; pi_k is therefore rebuilt as base + adapter_1 + ... + adapter_k,
+each merged in turn. The reference of stage n is pi_{n-1} built this way -- never silently the bare base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..models import load_causal_lm, resolve_model_source
+from ..rundir import RunDir
+
+LINEAGE_FILE = "spoctl_stage.json"
+
+
+def _hash_files(paths: list[Path], h: "hashlib._Hash") -> None:
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """Hash of every parameter and buffer, in name order: what determines the model's outputs."""
+    h = hashlib.blake2b(digest_size=20)
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def base_fingerprint(spec: str) -> str | None:
+    """Fingerprint of the base model's files on disk (cheap), or None for a Hub id (hash the weights instead)."""
+    src = resolve_model_source(spec)
+    h = hashlib.blake2b(digest_size=20)
+    if src.kind == "gguf":
+        _hash_files([Path(src.path) / src.gguf_file], h)
+    elif src.kind == "folder":
+        root = Path(src.path)
+        _hash_files([*root.glob("*.safetensors"), root / "config.json"], h)
+    else:
+        return None
+    return h.hexdigest()
+
+
+def stage_fingerprint(model_dir: Path, previous: str) -> str:
+    """A stage's fingerprint chains the previous model's with the files this stage saved."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(previous.encode())
+    _hash_files([*model_dir.glob("*.safetensors"), *model_dir.glob("*config.json")], h)
+    return h.hexdigest()
+
+
+class ModelChain:
+    """Loads pi_k for a run. `stage_dirs[k-1]` is the model folder of stage k."""
+
+    def __init__(self, base_spec: str, run: RunDir, manifest: dict[str, Any], *, trust_remote_code: bool = False):
+        self.base_spec = base_spec
+        self.run = run
+        self.manifest = manifest
+        self.trust_remote_code = trust_remote_code
+
+    @property
+    def lora(self) -> bool:
+        return bool(self.manifest.get("lora"))
+
+    def stage_model_dir(self, k: int) -> Path:
+        st = self.manifest["stages"][k - 1]
+        return self.run.stage_model_dir(k, st["dim"])
+
+    def describe(self, k: int) -> str:
+        """Human/manifest name of pi_k."""
+        if k == 0:
+            return self.base_spec
+        return str(self.stage_model_dir(k).relative_to(self.run.root))
+
+    def fingerprint(self, k: int) -> str:
+        if k == 0:
+            fp = self.manifest.get("base_fingerprint")
+            if fp:
+                return fp
+            raise RuntimeError("the manifest has no base fingerprint")
+        st = self.manifest["stages"][k - 1]
+        if st.get("status") != "completed" or "fingerprint" not in st:
+            raise RuntimeError(f"stage {k} has not completed; pi_{k} does not exist yet")
+        return st["fingerprint"]
+
+    def load(self, k: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """pi_k in eval mode, plain transformers model (LoRA adapters merged)."""
+        for i in range(1, k + 1):
+            if not self.stage_model_dir(i).is_dir():
+                raise UsageError(f"{self.stage_model_dir(i)}: stage {i}'s model is missing; the run directory is incomplete")
+        if k > 0 and not self.lora:
+            # Full fine-tuning: stage k's folder holds complete weights; earlier stages are superseded.
+            model = load_causal_lm(str(self.stage_model_dir(k)), dtype=dtype, trust_remote_code=self.trust_remote_code)
+        else:
+            model = load_causal_lm(self.base_spec, dtype=dtype, trust_remote_code=self.trust_remote_code)
+            for i in range(1, k + 1):
+                model = merge_adapter(model, self.stage_model_dir(i))
+        model.eval()
+        return model
+
+
+def merge_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """base + adapter, merged into plain weights (so the next stage's adapter sits on top of this model)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).merge_and_unload()
+
+
+def write_lineage(model_dir: Path, *, base_spec: str, stage: int, dim: str, lora: bool,
+                  earlier_adapters: list[str]) -> None:
+    """What is needed to rebuild this stage's model outside spoctl (export uses it)."""
+    info = {
+        "base_model": base_spec,
+        "stage": stage,
+        "dimension": dim,
+        "kind": "lora-adapter" if lora else "full",
+        # For LoRA: apply these adapter folders (relative to the run directory), in order, merging each,
+        # then this folder's adapter.
+        "earlier_adapters": earlier_adapters,
+    }
+    (model_dir / LINEAGE_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

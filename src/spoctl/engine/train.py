@@ -1,0 +1,211 @@
+"""One SPO stage, top to bottom: policy, optimizer and schedule, the step loop, checkpoints, evaluation.
+
+Read `train_stage` first; everything else in this module is a helper it calls. The loss itself comes from
+`spoctl.losses`: this module only feeds it precomputed frozen log-probs and the policy's log-probs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import losses
+from ..config import AlignConfig
+from ..errors import TrainingError
+from .batching import Pair, collate_pairs, epoch_order, local_micro_batches
+from .checkpoint import load_checkpoint, save_checkpoint
+from .frozen import FrozenLogps, compute_logps
+from .logprobs import SequenceScorer, score_batch
+from .plan import StagePlan
+
+
+@dataclass
+class StageData:
+    """Everything a stage trains on, already resolved to tensors: no frozen model is needed any more."""
+
+    train: list[Pair]
+    ref_train: FrozenLogps  # pi_{n-1}
+    offset_train: torch.Tensor  # the SPO constant per pair (zeros at stage 1 or alpha = 0)
+    evals: dict[str, "EvalSet"] = field(default_factory=dict)  # by dimension
+
+
+@dataclass
+class EvalSet:
+    pairs: list[Pair]
+    base: FrozenLogps  # pi_0, for the forgetting view (implicit reward of everything aligned so far)
+    ref: FrozenLogps | None = None  # pi_{n-1}, only for the stage's own dimension
+    offset: torch.Tensor | None = None
+
+
+@dataclass
+class StageHooks:
+    """How the stage talks to the outside world (run directory, progress display), injected by the caller."""
+
+    log: Callable[[dict[str, Any]], None]
+    progress: Callable[[int, int, dict[str, float]], None]
+    checkpoint_dir: Callable[[int], Path]
+    latest_checkpoint: Callable[[], tuple[int, Path] | None]
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def wrap_lora(model: nn.Module, cfg: AlignConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    return get_peft_model(model, LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules, task_type="CAUSAL_LM",
+    ))
+
+
+def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: nn.Module, data: StageData,
+                pad_token_id: int, hooks: StageHooks) -> tuple[nn.Module, dict[str, float]]:
+    """Train pi_n from pi_{n-1} (`policy`, already loaded and LoRA-wrapped if asked). Returns the trained model
+    (unwrapped) and the final evaluation metrics."""
+    prefix = f"stage{plan.index}/{plan.dim}"
+    rank, world = accelerator.process_index, accelerator.num_processes
+    lengths = [p.length for p in data.train]
+    if plan.batch_size % world:
+        raise TrainingError(f"{prefix}: batch_size {plan.batch_size} must be a multiple of the {world} processes")
+    steps_per_epoch = len(data.train) // plan.batch_size
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{prefix}: {len(data.train)} training pairs is fewer than one batch of {plan.batch_size};"
+                            " lower batch_size or prepare more data")
+    total = plan.total_steps(steps_per_epoch)
+    warmup = int(cfg.warmup_ratio * total)
+
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    scorer = SequenceScorer(policy, chunk_size=cfg.logprob_chunk)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    fused = {"fused": True} if accelerator.device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=cfg.weight_decay, **fused)
+    scheduler = make_scheduler(optimizer, cfg.scheduler, total, warmup)
+    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+
+    start = 0
+    found = hooks.latest_checkpoint()
+    if found is not None:
+        meta = load_checkpoint(found[1], model=accelerator.unwrap_model(scorer).model, optimizer=optimizer,
+                               scheduler=scheduler)
+        start = int(meta["step"])
+        accelerator.print(f"{prefix}: resuming from step {start} ({found[1]})")
+
+    order_cache: dict[int, list[list[int]]] = {}
+    t0, tokens_seen = time.perf_counter(), 0
+    for step in range(start, total):
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch not in order_cache:
+            order_cache.clear()
+            order_cache[epoch] = epoch_order(lengths, plan.batch_size, cfg.seed + plan.index, epoch)
+        global_batch = order_cache[epoch][position]
+        micro = local_micro_batches(global_batch, lengths, rank, world, cfg.micro_batch_size)
+
+        sums: dict[str, torch.Tensor] = {}
+        for j, idx in enumerate(micro):
+            last = j == len(micro) - 1
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(scorer)
+            with sync, accelerator.autocast():
+                batch = collate_pairs([data.train[i] for i in idx], pad_token_id, pack=cfg.pack).to(accelerator.device)
+                pc, pr, lc, _ = score_batch(scorer, batch)
+                sel = torch.tensor(idx)
+                rc = data.ref_train.chosen[sel].to(pc.device)
+                rr = data.ref_train.rejected[sel].to(pc.device)
+                off = data.offset_train[sel].to(pc.device)
+                h = losses.spo_logits(plan.beta, pc.float(), pr.float(), rc, rr, off)
+                per_pair = losses.preference_loss(h, plan.beta, plan.loss.type, plan.loss.label_smoothing)
+                if plan.loss.sft_weight:
+                    per_pair = per_pair + plan.loss.sft_weight * losses.sft_loss(pc.float(), lc)
+                # Sum over pairs / global batch, times world: DDP averages over processes, so the gradient is
+                # the mean over the global batch however it is split into processes and micro-batches.
+                loss = per_pair.sum() * world / plan.batch_size
+                accelerator.backward(loss)
+            part = losses.reward_metric_sums(plan.beta, pc.float(), pr.float(), rc, rr, off)
+            part["loss"] = per_pair.detach().float().sum()
+            part["tokens"] = torch.tensor(float(batch.n_tokens), device=pc.device)
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+
+        keys = sorted(sums)
+        reduced = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
+        totals = dict(zip(keys, reduced.tolist()))
+        if not math.isfinite(totals["loss"]):
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(
+                f"{prefix}: the loss became {totals['loss']} at step {step + 1}; stopping before the optimizer step."
+                " The last good checkpoint is intact. Try a lower learning rate or beta, or fp32 precision."
+            )
+        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else 0.0
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        tokens_seen += totals.pop("tokens")
+        count = totals.pop("count")
+        metrics = {f"{prefix}/{k}": v / count for k, v in totals.items()}
+        elapsed = time.perf_counter() - t0
+        metrics.update({f"{prefix}/learning_rate": lr, f"{prefix}/grad_norm": grad_norm,
+                        f"{prefix}/epoch": (step + 1) / steps_per_epoch,
+                        f"{prefix}/tokens_per_second": tokens_seen / max(elapsed, 1e-9)})
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            hooks.log({"step": done, **metrics})
+        hooks.progress(done, total, metrics)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
+            hooks.log({"step": done, **evaluate(accelerator, scorer, plan, data, pad_token_id, cfg)})
+        if cfg.save_every and done % cfg.save_every == 0 and done != total:
+            if accelerator.is_main_process:
+                save_checkpoint(hooks.checkpoint_dir(done), model=accelerator.unwrap_model(scorer).model,
+                                optimizer=optimizer, scheduler=scheduler, meta={"step": done, "stage": plan.index,
+                                                                               "dim": plan.dim, "total": total})
+            accelerator.wait_for_everyone()
+
+    final = evaluate(accelerator, scorer, plan, data, pad_token_id, cfg)
+    hooks.log({"step": total, **final})
+    model = accelerator.unwrap_model(scorer).model
+    return model, final
+
+
+def evaluate(accelerator: Any, scorer: nn.Module, plan: StagePlan, data: StageData, pad_token_id: int,
+             cfg: AlignConfig) -> dict[str, float]:
+    """Eval metrics: TRL's set against the reference on the stage's own dimension, and for every dimension
+    evaluated the implicit reward of everything aligned so far, log(pi_theta / pi_0), so forgetting shows."""
+    model = accelerator.unwrap_model(scorer).model
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    with accelerator.autocast():
+        for dim, ev in data.evals.items():
+            pol = compute_logps(model, ev.pairs, batch_size=cfg.frozen_batch_size, pad_token_id=pad_token_id,
+                                chunk_size=cfg.logprob_chunk, device=accelerator.device, pack=cfg.pack)
+            prefix = f"stage{plan.index}/{dim}"
+            if ev.ref is not None:
+                m = losses.reward_metrics(plan.beta, pol.chosen, pol.rejected, ev.ref.chosen, ev.ref.rejected, ev.offset)
+                out.update({f"{prefix}/eval_{k}": v for k, v in m.items()})
+            base_margin = losses.log_ratio_margin(pol.chosen, pol.rejected, ev.base.chosen, ev.base.rejected)
+            out[f"{prefix}/eval_base_rewards/accuracies"] = float((base_margin > 0).float().mean())
+            out[f"{prefix}/eval_base_rewards/margins"] = float(base_margin.mean())
+    if was_training:
+        model.train()
+    return out

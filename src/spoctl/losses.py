@@ -1,0 +1,223 @@
+"""The SPO tensor math, as small pure functions (no models, no I/O).
+
+Notation follows ../shared/docs/spo-method.md. Every per-pair input is a 1-D tensor of *summed completion
+log-probs*, shape [B]: `x_chosen[b] = log x(y_w|x)`, `x_rejected[b] = log x(y_l|x)` for pair b.
+
+Stages are numbered 1..N in the doc; Python lists here are 0-based, so **list index j is stage j+1**:
+
+    betas[j]    = beta_{j+1}
+    weights[j]  = [lambda_1^(j+1), ..., lambda_j^(j+1)]    (the weights stage j+1 used; weights[0] == [])
+    logps[j]    = log-probs of pi_j                         (logps[0] is the base model pi_0)
+    margins[j]  = Delta r_{j+1}                             (implicit reward margin of dimension j+1)
+
+Nothing here modifies its inputs in place, and everything works in the dtype it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def log_ratio_margin(p_chosen: Tensor, p_rejected: Tensor, q_chosen: Tensor, q_rejected: Tensor) -> Tensor:
+    """Delta(p, q) = [log p(y_w) - log q(y_w)] - [log p(y_l) - log q(y_l)], per pair.
+
+    Evaluated as (p_w - p_l) - (q_w - q_l), the same association order as TRL's DPO logits, so that DPO
+    computed through these functions matches TRL-style DPO bit for bit.
+    """
+    return (p_chosen - p_rejected) - (q_chosen - q_rejected)
+
+
+def implicit_reward_margins(
+    betas: Sequence[float],
+    weights: Sequence[Sequence[float]],
+    logps_chosen: Sequence[Tensor],
+    logps_rejected: Sequence[Tensor],
+) -> list[Tensor]:
+    """Delta r_i for the dimensions of stages 1..k (§4), from the frozen models pi_0..pi_k on the same pairs.
+
+        Delta r_1 = beta_1 * Delta(pi_1, pi_0)
+        Delta r_i = beta_i * Delta(pi_i, pi_{i-1}) - sum_{m<i} lambda_m^(i) * Delta r_m
+
+    0-based: `betas[j]` = beta_{j+1}; `weights[j]` = [lambda_1^(j+1) .. lambda_j^(j+1)], the weights stage j+1
+    actually trained with (for a stage that ran in previous mode, `previous_mode_weights(alpha, j+1)`);
+    `logps_*[j]` = log-probs of pi_j, so k+1 entries for k stages. Returns k tensors, `[j]` = Delta r_{j+1}.
+    """
+    k = len(betas)
+    if len(weights) != k or len(logps_chosen) != k + 1 or len(logps_rejected) != k + 1:
+        raise ValueError(f"need k betas, k weight lists and k+1 models' log-probs; got {k}, {len(weights)}, "
+                         f"{len(logps_chosen)}, {len(logps_rejected)}")
+    margins: list[Tensor] = []
+    for j in range(k):
+        if len(weights[j]) != j:
+            raise ValueError(f"weights[{j}] (stage {j + 1}) must hold {j} lambdas, got {len(weights[j])}")
+        step = betas[j] * log_ratio_margin(logps_chosen[j + 1], logps_rejected[j + 1],
+                                           logps_chosen[j], logps_rejected[j])
+        # Stage j+1 trained on R_{j+1} + sum lambda R_m; subtract the earlier part to isolate r_{j+1}.
+        margins.append(step - spo_offset_all(weights[j], margins) if j else step)
+    return margins
+
+
+def spo_offset_all(weights_n: Sequence[float], reward_margins: Sequence[Tensor], like: Tensor | None = None) -> Tensor:
+    """Exact ("all") mode offset of stage n: sum_{i<n} lambda_i^(n) * Delta r_i.
+
+    `weights_n[j]` = lambda_{j+1}^(n), `reward_margins[j]` = Delta r_{j+1} (from `implicit_reward_margins`).
+    With no earlier dimension (stage 1) it is zero: `zeros_like(like)` if given, else a 0-d zero that
+    broadcasts; either way h - 0 is DPO's h exactly.
+    """
+    if len(weights_n) != len(reward_margins):
+        raise ValueError(f"{len(weights_n)} weights for {len(reward_margins)} earlier reward margins")
+    if not reward_margins:
+        return torch.zeros(()) if like is None else torch.zeros_like(like)
+    total = weights_n[0] * reward_margins[0]
+    for lam, margin in zip(weights_n[1:], reward_margins[1:]):
+        total = total + lam * margin
+    return total
+
+
+def spo_offset_previous(
+    alpha: float,
+    beta_prev: float,
+    prev_chosen: Tensor,
+    prev_rejected: Tensor,
+    prevprev_chosen: Tensor,
+    prevprev_rejected: Tensor,
+) -> Tensor:
+    """Tractable ("previous") mode offset of stage n: alpha * beta_{n-1} * Delta(pi_{n-1}, pi_{n-2}) (§6).
+
+    Equals `spo_offset_all` with `previous_mode_weights(alpha, n)`, provided stage n-1 used the weights it
+    is recorded with. alpha == 0 returns an exact zero tensor (whatever the inputs hold, NaN included), so
+    alpha = 0 is sequential DPO bit for bit.
+    """
+    if alpha == 0:
+        return torch.zeros_like(prev_chosen)
+    return alpha * beta_prev * log_ratio_margin(prev_chosen, prev_rejected, prevprev_chosen, prevprev_rejected)
+
+
+def previous_mode_weights(alpha: float | Sequence[float], n: int) -> list[float]:
+    """The lambda vector [lambda_1^(n), ..., lambda_{n-1}^(n)] that previous mode implies at stage n (§6).
+
+    lambda_{n-1}^(n) = alpha_n and lambda_i^(n) = alpha_n * lambda_i^(n-1), i.e. lambda^(n) = alpha_n *
+    (lambda^(n-1) ++ [1]). A float alpha is used at every stage (then lambda_i^(n) = alpha^(n-i)); a sequence
+    gives per-stage alphas, `alpha[j]` for stage j+1 (alpha[0], stage 1's, is unused).
+    """
+    if n < 1:
+        raise ValueError(f"stages are numbered from 1, got {n}")
+    alphas = [float(alpha)] * n if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+    if len(alphas) < n:
+        raise ValueError(f"need an alpha for each of {n} stages, got {len(alphas)}")
+    lam: list[float] = []
+    for stage in range(2, n + 1):
+        a = alphas[stage - 1]
+        lam = [a * x for x in lam] + [a]
+    return lam
+
+
+def spo_logits(
+    beta: float,
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    offset: Tensor | None = None,
+) -> Tensor:
+    """The SPO margin h = beta_n * Delta(pi_theta, pi_{n-1}) - offset (§5); offset None means 0 (plain DPO).
+
+    The offset is a constant of the earlier models; it is detached so no gradient flows into it.
+    """
+    h = beta * log_ratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    return h if offset is None else h - offset.detach()
+
+
+def preference_loss(h: Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> Tensor:
+    """Per-pair loss [B] of the SPO margin h (from `spo_logits`); the TRL variants with beta*Delta -> h.
+
+    sigmoid: -(1 - eps) * logsigmoid(h) - eps * logsigmoid(-h)     (eps = label_smoothing; conservative DPO)
+    hinge:   relu(1 - h)                                           (TRL: relu(1 - beta * Delta))
+    ipo:     (h / beta - 1 / (2 * beta))**2                        (TRL: (Delta - 1/(2 beta))**2; the IPO
+             target applies to h/beta = Delta(pi_theta, pi_{n-1}) - offset/beta)
+
+    label_smoothing only has a meaning for sigmoid; asking for it with another type is an error.
+    """
+    if loss_type == "sigmoid":
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        loss = -F.logsigmoid(h)
+        # Skip the eps term when eps == 0 so the result is -logsigmoid(h) exactly, as in plain DPO.
+        return loss if label_smoothing == 0 else (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-h)
+    if label_smoothing != 0:
+        raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {loss_type!r}")
+    if loss_type == "hinge":
+        return torch.relu(1 - h)
+    if loss_type == "ipo":
+        return (h / beta - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+
+
+def sft_loss(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
+    """Per-pair SFT term [B]: the per-token NLL of the chosen response, -log pi_theta(y_w|x) / |y_w|.
+
+    Lengths are completion token counts; clamped to >= 1 so an empty completion gives 0, not NaN.
+    """
+    return -policy_chosen_logps / chosen_lengths.clamp(min=1).to(policy_chosen_logps.dtype)
+
+
+def reward_metric_sums(
+    beta: float,
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    offset: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Per-batch sums behind `reward_metrics`, plus "count" (the number of pairs), as 0-d tensors.
+
+    Sums (not means) so a distributed engine can all-reduce them and divide once (`metrics_from_sums`).
+    All share one float dtype (at least float32) and the inputs' device, so they can be stacked for one
+    all-reduce. Implicit rewards are beta * (log pi_theta - log pi_ref), as in TRL.
+    """
+    dtype = torch.promote_types(policy_chosen.dtype, torch.float32)
+    pc, pr = policy_chosen.detach().to(dtype), policy_rejected.detach().to(dtype)
+    rc, rr = ref_chosen.detach().to(dtype), ref_rejected.detach().to(dtype)
+    chosen, rejected = beta * (pc - rc), beta * (pr - rr)
+    sums = {
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        "rewards/accuracies": (chosen > rejected).to(dtype).sum(),
+        "rewards/margins": (chosen - rejected).sum(),
+        "logps/chosen": pc.sum(),
+        "logps/rejected": pr.sum(),
+        "count": torch.tensor(float(pc.numel()), dtype=dtype, device=pc.device),
+    }
+    if offset is not None:
+        off = offset.detach().to(dtype).expand_as(pc)  # a 0-d stage-1 offset counts once per pair
+        h = spo_logits(beta, pc, pr, rc, rr, off)
+        sums["spo/offset"] = off.sum()
+        sums["spo/margin_accuracy"] = (h > 0).to(dtype).sum()
+    return sums
+
+
+def metrics_from_sums(sums: dict[str, Tensor]) -> dict[str, float]:
+    """Means as python floats: each sum divided by sums["count"] (which is not itself returned)."""
+    count = float(sums["count"])
+    return {k: float(v) / count for k, v in sums.items() if k != "count"}
+
+
+def reward_metrics(
+    beta: float,
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    offset: Tensor | None = None,
+) -> dict[str, float]:
+    """Batch means under TRL's names (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
+    logps/chosen, logps/rejected), plus spo/offset (mean offset) and spo/margin_accuracy (mean of h > 0)
+    when an offset is given."""
+    return metrics_from_sums(reward_metric_sums(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                offset))

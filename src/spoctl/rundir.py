@@ -1,0 +1,161 @@
+"""The run directory: the one module that knows its layout and owns its manifest.
+
+    RUN_DIR/
+      manifest.json              the run: identity, base model, data, and each stage's status, models, metrics
+      config.yaml                the resolved `align` configuration
+      metrics.jsonl              JSON lines, TRL metric names prefixed by stage and dimension
+      .lock                      held by the process writing this run
+      stages/01-helpful/
+        model/                   the stage's final model: HF folder (full weights) or PEFT adapter + lineage
+        checkpoints/step-000050/ resumable state within the stage (model, optimizer, scheduler, RNG, position)
+      cache/logps/               frozen log-probs when the prepared-data folder is not writable
+      tensorboard/               only with report_to: [tensorboard]
+
+Everything is written atomically (temporary file or folder, then rename), so whatever looks complete is complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import UsageError
+from .fsutil import DirectoryLock, read_json, write_json_atomic, write_text_atomic
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunDir:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    # ---- paths (nobody else builds these) -----------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def stage_dir(self, index: int, dim: str) -> Path:
+        return self.root / "stages" / f"{index:02d}-{dim}"
+
+    def stage_model_dir(self, index: int, dim: str) -> Path:
+        return self.stage_dir(index, dim) / "model"
+
+    def checkpoints_dir(self, index: int, dim: str) -> Path:
+        return self.stage_dir(index, dim) / "checkpoints"
+
+    def checkpoint_dir(self, index: int, dim: str, step: int) -> Path:
+        return self.checkpoints_dir(index, dim) / f"step-{step:06d}"
+
+    def latest_checkpoint(self, index: int, dim: str) -> tuple[int, Path] | None:
+        """The highest complete step checkpoint (temporary folders start with '.' and are ignored)."""
+        root = self.checkpoints_dir(index, dim)
+        if not root.is_dir():
+            return None
+        found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+        return max(found) if found else None
+
+    def lock(self) -> DirectoryLock:
+        return DirectoryLock(self.root, what="run directory")
+
+    # ---- manifest -----------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    def read_manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.exists():
+            raise UsageError(f"{self.root}: not a spoctl run directory (no {MANIFEST}); run `spoctl align` first")
+        try:
+            return read_json(self.manifest_path)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UsageError(f"{self.manifest_path}: unreadable manifest ({err})") from None
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        manifest["updated"] = now_iso()
+        write_json_atomic(self.manifest_path, manifest)
+
+    def write_config(self, yaml_text: str) -> None:
+        write_text_atomic(self.config_path, yaml_text)
+
+    def new_manifest(self, *, run_key: str, dims: list[str], base_model: str, data_dir: str, mode: str,
+                     lora: bool, prepared: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "manifest_version": MANIFEST_VERSION,
+            "spoctl_version": __version__,
+            "run_key": run_key,
+            "created": now_iso(),
+            "base_model": base_model,
+            "data": data_dir,
+            "tokenizer": prepared.get("tokenizer"),
+            "mode": mode,
+            "lora": lora,
+            "dims": dims,
+            "stages": [
+                {"index": i + 1, "dim": d, "status": "pending", "dir": str(self.stage_dir(i + 1, d).relative_to(self.root))}
+                for i, d in enumerate(dims)
+            ],
+        }
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """One JSON line per logging event; flushed so a crash loses at most the line being written."""
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=False) + "\n")
+            f.flush()
+
+    def truncate_metrics_after(self, stage: int, step: int) -> None:
+        """On resume, drop log lines of the current stage written after the checkpoint we resume from."""
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if rec.get("stage") == stage and rec.get("step", 0) > step:
+                continue
+            if rec.get("stage", 0) > stage:
+                continue
+            kept.append(line)
+        write_text_atomic(self.metrics_path, "".join(l + "\n" for l in kept))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        out = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out

@@ -1,0 +1,88 @@
+"""A tiny, fully local world for engine tests: a byte-level tokenizer, a randomly initialised Llama saved as a
+Hugging Face folder (safetensors), and prepared preference data written in the real prepared-data format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from spoctl.data.store import FORMAT_VERSION, features, split_hash
+from spoctl.models import tokenizer_identity
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<|end|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>",
+                                   additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_model_dir(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_prepared(path: Path, model_dir: Path, dims: list[str], *, n_train: int = 24, n_eval: int = 8,
+                  seed: int = 0) -> Path:
+    """Random token pairs per dimension, in the exact on-disk format `spoctl prepare` writes."""
+    import datasets
+
+    from spoctl.models import load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    g = torch.Generator().manual_seed(seed)
+    manifest = {"format_version": FORMAT_VERSION, "model": str(model_dir), "tokenizer": tokenizer_identity(tok, str(model_dir)),
+                "dimensions": {}}
+
+    def seq(lo: int, hi: int) -> list[int]:
+        k = int(torch.randint(lo, hi, (1,), generator=g))
+        return torch.randint(0, 250, (k,), generator=g).tolist()
+
+    for d in dims:
+        hashes = {}
+        for split, n in (("train", n_train), ("eval", n_eval)):
+            rows = {"pair_id": [], "prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": [],
+                    "prompt": [], "chosen": [], "rejected": [], "prompt_messages": []}
+            for i in range(n):
+                p, c, r = seq(3, 12), seq(2, 8) + [tok.eos_token_id], seq(2, 8) + [tok.eos_token_id]
+                rows["pair_id"].append(f"{d}-{split}-{i}")
+                rows["prompt_input_ids"].append(p)
+                rows["chosen_input_ids"].append(c)
+                rows["rejected_input_ids"].append(r)
+                rows["prompt"].append(tok.decode(p))
+                rows["chosen"].append(tok.decode(c))
+                rows["rejected"].append(tok.decode(r))
+                rows["prompt_messages"].append(json.dumps([{"role": "user", "content": tok.decode(p)}]))
+            datasets.Dataset.from_dict(rows, features=features()).save_to_disk(str(path / d / split))
+            hashes[split] = split_hash(rows["pair_id"], rows["prompt_input_ids"], rows["chosen_input_ids"],
+                                       rows["rejected_input_ids"])
+        manifest["dimensions"][d] = {"source": "synthetic", "format": "pairwise", "hashes": hashes,
+                                     "counts": {"train": n_train, "eval": n_eval}}
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return path
