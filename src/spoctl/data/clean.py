@@ -43,11 +43,15 @@ def _rank(seed: int, purpose: str, pid: str) -> str:
     return hashlib.sha256(f"{seed}:{purpose}:{pid}".encode()).hexdigest()
 
 
-def cap(ids: Sequence[str], max_pairs: int | None, seed: int) -> set[str]:
-    """The ids to keep: all of them, or a seeded sample of `max_pairs`."""
+def selection_order(ids: Sequence[str], max_pairs: int | None, seed: int) -> list[int]:
+    """Indices in the order pairs are considered: file order, or with a cap a seeded order.
+
+    With a cap, the first `max_pairs` pairs that survive the length policy are kept, which is a seeded sample of all
+    survivors; the rest need never be tokenized.
+    """
     if max_pairs is None or len(ids) <= max_pairs:
-        return set(ids)
-    return set(sorted(ids, key=lambda i: _rank(seed, "cap", i))[:max_pairs])
+        return list(range(len(ids)))
+    return sorted(range(len(ids)), key=lambda i: _rank(seed, "cap", ids[i]))
 
 
 def eval_count(n: int, fraction: float) -> int:
@@ -57,9 +61,31 @@ def eval_count(n: int, fraction: float) -> int:
     return min(max(1, round(n * fraction)), n - 1)
 
 
-def split_ids(ids: Sequence[str], fraction: float, seed: int) -> set[str]:
-    """The ids that go to eval."""
-    return set(sorted(ids, key=lambda i: _rank(seed, "eval", i))[: eval_count(len(ids), fraction)])
+def prompt_key(pair: Pair) -> str:
+    """sha256 of the raw prompt messages: pairs with the same key share a prompt."""
+    return hashlib.sha256(json.dumps(pair.prompt, ensure_ascii=False, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def split_ids(rows: Sequence[tuple[str, str]], fraction: float, seed: int) -> set[str]:
+    """The pair ids that go to eval, from (pair_id, prompt_key) rows.
+
+    Whole prompts are held out, so no eval prompt is seen in training; the rank depends only on the prompt and the
+    seed, so dimensions built from one file (PKU-SafeRLHF) hold out the same prompts. With a single prompt,
+    pairs are split individually instead.
+    """
+    target = eval_count(len(rows), fraction)
+    groups: dict[str, list[str]] = {}
+    for pid, key in rows:
+        groups.setdefault(key, []).append(pid)
+    if len(groups) < 2:
+        return set(sorted((pid for pid, _ in rows), key=lambda i: _rank(seed, "eval", i))[:target])
+    held: set[str] = set()
+    for key in sorted(groups, key=lambda k: _rank(seed, "eval", k)):
+        if len(held) >= target:
+            break
+        if len(held) + len(groups[key]) < len(rows):  # never leave train empty
+            held.update(groups[key])
+    return held
 
 
 def length_stats(values: Sequence[int]) -> dict[str, float]:

@@ -176,7 +176,8 @@ def _implicit_prompt(rec: dict[str, Any], where: Where, out: DimPairs) -> None:
         return
     for name, msgs in (("chosen", chosen), ("rejected", rejected)):
         if msgs[-1]["role"] != "assistant":
-            raise where.error(f"the last message must be the assistant's, got {msgs[-1]['role']!r}", field=f"{name}[{len(msgs) - 1}].role")
+            last = f"{name}[{len(msgs) - 1}]"
+            raise where.error(f"the last message must be the assistant's, got {msgs[-1]['role']!r}", field=f"{last}.role")
         _text(msgs[-1]["content"], where, f"{name}[{len(msgs) - 1}].content")
     if n == 0:
         raise where.error("the conversations share no prompt: they start with the assistant's answer", field="chosen")
@@ -312,5 +313,7 @@ def adapt(fmt: str, records: list[tuple[Where, dict[str, Any]]], dim: str, cfg: 
     result = ADAPTERS[fmt](records, dim, cfg)
     for name in result:
         if not re.match(DIM_PATTERN, name):
-            raise InputError(f"{fmt} would create dimension {name!r}, which is not a valid dimension name", path=records[0][0].path)
+            raise InputError(
+                f"{fmt} would create dimension {name!r}, which is not a valid dimension name", path=records[0][0].path
+            )
     return result

@@ -26,9 +26,11 @@ from . import clean
 from .formats import DimPairs, Pair, adapt, detect_format
 from .render import Renderer, fit_length
 from .sources import Source, read_records, resolve_source
-from .store import COLUMNS, FORMAT_VERSION, MANIFEST, features, split_hash
+from .store import COLUMNS, FORMAT_VERSION, MANIFEST, TOKEN_COLUMNS, features, split_hash
 
 DEBUG_EXAMPLES = 3
+TOKENIZE_CHUNK = 512
+LENGTH_DROPS = ("prompt_too_long", "too_long", "tie_after_truncation")
 
 
 @dataclass
@@ -95,11 +97,13 @@ def prepare(cfg: PrepareConfig, out: Output, debug: bool = False) -> dict[str, A
         "manifest": str(out_dir / MANIFEST),
         "model": manifest["model"],
         "dims": [b.dim for b in built],
-        "dimensions": {
-            b.dim: {k: b.info[k] for k in ("source", "format", "counts", "hashes")} | {"mean_tokens": b.info["tokens"]["total"]["mean"]}
-            for b in built
-        },
+        "dimensions": {b.dim: summary(b.info) for b in built},
     }
+
+
+def summary(info: dict[str, Any]) -> dict[str, Any]:
+    """The --json view of one dimension's manifest entry."""
+    return {k: info[k] for k in ("source", "format", "counts", "hashes")} | {"mean_tokens": info["tokens"]["total"]["mean"]}
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -146,26 +150,31 @@ def build_dim(dim: str, s: Sourced, renderer: Renderer, cfg: PrepareConfig, out:
     """Clean, tokenize, apply the length policy, cap and split one dimension."""
     dropped = Counter(s.pairs.dropped)
     kept = clean.remove_ties_and_duplicates(s.pairs.pairs, dropped)
-    pairs = [p for _, p in kept]
-    prompt_ids = renderer.prompt_ids(pairs)
-    chosen_ids = renderer.completion_ids([p.chosen for p in pairs])
-    rejected_ids = renderer.completion_ids([p.rejected for p in pairs])
-
-    rows: list[tuple[str, Pair, Any]] = []
-    truncated = 0
-    for (pid, pair), p, c, r in zip(kept, prompt_ids, chosen_ids, rejected_ids):
-        fitted = fit_length(p, c, r, cfg.length)
-        if fitted.drop:
-            dropped[fitted.drop] += 1
-            continue
-        truncated += fitted.truncated
-        rows.append((pid, pair, fitted))
-
-    keep = clean.cap([pid for pid, _, _ in rows], cfg.max_pairs, cfg.seed)
-    if len(keep) < len(rows):
-        dropped["max_pairs"] += len(rows) - len(keep)
-        truncated = sum(f.truncated for pid, _, f in rows if pid in keep)
-        rows = [row for row in rows if row[0] in keep]
+    order = clean.selection_order([pid for pid, _ in kept], cfg.max_pairs, cfg.seed)
+    limit = cfg.max_pairs or len(kept)
+    rows: list[tuple[int, str, Pair, Any]] = []
+    # Tokenize in chunks and stop once the cap is met: with --max-pairs only what is needed gets tokenized.
+    for start in range(0, len(order), TOKENIZE_CHUNK):
+        if len(rows) >= limit:
+            break
+        chunk = [(i, *kept[i]) for i in order[start : start + TOKENIZE_CHUNK]]
+        chunk_pairs = [pair for _, _, pair in chunk]
+        prompt_ids = renderer.prompt_ids(chunk_pairs)
+        chosen_ids = renderer.completion_ids([p.chosen for p in chunk_pairs])
+        rejected_ids = renderer.completion_ids([p.rejected for p in chunk_pairs])
+        for (i, pid, pair), p, c, r in zip(chunk, prompt_ids, chosen_ids, rejected_ids):
+            if len(rows) >= limit:
+                break
+            fitted = fit_length(p, c, r, cfg.length)
+            if fitted.drop:
+                dropped[fitted.drop] += 1
+            else:
+                rows.append((i, pid, pair, fitted))
+    capped = len(kept) - len(rows) - sum(dropped[r] for r in LENGTH_DROPS)
+    if capped:
+        dropped["max_pairs"] += capped
+    rows = [row[1:] for row in sorted(rows, key=lambda row: row[0])]  # back to file order
+    truncated = sum(f.truncated for _, _, f in rows)
     if not rows:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(dropped.items())) or "none"
         raise InputError(
@@ -173,7 +182,7 @@ def build_dim(dim: str, s: Sourced, renderer: Renderer, cfg: PrepareConfig, out:
             " check the format and the length limits (--max-length, --max-prompt-tokens, --overflow)",
             path=s.source.spec,
         )
-    eval_ids = clean.split_ids([pid for pid, _, _ in rows], cfg.eval_fraction, cfg.seed)
+    eval_ids = clean.split_ids([(pid, clean.prompt_key(pair)) for pid, pair, _ in rows], cfg.eval_fraction, cfg.seed)
     if not eval_ids:
         out.warn(f"{dim}: only {len(rows)} pair, so no eval pair is held out")
 
@@ -202,13 +211,7 @@ def build_dim(dim: str, s: Sourced, renderer: Renderer, cfg: PrepareConfig, out:
             "rejected": clean.length_stats([len(f.rejected) for f in fitted_all]),
             "total": clean.length_stats([len(f.prompt) + max(len(f.chosen), len(f.rejected)) for f in fitted_all]),
         },
-        "hashes": {
-            "source": s.source_hash,
-            **{
-                name: split_hash(*(built.splits[name][c] for c in ("pair_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids")))
-                for name in ("train", "eval")
-            },
-        },
+        "hashes": {"source": s.source_hash, **{name: split_hash(*token_columns(built.splits[name])) for name in built.splits}},
         "paths": {name: f"{dim}/{name}" for name in ("train", "eval")},
     }
     return built
@@ -228,6 +231,10 @@ def columns(rows: list[tuple[str, Pair, Any]], renderer: Renderer) -> dict[str, 
     }
 
 
+def token_columns(cols: dict[str, list]) -> list[list]:
+    return [cols[c] for c in ("pair_id", *TOKEN_COLUMNS)]
+
+
 def write_prepared(out_dir: Path, built: list[Built], manifest: dict[str, Any], replace: bool) -> None:
     """Write every split and the manifest into a temporary sibling, then rename it to `out_dir`."""
     import datasets
@@ -239,7 +246,9 @@ def write_prepared(out_dir: Path, built: list[Built], manifest: dict[str, Any], 
             feats = features()
             for b in built:
                 for name, cols in b.splits.items():
-                    datasets.Dataset.from_dict(cols, features=feats).save_to_disk(str(tmp / b.dim / name))
+                    # An empty split needs num_shards=1, or datasets writes no data file and cannot load it back.
+                    shards = 1 if not cols["pair_id"] else None
+                    datasets.Dataset.from_dict(cols, features=feats).save_to_disk(str(tmp / b.dim / name), num_shards=shards)
             write_json_atomic(tmp / MANIFEST, manifest)
     finally:
         if bars:
@@ -252,10 +261,13 @@ def report(out: Output, out_dir: Path, built: list[Built], renderer: Renderer, d
     rows = []
     for b in built:
         c = b.info["counts"]
-        rows.append([b.dim, b.info["format"], c["kept"], c["train"], c["eval"], sum(c["dropped"].values()), c["truncated"], b.info["tokens"]["total"]["mean"]])
+        dropped = sum(c["dropped"].values())
+        mean = b.info["tokens"]["total"]["mean"]
+        rows.append([b.dim, b.info["format"], c["kept"], c["train"], c["eval"], dropped, c["truncated"], mean])
         if c["dropped"]:
             out.detail(f"{b.dim}: dropped " + ", ".join(f"{n} {why}" for why, n in c["dropped"].items()))
-    out.table(f"prepared data in {out_dir}", ["dimension", "format", "kept", "train", "eval", "dropped", "truncated", "mean tokens"], rows)
+    header = ["dimension", "format", "kept", "train", "eval", "dropped", "truncated", "mean tokens"]
+    out.table(f"prepared data in {out_dir}", header, rows)
     if debug:
         for b in built:
             debug_examples(out, b, renderer)

@@ -244,7 +244,8 @@ def _json_type(obj: Any) -> str:
 
 # --------------------------------------------------------------------------------------------- the Hub
 def _offline_env() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    flags = (os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags)
 
 
 def _hub_reachable() -> bool:
@@ -265,7 +266,8 @@ def _hub_reachable() -> bool:
 
 def _unreachable(spec: str, detail: str) -> UsageError:
     return UsageError(
-        f"could not load Hub dataset '{spec}': the Hugging Face Hub could not be reached ({detail}). "
+        f"could not load Hub dataset '{spec}' (there is no local file of that name either):"
+        f" the Hugging Face Hub could not be reached ({detail}). "
         f"Download the data and pass a local file instead, e.g. --data DIM=path/to/file.jsonl "
         f"(or set HF_DATASETS_OFFLINE=1 to use a copy already in the local datasets cache)"
     )

@@ -43,7 +43,12 @@ def features():
     )
 
 
-def split_hash(pair_ids: Iterable[str], prompts: Iterable[Sequence[int]], chosen: Iterable[Sequence[int]], rejected: Iterable[Sequence[int]]) -> str:
+def split_hash(
+    pair_ids: Iterable[str],
+    prompts: Iterable[Sequence[int]],
+    chosen: Iterable[Sequence[int]],
+    rejected: Iterable[Sequence[int]],
+) -> str:
     """sha256 over the ids and token ids of a split, row by row in order: what the model trains on, nothing else."""
     h = hashlib.sha256()
     for row in zip(pair_ids, prompts, chosen, rejected):
@@ -103,7 +108,9 @@ class PreparedData:
             try:
                 self._cache[key] = datasets.load_from_disk(str(where))
             except Exception as err:
-                raise UsageError(f"{where}: cannot be read ({type(err).__name__}: {err}); run spoctl prepare again with --force") from None
+                raise UsageError(
+                    f"{where}: cannot be read ({type(err).__name__}: {err}); run spoctl prepare again with --force"
+                ) from None
         return self._cache[key]
 
     def data_hash(self, dim: str, name: str = "train") -> str:

@@ -4,7 +4,7 @@ build the SPO offset from them, train pi_n from pi_{n-1}, save pi_n, record it i
 
 from __future__ import annotations
 
-import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -14,15 +14,16 @@ import torch
 from .. import losses
 from ..config import AlignConfig, dump_config
 from ..console import Output
-from ..errors import SpoctlError, TrainingError, UsageError
+from ..errors import TrainingError, UsageError
 from ..fsutil import atomic_directory
 from ..models import load_causal_lm, load_tokenizer
 from ..rundir import RunDir, default_run_dir, now_iso
 from .batching import Pair
-from .frozen import FrozenLogps, cache_file, compute_logps, load_cached, save_cached
+from .frozen import FrozenLogps, cache_file, compute_logps, load_cached, logps_cache_dir, save_cached
 from .lineage import ModelChain, base_fingerprint, stage_fingerprint, weights_fingerprint, write_lineage
 from .plan import StagePlan, run_key, stage_plans
 from .progress import StageProgress
+from .reporting import MetricSinks
 from .train import EvalSet, StageData, StageHooks, train_stage, wrap_lora
 
 
@@ -45,6 +46,7 @@ class FrozenStore:
         self.pad_token_id, self.cache_dir, self.precision, self.out = pad_token_id, cache_dir, precision, out
         self.memo: dict[tuple[int, str, str], FrozenLogps] = {}
         self.pairs: dict[tuple[str, str], list[Pair]] = {}
+        self._held: tuple[int, Any] | None = None  # the last model loaded for a pass, for reuse as a policy
 
     def split_pairs(self, dim: str, split: str) -> list[Pair]:
         if (dim, split) not in self.pairs:
@@ -61,6 +63,7 @@ class FrozenStore:
         if missing and self.acc.is_main_process:
             t = time.perf_counter()
             self.out.info(f"frozen pass: pi_{k} ({self.chain.describe(k)}) on {', '.join(f'{d}/{s}' for d, s in missing)}")
+            self._held = None  # at most one frozen model in memory
             model = self.chain.load(k).to(self.acc.device)
             n = 0
             for dim, split in missing:
@@ -71,9 +74,14 @@ class FrozenStore:
                                           device=self.acc.device, pack=self.cfg.pack)
                 save_cached(self._path(k, dim, split), value)
                 n += len(pairs)
-            del model
+            self._held = (k, model)
             self.out.detail(f"frozen pass: {n} pairs in {time.perf_counter() - t:.1f}s")
         self.acc.wait_for_everyone()
+
+    def take_model(self, k: int) -> Any:
+        """pi_k if the last frozen pass loaded it (saves loading it again as the next policy), else None."""
+        held, self._held = self._held, None
+        return held[1] if held is not None and held[0] == k else None
 
     def get(self, k: int, dim: str, split: str) -> FrozenLogps:
         key = (k, dim, split)
@@ -174,6 +182,7 @@ def align(cfg: AlignConfig, out: Output) -> dict[str, Any]:
     plans = stage_plans(cfg)
 
     lock = run.lock() if accelerator.is_main_process else None
+    sinks: MetricSinks | None = None
     if lock:
         lock.acquire()
     try:
@@ -190,18 +199,21 @@ def align(cfg: AlignConfig, out: Output) -> dict[str, Any]:
                 run.write_config(dump_config(cfg, "align"))
                 run.write_manifest(manifest)
         accelerator.wait_for_everyone()
-        cache_dir = _cache_dir(prepared.path, run)
+        cache_dir = logps_cache_dir(prepared.path, run)
         chain = ModelChain(base_spec, run, manifest, trust_remote_code=cfg.trust_remote_code)
         store = FrozenStore(chain, prepared, cfg, accelerator, tokenizer.pad_token_id, cache_dir, precision, out)
-        tb = _tensorboard(cfg, run) if accelerator.is_main_process else None
+        sinks = (MetricSinks(cfg.report_to, run, {"run_key": key, **cfg.model_dump(mode="json")})
+                 if accelerator.is_main_process else None)
 
         for plan in plans:
             entry = manifest["stages"][plan.index - 1]
             if entry["status"] == "completed":
                 out.info(f"stage {plan.index}/{len(plans)} ({plan.dim}): already completed, skipped")
                 continue
-            _run_stage(plan, plans, cfg, manifest, entry, run, chain, store, accelerator, tokenizer, out, tb)
+            _run_stage(plan, plans, cfg, manifest, entry, run, chain, store, accelerator, tokenizer, out, sinks)
     finally:
+        if sinks is not None:
+            sinks.close()
         if lock:
             lock.release()
     summary = _summary(manifest, cfg.dims)
@@ -214,16 +226,17 @@ def align(cfg: AlignConfig, out: Output) -> dict[str, Any]:
 
 def _run_stage(plan: StagePlan, plans: list[StagePlan], cfg: AlignConfig, manifest: dict[str, Any],
                entry: dict[str, Any], run: RunDir, chain: ModelChain, store: FrozenStore, accelerator: Any,
-               tokenizer: Any, out: Output, tb: Any) -> None:
+               tokenizer: Any, out: Output, sinks: MetricSinks | None) -> None:
     n, dim = plan.index, plan.dim
     main = accelerator.is_main_process
     started = time.perf_counter()
     out.info(f"stage {n}/{len(plans)}: {dim} (beta={plan.beta}, "
              + (f"alpha={plan.alpha}" if plan.mode == "previous" else f"weights={plan.weights}") + ")")
 
-    # 1. Frozen passes: everything the stage needs from frozen models, before the policy is built.
-    for k, reqs in sorted(frozen_requests(plan, cfg.dims).items()):
-        store.ensure(k, reqs)
+    # 1. Frozen passes: everything the stage needs from frozen models, before the policy is built. Each model
+    #    also serves the later stages' needs in the same pass, so no frozen model is loaded twice in a run.
+    for k in sorted(frozen_requests(plan, cfg.dims)):
+        store.ensure(k, [r for later in plans[n - 1:] for r in frozen_requests(later, cfg.dims).get(k, [])])
     ref_train = store.get(n - 1, dim, "train")
     data = StageData(train=store.split_pairs(dim, "train"), ref_train=ref_train,
                      offset_train=stage_offset(plan, plans, store, dim, "train"))
@@ -239,7 +252,7 @@ def _run_stage(plan: StagePlan, plans: list[StagePlan], cfg: AlignConfig, manife
         "base_model": chain.describe(n - 1), "reference_model": chain.describe(n - 1),
         "offset_models": ([chain.describe(n - 2)] if plan.mode == "previous" and n >= 2 and plan.alpha
                           else [chain.describe(k) for k in range(n - 1)] if plan.mode == "all" else []),
-        "weights": (dict(zip(cfg.dims[: n - 1], losses.previous_mode_weights(plan.alpha, n)))
+        "weights": (dict(zip(cfg.dims[: n - 1], losses.previous_mode_weights([p.alpha for p in plans[:n]], n)))
                     if plan.mode == "previous" else plan.weights),
         "data_hashes": {"train": store.prepared.data_hash(dim, "train"), "eval": store.prepared.data_hash(dim, "eval")},
         "pairs": {"train": len(data.train), "eval": len(data.evals[dim].pairs)},
@@ -248,8 +261,9 @@ def _run_stage(plan: StagePlan, plans: list[StagePlan], cfg: AlignConfig, manife
         run.write_manifest(manifest)
 
     # 2. The policy: pi_{n-1}, plus a fresh adapter with LoRA; seeded per stage so runs repeat exactly.
+    policy = store.take_model(n - 1) or chain.load(n - 1)
+    # Seeded after loading (loading may or may not draw random numbers), so a warm or cold cache gives the same run.
     torch.manual_seed(cfg.seed * 1000 + n)
-    policy = chain.load(n - 1)
     if cfg.lora.enabled:
         policy = wrap_lora(policy, cfg)
     latest = run.latest_checkpoint(n, dim)
@@ -261,10 +275,8 @@ def _run_stage(plan: StagePlan, plans: list[StagePlan], cfg: AlignConfig, manife
     def log(record: dict[str, Any]) -> None:
         if main:
             run.append_metrics({"stage": n, "dim": dim, "time": round(time.time(), 3), **record})
-            if tb is not None:
-                for k, v in record.items():
-                    if isinstance(v, (int, float)) and "/" in k:
-                        tb.add_scalar(k, v, global_step=record["step"])
+            if sinks is not None:
+                sinks.log(record, step=record["step"])
 
     hooks = StageHooks(log=log, progress=progress.update, checkpoint_dir=lambda s: run.checkpoint_dir(n, dim, s),
                        latest_checkpoint=lambda: run.latest_checkpoint(n, dim))
@@ -293,32 +305,12 @@ def _run_stage(plan: StagePlan, plans: list[StagePlan], cfg: AlignConfig, manife
             "metrics": final, "seconds": round(time.perf_counter() - started, 1),
         })
         run.write_manifest(manifest)
+        # Within-stage checkpoints only serve a resume of this stage, which is now complete.
+        shutil.rmtree(run.checkpoints_dir(n, dim), ignore_errors=True)
     accelerator.wait_for_everyone()
     if not main:
         manifest.update(run.read_manifest())
     del policy, model
-
-
-def _cache_dir(prepared_root: Path, run: RunDir) -> Path:
-    """Beside the prepared data when that folder is writable (shared across runs), else inside the run."""
-    target = Path(prepared_root) / "cache" / "logps"
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        if os.access(target, os.W_OK):
-            return target
-    except OSError:
-        pass
-    return run.cache_dir / "logps"
-
-
-def _tensorboard(cfg: AlignConfig, run: RunDir) -> Any:
-    if "tensorboard" not in cfg.report_to:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UsageError("report_to: tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(run.tensorboard_dir))
 
 
 def _summary(manifest: dict[str, Any], dims: list[str]) -> list[dict[str, Any]]:

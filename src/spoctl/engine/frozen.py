@@ -11,13 +11,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .batching import Pair, collate_pairs, inference_batches
+from ..rundir import RunDir
 from .logprobs import SequenceScorer, score_batch
 
 
@@ -25,6 +26,18 @@ from .logprobs import SequenceScorer, score_batch
 class FrozenLogps:
     chosen: torch.Tensor  # [N] float32, in the dataset's row order
     rejected: torch.Tensor
+
+
+def logps_cache_dir(prepared_root: Path, run: RunDir) -> Path:
+    """Beside the prepared data when that folder is writable (shared by every run on that data), else in the run."""
+    target = Path(prepared_root) / "cache" / "logps"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        if os.access(target, os.W_OK):
+            return target
+    except OSError:
+        pass
+    return run.cache_dir / "logps"
 
 
 def cache_file(cache_dir: Path, dim: str, split: str, data_hash: str, model_fp: str, dtype: torch.dtype) -> Path:

@@ -149,13 +149,16 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         keys = sorted(sums)
         reduced = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
         totals = dict(zip(keys, reduced.tolist()))
-        if not math.isfinite(totals["loss"]):
+        # The norm is computed even without clipping (max_norm=inf): an overflowing gradient can come with a
+        # finite loss, and one Adam step on it would poison every weight.
+        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+        bad = [(what, v) for what, v in (("loss", totals["loss"]), ("gradient norm", grad_norm)) if not math.isfinite(v)]
+        if bad:
             optimizer.zero_grad(set_to_none=True)
             raise TrainingError(
-                f"{prefix}: the loss became {totals['loss']} at step {step + 1}; stopping before the optimizer step."
+                f"{prefix}: the {bad[0][0]} became {bad[0][1]} at step {step + 1}; stopped before the optimizer step."
                 " The last good checkpoint is intact. Try a lower learning rate or beta, or fp32 precision."
             )
-        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else 0.0
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

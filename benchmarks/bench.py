@@ -1,0 +1,232 @@
+"""spoctl's SPO stage against TRL's DPOTrainer on the same model, data and batch, one after the other.
+
+    python benchmarks/bench.py                 # CPU: a small random-init Qwen2 (~20M parameters)
+    python benchmarks/bench.py --shape qwen2-1.5b --device cuda   # the GPU shapes of the issue
+
+Each side runs in its own subprocess (so peak memory is its own) and prints one JSON line; this script prints the
+table and the ratios. Real tokens are the non-padding tokens of prompt+chosen and prompt+rejected. The spoctl side
+is a stage-2 SPO stage (two frozen models, precomputed) and also reports the frozen pass's own throughput; TRL has
+no SPO, so it runs DPO with a precomputed reference (its fastest setting) and with a reference forward every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    "cpu-small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                      num_key_value_heads=2, vocab_size=16000),
+    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=151936),
+    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                       num_key_value_heads=2, vocab_size=151936),
+}
+
+
+def make_rows(vocab: int, n: int, lo: int, hi: int, seed: int = 0) -> list[dict]:
+    """Prompts and responses of uniformly drawn lengths, as space-separated word tokens (w<id>)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        p, c, r = (rng.randint(lo, hi) for _ in range(3))
+        w = lambda k: " ".join(f"w{rng.randrange(1, vocab - 2)}" for _ in range(k))  # noqa: E731
+        rows.append({"prompt": w(p) + " ", "chosen": w(c), "rejected": w(r)})
+    return rows
+
+
+def real_tokens(row: dict) -> int:
+    """prompt twice, both completions, and the end token each completion gets."""
+    return 2 * len(row["prompt"].split()) + len(row["chosen"].split()) + len(row["rejected"].split()) + 2
+
+
+def make_model(shape: str, device: str, dtype_name: str):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(**SHAPES[shape], tie_word_embeddings=True, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(getattr(torch, dtype_name))
+    return model, sum(p.numel() for p in model.parameters())
+
+
+def peak_memory_gib(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def side_spoctl(a: argparse.Namespace) -> dict:
+    import torch
+    from accelerate import Accelerator
+
+    from spoctl import losses
+    from spoctl.config import AlignConfig
+    from spoctl.engine.batching import Pair
+    from spoctl.engine.frozen import compute_logps
+    from spoctl.engine.plan import StagePlan
+    from spoctl.engine.train import StageData, StageHooks, train_stage
+
+    vocab = SHAPES[a.shape]["vocab_size"]
+    rows = make_rows(vocab, a.pairs, a.min_len, a.max_len)
+    eos = vocab - 2
+    ids = lambda s: [int(w[1:]) for w in s.split()]  # noqa: E731
+    pairs = [Pair(ids(r["prompt"]), ids(r["chosen"]) + [eos], ids(r["rejected"]) + [eos]) for r in rows]
+    tokens_per_pair = statistics.mean(real_tokens(r) for r in rows)
+    precision = "bf16" if a.dtype == "bfloat16" else "no"
+    acc = Accelerator(mixed_precision="no", cpu=a.device == "cpu")
+    model, n_params = make_model(a.shape, a.device, a.dtype)
+    cfg = AlignConfig(batch_size=a.batch, micro_batch_size=a.micro or a.batch, frozen_batch_size=a.frozen_batch,
+                      learning_rate=1e-6, warmup_ratio=0.0, save_every=0, log_every=10**9, pack=a.pack,
+                      logprob_chunk=a.chunk, precision="fp32" if precision == "no" else "bf16")
+
+    # Two frozen passes (pi_{n-1} and pi_{n-2}); a random-init model stands in for both, the cost is the same.
+    model.eval()
+    t0 = time.perf_counter()
+    ref = compute_logps(model, pairs, batch_size=a.frozen_batch, pad_token_id=vocab - 1, chunk_size=a.chunk,
+                        device=acc.device, pack=a.pack)
+    prev2 = compute_logps(model, pairs, batch_size=a.frozen_batch, pad_token_id=vocab - 1, chunk_size=a.chunk,
+                          device=acc.device, pack=a.pack)
+    if a.device == "cuda":
+        torch.cuda.synchronize()
+    frozen_s = time.perf_counter() - t0
+    offset = losses.spo_offset_previous(0.5, 0.1, ref.chosen, ref.rejected, prev2.chosen, prev2.rejected)
+
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def progress(step: int, total: int, metrics: dict) -> None:
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    plan = StagePlan(index=2, dim="bench", beta=0.1, mode="previous", alpha=0.5, learning_rate=1e-6,
+                     batch_size=a.batch, max_steps=a.steps)
+    hooks = StageHooks(log=lambda r: None, progress=progress, checkpoint_dir=lambda s: None,
+                       latest_checkpoint=lambda: None)
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    last[0] = time.perf_counter()
+    train_stage(accelerator=acc, plan=plan, cfg=cfg, policy=model,
+                data=StageData(train=pairs, ref_train=ref, offset_train=offset), pad_token_id=vocab - 1, hooks=hooks)
+    step_s = statistics.median(times[a.warmup:])
+    return {"side": "spoctl-spo-stage", "params_M": round(n_params / 1e6, 1), "step_s": round(step_s, 4),
+            "real_tok_s": round(a.batch * tokens_per_pair / step_s, 1),
+            "frozen_tok_s": round(2 * len(pairs) * tokens_per_pair / frozen_s, 1),
+            "peak_gib": round(peak_memory_gib(a.device), 3)}
+
+
+def side_trl(a: argparse.Namespace, precompute: bool) -> dict:
+    import copy
+
+    import torch
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    vocab = SHAPES[a.shape]["vocab_size"]
+    words = {f"w{i}": i for i in range(vocab - 2)} | {"</s>": vocab - 2, "<pad>": vocab - 1}
+    tk = Tokenizer(models.WordLevel(vocab=words, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>")
+    rows = make_rows(vocab, a.pairs, a.min_len, a.max_len)
+    tokens_per_pair = statistics.mean(real_tokens(r) for r in rows)
+    model, n_params = make_model(a.shape, a.device, a.dtype)
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+    cfg = DPOConfig(output_dir="/tmp/spoctl-bench-trl", per_device_train_batch_size=a.batch, max_steps=a.steps,
+                    bf16=a.dtype == "bfloat16", use_cpu=a.device == "cpu", logging_steps=10**6, report_to=[],
+                    save_strategy="no", max_length=4096, learning_rate=1e-6, precompute_ref_log_probs=precompute,
+                    dataloader_num_workers=0, gradient_checkpointing=False, disable_tqdm=True)
+    ref = None if precompute else copy.deepcopy(model).eval().requires_grad_(False)
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok, callbacks=[Timer()])
+    trainer.train()
+    step_s = statistics.median(times[a.warmup:])
+    return {"side": "trl-dpo" + ("-precomputed-ref" if precompute else ""), "params_M": round(n_params / 1e6, 1),
+            "step_s": round(step_s, 4), "real_tok_s": round(a.batch * tokens_per_pair / step_s, 1),
+            "peak_gib": round(peak_memory_gib(a.device), 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on CUDA by default")
+    p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
+    p.add_argument("--micro", type=int, default=0, help="spoctl micro-batch (default: the whole batch)")
+    p.add_argument("--frozen-batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=128)
+    p.add_argument("--min-len", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--pack", action="store_true", help="spoctl: padding-free packed batches")
+    p.add_argument("--sides", default="spoctl,trl-precomputed,trl", help="which to run, comma-separated")
+    p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # internal: run one side in this process
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    a = p.parse_args()
+    a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
+
+    if a.side:
+        result = side_spoctl(a) if a.side == "spoctl" else side_trl(a, precompute=a.side == "trl-precomputed")
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    results = []
+    for side in a.sides.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", side]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"benchmark side {side!r} failed")
+        results.append(json.loads(line.removeprefix("RESULT ")))
+        print(json.dumps(results[-1]), flush=True)
+
+    print(f"\n{a.shape} on {a.device} ({a.dtype}), {a.batch} pairs a step, lengths {a.min_len}-{a.max_len}")
+    print(f"{'run':28} {'step s':>8} {'real tok/s':>11} {'peak GiB':>9}")
+    for r in results:
+        print(f"{r['side']:28} {r['step_s']:8.4f} {r['real_tok_s']:11.1f} {r['peak_gib']:9.3f}")
+    by = {r["side"]: r for r in results}
+    if "spoctl-spo-stage" in by:
+        s = by["spoctl-spo-stage"]
+        print(f"frozen pass: {s['frozen_tok_s']:.1f} tok/s = {s['frozen_tok_s'] / s['real_tok_s']:.2f}x spoctl's training throughput")
+        for peer in ("trl-dpo-precomputed-ref", "trl-dpo"):
+            if peer in by:
+                print(f"spoctl / {peer}: throughput {s['real_tok_s'] / by[peer]['real_tok_s']:.2f}x, "
+                      f"peak memory {s['peak_gib'] / by[peer]['peak_gib']:.2f}x")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"args": vars(a), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

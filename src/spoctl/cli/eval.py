@@ -1,0 +1,109 @@
+"""`spoctl eval`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..config import EvalConfig, resolve_config
+from ..console import Output
+from .common import ConfigOpt, JsonOpt, PrintConfigOpt, QuietOpt, SetOpt, VerboseOpt, app, execute, fail_check, parse_assignments
+
+AUTO = "auto"
+
+
+def bare_judge_to_auto(argv: list[str]) -> list[str]:
+    """`spoctl eval RUN --judge` (no name) means `--judge auto`. Typer options cannot take an optional value, so
+    the console-script entry point rewrites a bare `--judge` (last, or followed by another option) before parsing."""
+    if not argv or argv[0] != "eval":
+        return argv
+    fixed: list[str] = []
+    for i, arg in enumerate(argv):
+        fixed.append(arg)
+        if arg == "--judge" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            fixed.append(AUTO)
+    return fixed
+
+
+@app.command(
+    "eval",
+    epilog="Examples:\n\n  spoctl eval runs/hh                                  # implicit-reward scorecard only\n\n"
+    "  spoctl eval runs/hh --judge                          # + judged win rates with the best judge available\n\n"
+    "  spoctl eval runs/hh --judge openai:gpt-4o-mini --judge-url https://api.openai.com/v1\n\n"
+    "  spoctl eval runs/hh --fail-under helpful=0.6 --max-regression helpful=0.05   # CI gate: exit 1 if broken",
+)
+def eval_(
+    run_dir: Optional[Path] = typer.Argument(None, help="Run directory made by spoctl align (default: the latest"
+                                             " run under ./runs)."),
+    run_opt: Optional[Path] = typer.Option(None, "--run", "-r", help="The run directory, as an option."),
+    dims: Optional[str] = typer.Option(None, "--dims", help="Dimensions to evaluate, comma-separated (default: all)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Prepared data (default: the run's)."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="rules | reward-model | embedding | openai:MODEL;"
+                                        " bare --judge (or auto) picks the best available."),
+    judge_model: Optional[list[str]] = typer.Option(None, "--judge-model", help="reward-model: DIM=PATH (repeatable)."),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="openai: base URL of the chat-completions API."),
+    judge_key_env: Optional[str] = typer.Option(None, "--judge-key-env", help="openai: env var with the API key."),
+    judge_concurrency: Optional[int] = typer.Option(None, "--judge-concurrency", help="openai: requests at once."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts",
+                                              help="Held-out prompts per dimension to generate for."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest generated response."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (0: greedy)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
+    fail_under: Optional[list[str]] = typer.Option(None, "--fail-under", help="Gate: DIM=VALUE, exit 1 if the last"
+                                                   " stage scores lower (repeatable)."),
+    max_regression: Optional[list[str]] = typer.Option(None, "--max-regression", help="Gate: DIM=VALUE, exit 1 if"
+                                                       " the last stage is more than VALUE below the best stage."),
+    no_plot: bool = typer.Option(False, "--no-plot", help="Skip the PNG plot."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    print_config: bool = PrintConfigOpt,
+    json_: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Score every stage on every dimension (implicit rewards; judged win rates with --judge); gate CI on it.
+
+    Exit codes: 0 ok, 1 a --fail-under/--max-regression bound is broken, 2 usage error, missing run or
+    unreachable judge (the partial report is kept in RUN_DIR/eval/)."""
+    out = Output(json_mode=json_, quiet=quiet, verbose=verbose)
+
+    def build() -> EvalConfig:
+        from ..evaluate.judges import parse_judge_spec
+
+        name, arg = parse_judge_spec(judge) if judge else (None, None)
+        flags = {
+            "run": str(run_dir or run_opt) if (run_dir or run_opt) else None,
+            "dims": [d.strip() for d in dims.split(",") if d.strip()] if dims else None,
+            "data": str(data) if data else None,
+            "judge.name": name,
+            "judge.arg": arg,
+            "judge.models": parse_assignments(judge_model, "--judge-model", "helpful=./rm-helpful"),
+            "judge.url": judge_url,
+            "judge.api_key_env": judge_key_env,
+            "judge.concurrency": judge_concurrency,
+            "generation.num_prompts": num_prompts,
+            "generation.max_new_tokens": max_new_tokens,
+            "generation.temperature": temperature,
+            "generation.top_p": top_p,
+            "generation.seed": seed,
+            "gate.fail_under": parse_assignments(fail_under, "--fail-under", "helpful=0.6", float),
+            "gate.max_regression": parse_assignments(max_regression, "--max-regression", "helpful=0.05", float),
+            "plot": False if no_plot else None,
+        }
+        return resolve_config(EvalConfig, "eval", config, set_, flags)
+
+    def act(cfg: EvalConfig) -> dict:
+        from ..evaluate import evaluate
+
+        return evaluate(cfg, out)
+
+    report = execute(out, build, "eval", print_config, act)
+    if report is not None:
+        from ..evaluate.runner import gate_failure
+
+        reason = gate_failure(report)
+        if reason:
+            fail_check(f"gate: {reason}")

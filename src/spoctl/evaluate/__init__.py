@@ -1,0 +1,18 @@
+"""`spoctl eval`: per-dimension scorecards, judged win rates, and a CI gate, callable from Python.
+
+    from spoctl.config import EvalConfig
+    from spoctl.console import Output
+    from spoctl.evaluate import evaluate
+
+    report = evaluate(EvalConfig(run="runs/hh"), Output(quiet=True))   # the dict written to eval/report.json
+
+Modules: runinfo (open a run), scorecard (implicit rewards, no generation), generate (responses), judges/
+(rules, reward-model, embedding, openai), winrate (counts and intervals), gate (CI bounds), report (files),
+runner (the whole evaluation, with a partial report kept on failure).
+"""
+
+from __future__ import annotations
+
+from .runner import evaluate
+
+__all__ = ["evaluate"]

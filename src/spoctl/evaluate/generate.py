@@ -1,0 +1,76 @@
+"""Responses of the base model and of each stage's model to each dimension's held-out prompts.
+
+Prompts are the eval split's `prompt_input_ids` (already rendered with the chat template and ending with the
+generation prompt), left-padded into batches. Sampling is seeded per (dimension, batch) -- not per model -- so
+every model draws with the same random stream and the only difference between their responses is the model;
+the same settings give the same responses on the same hardware.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+
+from ..config import GenerationSettings
+from .judges.base import last_user_text, parse_messages
+from .runinfo import EvalRun
+
+
+def prompt_rows(er: EvalRun, dim: str, n: int) -> list[dict[str, Any]]:
+    """The first `n` eval rows of `dim` (the split is already shuffled by `spoctl prepare`)."""
+    ds = er.prepared.split(dim, "eval")
+    ds = ds.select(range(min(n, len(ds))))
+    return [{"index": i, "pair_id": r["pair_id"], "prompt_input_ids": r["prompt_input_ids"],
+             "prompt": last_user_text(r["prompt_messages"], r["prompt"]),
+             "messages": parse_messages(r["prompt_messages"]),
+             "chosen": r["chosen"], "rejected": r["rejected"]} for i, r in enumerate(ds)]
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], gen: GenerationSettings, seed: int,
+                   device: torch.device) -> list[str]:
+    from transformers import GenerationConfig
+
+    ids, mask = _left_pad(prompts, tokenizer.pad_token_id)
+    sample = gen.temperature > 0
+    config = GenerationConfig(max_new_tokens=gen.max_new_tokens, do_sample=sample,
+                              temperature=gen.temperature if sample else None, top_p=gen.top_p if sample else None,
+                              top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    texts = []
+    for row in out[:, ids.shape[1]:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+def generate_for_model(er: EvalRun, model: Any, k: int, rows: dict[str, list[dict[str, Any]]],
+                       gen: GenerationSettings, device: torch.device) -> list[dict[str, Any]]:
+    """pi_k's responses to `rows[dim]` (from `prompt_rows`), one sample dict per prompt:
+    {k, model, dim, index, pair_id, prompt, messages, response}."""
+    samples: list[dict[str, Any]] = []
+    for d, dim_rows in rows.items():
+        for start in range(0, len(dim_rows), gen.batch_size):
+            batch = dim_rows[start:start + gen.batch_size]
+            # zlib.crc32, not hash(): Python salts str hashes per process, which would break reproducibility.
+            seed = gen.seed * 1_000_003 + zlib.crc32(d.encode()) + start
+            texts = generate_batch(model, er.tokenizer, [r["prompt_input_ids"] for r in batch], gen, seed, device)
+            for r, text in zip(batch, texts):
+                samples.append({"k": k, "model": er.generator(k), "dim": d, "index": r["index"],
+                                "pair_id": r["pair_id"], "prompt": r["prompt"], "messages": list(r["messages"]),
+                                "response": text})
+    return samples

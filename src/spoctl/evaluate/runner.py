@@ -1,0 +1,159 @@
+"""The whole evaluation: scorecard, then (with a judge) generation, judging and calibration, then the gate.
+
+Whatever is finished is kept: if a later step fails (a judge that cannot be reached, a missing model), the
+report written so far -- marked incomplete, with the error -- is saved atomically before the error propagates.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..config import EvalConfig
+from ..console import Output
+from ..errors import SpoctlError, UsageError
+from ..rundir import now_iso
+from . import gate as gate_mod
+from . import report as report_mod
+from .judges import make_judge
+from .judges.base import Judge, Matchup, last_user_text
+from .runinfo import EvalRun, open_run
+from .scorecard import EvalLogps, gate_scores
+from .winrate import agreement, summarize
+
+
+def _pair_source(er: EvalRun):
+    """(dim, split) -> [(last user message, chosen, rejected)] from the prepared data, read once."""
+    memo: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+
+    def pairs(dim: str, split: str) -> list[tuple[str, str, str]]:
+        if (dim, split) not in memo:
+            ds = er.prepared.split(dim, split).select_columns(["prompt", "prompt_messages", "chosen", "rejected"])
+            memo[(dim, split)] = [(last_user_text(r["prompt_messages"], r["prompt"]), r["chosen"], r["rejected"])
+                                  for r in ds]
+        return memo[(dim, split)]
+
+    return pairs
+
+
+def _check_gate_dims(cfg: EvalConfig, dims: list[str]) -> None:
+    """Fail on a misspelt gate dimension before any expensive work."""
+    for flag, bounds in (("--fail-under", cfg.gate.fail_under), ("--max-regression", cfg.gate.max_regression)):
+        for d in bounds:
+            if d not in dims:
+                raise UsageError(f"{flag} {d}=...: '{d}' is not evaluated (evaluated: {', '.join(dims)})")
+
+
+def model_pass(er: EvalRun, cfg: EvalConfig, out: Output, store: EvalLogps, generate: bool,
+               device: torch.device) -> list[dict[str, Any]]:
+    """Load each model pi_k once and do everything that needs it: the scorecard's log-probs not yet cached and,
+    with a judge, its responses. Returns the samples (empty without a judge)."""
+    from .generate import generate_for_model, prompt_rows
+
+    rows = {d: prompt_rows(er, d, cfg.generation.num_prompts) for d in er.dims} if generate else {}
+    samples: list[dict[str, Any]] = []
+    for k in range(er.k_max + 1):
+        missing = store.missing(k)
+        if not missing and not generate:
+            continue
+        t = time.perf_counter()
+        model = er.chain.load(k).to(device)
+        if missing:
+            out.info(f"log-probs: {er.label(k)} on {', '.join(f'{d}/eval' for d in missing)}")
+            store.compute(model, k, missing, out)
+        if generate:
+            samples += generate_for_model(er, model, k, rows, cfg.generation, device)
+            out.info(f"generated: {er.label(k)} on {sum(len(v) for v in rows.values())} prompts")
+        out.detail(f"{er.label(k)}: {time.perf_counter() - t:.1f}s")
+        del model
+    return samples
+
+
+def judge_samples(er: EvalRun, cfg: EvalConfig, out: Output, judge: Judge, samples: list[dict[str, Any]],
+                  pairs: Any, report: dict[str, Any]) -> None:
+    """Each stage's response against the base model's, per dimension; then the judge against human pairs."""
+    base = {(s["dim"], s["index"]): s for s in samples if s["k"] == 0}
+    keys, matchups = [], []
+    for s in samples:
+        if s["k"] > 0:
+            keys.append((s["k"], s["dim"]))
+            matchups.append(Matchup(dim=s["dim"], prompt=s["prompt"], a=s["response"],
+                                    b=base[(s["dim"], s["index"])]["response"], messages=tuple(s["messages"])))
+    out.info(f"judging {len(matchups)} responses against the base model's with the {judge.name} judge")
+    verdicts = judge.compare(matchups)
+    report["win_rates"] = [
+        {"k": k, "model": er.stages[k - 1]["dim"],
+         "dims": {d: summarize([v for key, v in zip(keys, verdicts) if key == (k, d)]) for d in er.dims}}
+        for k in range(1, er.k_max + 1)]
+
+    calibration = {}
+    if cfg.judge.calibration_pairs:
+        for d in er.dims:
+            human = pairs(d, "eval")[: cfg.judge.calibration_pairs]
+            v = judge.compare([Matchup(dim=d, prompt=p, a=c, b=r) for p, c, r in human])
+            calibration[d] = {"agreement": agreement(v), "pairs": len(v)}
+    report["judge"] = {**judge.describe(), "calibration": calibration}
+
+
+def evaluate(cfg: EvalConfig, out: Output) -> dict[str, Any]:
+    """Evaluate a run; returns the report (also written to RUN_DIR/eval/report.json). Raises UsageError (exit 2)
+    for a bad run or an unusable judge -- after saving the partial report -- and never raises for a failed
+    gate: the caller reads report["gate"]["passed"] (see `gate_failure`)."""
+    er = open_run(cfg, out)
+    _check_gate_dims(cfg, er.dims)
+    report: dict[str, Any] = {
+        "run_dir": str(er.run.root), "created": now_iso(), "spoctl_version": __version__, "complete": False,
+        "error": None, "dims": er.dims,
+        "stages": [{"index": st["index"], "dim": st["dim"], "status": st.get("status"),
+                    "beta": (st.get("plan") or {}).get("beta"), "weights": st.get("weights")}
+                   for st in er.manifest.get("stages", [])],
+        "warnings": er.warnings, "scorecard": None, "judge": None, "generation": None, "win_rates": None,
+        "gate": None,
+    }
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    store = EvalLogps(er, cfg, device)
+    judge: Judge | None = None
+    pairs = _pair_source(er)
+    try:
+        if cfg.judge.name is not None:
+            judge = make_judge(cfg.judge, manifest=er.manifest, pairs=pairs,
+                               cache_dir=er.run.judge_cache_dir, trust_remote_code=cfg.trust_remote_code)
+            report["judge"] = judge.describe()
+            judge.prepare(er.dims)  # a missing key or model fails here, before minutes of generation
+            report["judge"] = judge.describe()
+        samples = model_pass(er, cfg, out, store, judge is not None, device)
+        report["scorecard"] = store.scorecard()
+        if judge is not None:
+            report_mod.write_samples(er.run, samples, er.run.root.name)
+            report["samples_written"] = True
+            report["generation"] = cfg.generation.model_dump(mode="json")
+            judge_samples(er, cfg, out, judge, samples, pairs, report)
+        judged_scores = report["win_rates"] is not None
+        scores = ({d: [r["dims"][d]["win_rate"] for r in report["win_rates"]] for d in er.dims} if judged_scores
+                  else {d: gate_scores(report["scorecard"], d) for d in er.dims})
+        report["gate"] = gate_mod.check(scores, cfg.gate.fail_under, cfg.gate.max_regression,
+                                        "judged win rate" if judged_scores else "accuracy of log(pi_k/pi_0)")
+        report["complete"] = True
+    except SpoctlError as err:
+        report["error"] = str(err)
+        report_mod.write_report(er.run, report, with_plot=cfg.plot)
+        out.warn(f"partial report kept: {er.run.eval_report_path}")
+        raise
+    finally:
+        if judge is not None:
+            judge.close()
+    report_mod.write_report(er.run, report, with_plot=cfg.plot)
+    if cfg.plot and "plot" not in report["files"]:
+        out.warn("no plot written: matplotlib is not installed (pip install matplotlib)")
+    report_mod.print_tables(report, out)
+    out.info(f"report: {er.run.eval_report_path}")
+    return report
+
+
+def gate_failure(report: dict[str, Any]) -> str | None:
+    """The one-line reason the gate failed, or None when it passed (or checked nothing)."""
+    g = report.get("gate") or {}
+    return None if g.get("passed", True) else g.get("reason")

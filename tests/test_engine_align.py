@@ -1,0 +1,295 @@
+"""The engine end to end on a tiny local model: determinism, resume after SIGKILL, two processes, LoRA lineage,
+NaN handling, locks, and the errors `spoctl align` promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from spoctl.cli import app
+from spoctl.engine.batching import Pair, collate_pairs
+from spoctl.engine.logprobs import SequenceScorer, score_batch
+from spoctl.fsutil import DirectoryLock
+
+from tinyworld import make_model_dir, make_prepared
+
+SPOCTL = [sys.executable, "-m", "spoctl"]
+FAST = ["--lr", "1e-3", "--batch-size", "4", "--max-steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    model = make_model_dir(root / "model")
+    prepared = make_prepared(root / "prepared", model, ["helpful", "harmless", "concise"])
+    return root, model, prepared
+
+
+def run_cli(args: list[str]):
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def weights(run: Path, stage: str) -> dict[str, torch.Tensor]:
+    folder = run / "stages" / stage / "model"
+    name = "adapter_model.safetensors" if (folder / "adapter_config.json").exists() else "model.safetensors"
+    return load_file(str(folder / name))
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_same_command_twice_gives_the_same_weights(world, tmp_path):
+    _, _, prepared = world
+    for name in ("a", "b"):
+        code, out = run_cli(["align", "--dims", "helpful,harmless", "--data", str(prepared), "--out",
+                             str(tmp_path / name), "--quiet", *FAST])
+        assert code == 0, out
+    for stage in ("01-helpful", "02-harmless"):
+        assert_same(weights(tmp_path / "a", stage), weights(tmp_path / "b", stage))
+    before = weights(tmp_path / "a", "02-harmless")
+    base = load_file(str(world[1] / "model.safetensors"))
+    assert any(not torch.equal(before[k], base[k]) for k in base), "training changed nothing"
+
+
+def test_manifest_and_metrics_follow_the_documented_layout(world, tmp_path):
+    _, _, prepared = world
+    run = tmp_path / "run"
+    code, out = run_cli(["align", "--dims", "helpful,harmless,concise", "--data", str(prepared), "--out", str(run),
+                         "--json", *FAST])
+    assert code == 0, out
+    result = json.loads(out[out.index("{"):])
+    assert result["run_dir"] == str(run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [s["dim"] for s in manifest["stages"]] == ["helpful", "harmless", "concise"]
+    assert all(s["status"] == "completed" for s in manifest["stages"])
+    s2, s3 = manifest["stages"][1], manifest["stages"][2]
+    assert s2["reference_model"] == "stages/01-helpful/model"
+    assert s3["reference_model"] == "stages/02-harmless/model"
+    assert s3["offset_models"] == ["stages/01-helpful/model"]  # previous mode: pi_{n-2}
+    assert s3["weights"] == {"helpful": 0.25, "harmless": 0.5}  # alpha^(n-i)
+    assert s2["plan"]["beta"] == 0.1 and s2["data_hashes"]["train"]
+    assert (run / "config.yaml").exists()
+    for s in manifest["stages"]:
+        folder = run / s["checkpoint"]
+        assert (folder / "config.json").exists() and (folder / "spoctl_stage.json").exists()
+        assert not (run / s["dir"] / "checkpoints").exists()  # within-stage checkpoints are removed at stage end
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*lines)
+    for k in ("stage2/harmless/rewards/accuracies", "stage2/harmless/rewards/margins", "stage2/harmless/loss",
+              "stage2/harmless/eval_rewards/accuracies", "stage3/helpful/eval_base_rewards/accuracies",
+              "stage3/harmless/eval_base_rewards/accuracies", "stage1/helpful/logps/chosen"):
+        assert k in keys, k
+
+
+def test_frozen_log_probs_are_cached_and_reused(world, tmp_path):
+    _, _, prepared = world
+    args = ["align", "--dims", "harmless,helpful", "--data", str(prepared), *FAST, "--seed", "7"]
+    code, first = run_cli([*args, "--out", str(tmp_path / "a")])
+    assert code == 0 and "frozen pass: pi_1" in first
+    code, second = run_cli([*args, "--out", str(tmp_path / "b")])
+    assert code == 0
+    assert "frozen pass" not in second  # every frozen log-prob came from the cache
+
+
+def test_alpha_zero_is_sequential_dpo_and_modes_agree(world, tmp_path):
+    _, _, prepared = world
+    common = ["align", "--dims", "helpful,harmless", "--data", str(prepared), "--quiet", *FAST]
+    assert run_cli([*common, "--out", str(tmp_path / "prev"), "--alpha", "0.7"])[0] == 0
+    assert run_cli([*common, "--out", str(tmp_path / "all"), "--mode", "all", "--set", "weights={helpful: 0.7}"])[0] == 0
+    assert run_cli([*common, "--out", str(tmp_path / "dpo"), "--alpha", "0"])[0] == 0
+    prev, full, dpo = (weights(tmp_path / n, "02-harmless") for n in ("prev", "all", "dpo"))
+    for k in prev:
+        torch.testing.assert_close(prev[k], full[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(prev[k], dpo[k]) for k in prev), "the SPO offset had no effect"
+    # alpha = 0 needs no pi_{n-2}: the offset is exactly zero and no offset model is recorded.
+    manifest = json.loads((tmp_path / "dpo" / "manifest.json").read_text())
+    assert manifest["stages"][1]["offset_models"] == []
+
+
+def test_lora_reference_is_the_previous_stage_model_not_the_base(world, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, model_dir, prepared = world
+    run = tmp_path / "lora"
+    code, out = run_cli(["align", "--dims", "helpful,harmless", "--data", str(prepared), "--out", str(run), "--lora",
+                         "--set", "lora.r=4", "--quiet", "--lr", "1e-2", "--batch-size", "4", "--max-steps", "3"])
+    assert code == 0, out
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"][1]["reference_model"] == "stages/01-helpful/model"
+    assert (run / "stages/02-harmless/model/adapter_config.json").exists()
+    lineage = json.loads((run / "stages/02-harmless/model/spoctl_stage.json").read_text())
+    assert lineage["earlier_adapters"] == ["stages/01-helpful/model"]
+
+    # pi_1 built independently: base + stage-1 adapter (peft's own loader).
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    pi1 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)),
+                                    str(run / "stages/01-helpful/model")).merge_and_unload()
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(prepared / "harmless" / "train"))
+    pairs = [Pair(p, c, r) for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"])]
+    with torch.no_grad():
+        want, _, _, _ = score_batch(SequenceScorer(pi1.eval()), collate_pairs(pairs, 0))
+        bare, _, _, _ = score_batch(SequenceScorer(base.eval()), collate_pairs(pairs, 0))
+    cached = [load_file(str(p)) for p in (prepared / "cache" / "logps").glob("harmless-train-*.safetensors")]
+    matches = [c for c in cached if torch.allclose(c["chosen"], want, atol=1e-4)]
+    assert matches, "no cached reference equals base + stage-1 adapter"
+    assert not torch.allclose(want, bare, atol=1e-4), "stage 1 did not move the model; the test proves nothing"
+
+
+def test_nan_loss_stops_the_stage_and_keeps_the_last_checkpoint(world, tmp_path):
+    _, _, prepared = world
+    run = tmp_path / "nan"
+    code, out = run_cli(["align", "--dims", "helpful", "--data", str(prepared), "--out", str(run), "--lr", "1e8",
+                         "--batch-size", "4", "--max-steps", "6", "--set", "max_grad_norm=0", "--set", "save_every=1",
+                         "--set", "warmup_ratio=0"])
+    assert code == 2
+    assert "became nan" in out.lower() or "became inf" in out.lower()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"][0]["status"] == "failed"
+    assert not (run / "stages/01-helpful/model").exists()
+    ckpts = sorted((run / "stages/01-helpful/checkpoints").iterdir())
+    assert ckpts and all(c.name.startswith("step-") for c in ckpts)
+    for c in ckpts:  # every checkpoint that exists is whole and finite
+        state = load_file(str(c / "trainable.safetensors"))
+        assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_errors_exit_2_with_actionable_messages(world, tmp_path):
+    _, _, prepared = world
+    code, out = run_cli(["align", "--dims", "helpful,bogus", "--data", str(prepared), "--out", str(tmp_path / "x")])
+    assert code == 2 and "'bogus'" in out and "spoctl prepare" in out
+    code, out = run_cli(["align", "--dims", "helpful", "--data", str(prepared), "--model", str(tmp_path / "nope")])
+    assert code == 2 and "nope" in out
+    code, out = run_cli(["align", "--dims", "helpful", "--data", str(tmp_path / "missing")])
+    assert code == 2 and "spoctl prepare" in out
+    code, out = run_cli(["align", "--dims", "helpful,helpful", "--data", str(prepared)])
+    assert code == 2 and "twice" in out
+    code, out = run_cli(["align", "--dims", "helpful", "--data", str(prepared), "--set", "bta=1"])
+    assert code == 2 and "did you mean 'beta'" in out
+
+
+def test_run_directory_belongs_to_one_run(world, tmp_path):
+    _, _, prepared = world
+    run = tmp_path / "run"
+    base = ["align", "--dims", "helpful", "--data", str(prepared), "--out", str(run), "--quiet", *FAST]
+    assert run_cli(base)[0] == 0
+    code, out = run_cli(base)
+    assert code == 2 and "--resume" in out
+    code, out = run_cli([*base, "--beta", "0.5", "--resume"])
+    assert code == 2 and "different run" in out
+    code, out = run_cli([*base, "--resume"])
+    assert code == 0  # all stages done: nothing to do
+
+
+def test_two_writers_cannot_share_a_run_directory(world, tmp_path):
+    _, _, prepared = world
+    run = tmp_path / "locked"
+    with DirectoryLock(run):
+        code, out = run_cli(["align", "--dims", "helpful", "--data", str(prepared), "--out", str(run), *FAST])
+    assert code == 2 and "another spoctl process" in out
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_in_stage_2_gives_the_same_final_weights(world, tmp_path):
+    _, _, prepared = world
+    args = ["align", "--dims", "helpful,harmless", "--data", str(prepared), "--lr", "1e-3", "--batch-size", "4",
+            "--epochs", "8", "--max-steps", "40", "--set", "save_every=2", "--quiet"]
+    straight = tmp_path / "straight"
+    subprocess.run([*SPOCTL, *args, "--out", str(straight)], check=True, env=_env())
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*SPOCTL, *args, "--out", str(killed)], env=_env())
+    ckpts = killed / "stages" / "02-harmless" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()):
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert manifest["stages"][0]["status"] == "completed"
+    assert manifest["stages"][1]["status"] == "running", "the kill did not land inside stage 2"
+
+    subprocess.run([*SPOCTL, *args, "--out", str(killed), "--resume"], check=True, env=_env())
+    assert_same(weights(straight, "02-harmless"), weights(killed, "02-harmless"))
+    steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["stage"] == 2 and "stage2/harmless/loss" in l]
+    assert steps == sorted(set(steps)), "the metrics log repeats steps after the resume"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(world, tmp_path):
+    _, _, prepared = world
+    args = ["align", "--dims", "helpful,harmless", "--data", str(prepared), *FAST, "--quiet"]
+    subprocess.run([*SPOCTL, *args, "--out", str(tmp_path / "one")], check=True, env=_env())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    subprocess.run([*torchrun, "-m", "spoctl", *args, "--out", str(tmp_path / "two")], check=True, env=_env())
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["processes"] == 2
+    one, two = weights(tmp_path / "one", "02-harmless"), weights(tmp_path / "two", "02-harmless")
+    base = load_file(str(world[1] / "model.safetensors"))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5)
+    assert any((one[k] - base[k]).abs().max() > 1e-3 for k in one), "training moved nothing; the test proves nothing"
+
+
+@pytest.mark.parametrize("settings", [
+    ["--set", "loss.type=ipo"],
+    ["--set", "loss.type=hinge"],
+    ["--set", "loss.label_smoothing=0.1"],
+    ["--set", "loss.sft_weight=0.5"],
+])
+def test_loss_variants_train_and_log(world, tmp_path, settings):
+    _, _, prepared = world
+    run = tmp_path / "run"
+    code, out = run_cli(["align", "--dims", "helpful,harmless", "--data", str(prepared), "--out", str(run), "--quiet",
+                         "--lr", "1e-3", "--batch-size", "4", "--max-steps", "2", *settings])
+    assert code == 0, out
+    key, value = settings[1].removeprefix("loss.").split("=")
+    plan_loss = json.loads((run / "manifest.json").read_text())["stages"][1]["plan"]["loss"]
+    assert str(plan_loss[key]) == value
+    losses = [json.loads(l)["stage2/harmless/loss"] for l in (run / "metrics.jsonl").read_text().splitlines()
+              if "stage2/harmless/loss" in l]
+    assert len(losses) == 2 and all(l == l for l in losses)  # logged and not NaN
+
+
+def test_label_smoothing_with_ipo_is_refused(world):
+    _, _, prepared = world
+    code, out = run_cli(["align", "--dims", "helpful", "--data", str(prepared), "--set", "loss.type=ipo",
+                         "--set", "loss.label_smoothing=0.1"])
+    assert code == 2 and "sigmoid" in out
+
+
+def test_report_to_tensorboard_writes_events_or_says_what_to_install(world, tmp_path):
+    import importlib.util
+
+    _, _, prepared = world
+    run = tmp_path / "tb"
+    code, out = run_cli(["align", "--dims", "helpful", "--data", str(prepared), "--out", str(run), "--quiet", *FAST,
+                         "--set", "report_to=[tensorboard]"])
+    if importlib.util.find_spec("tensorboard") is None:
+        assert code == 2 and "pip install tensorboard" in out
+    else:
+        assert code == 0 and any((run / "tensorboard").iterdir())

@@ -1,0 +1,266 @@
+"""`spoctl eval` on a real (tiny) run made by the real engine: the scorecard against a direct computation, the
+report files, the CI gate's exit codes, incomplete runs, and judged win rates end to end (the OpenAI-compatible
+judge on a local server, a tiny reward model), with the partial report kept when a judge is unreachable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_openai import FakeOpenAI  # noqa: E402
+from tinyworld import make_model_dir, make_prepared, make_tokenizer  # noqa: E402
+
+from spoctl import losses  # noqa: E402
+from spoctl.cli import app  # noqa: E402
+from spoctl.config import AlignConfig, EvalConfig  # noqa: E402
+from spoctl.console import Output  # noqa: E402
+from spoctl.rundir import RunDir  # noqa: E402
+
+DIMS = ["helpful", "harmless"]
+KEY = "sk-eval-test-secret-42"
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~100x faster than two fighting for cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """A two-stage run (previous mode, alpha 0.5) of 2 steps per stage on the tiny model and data; built once."""
+    from spoctl.engine.align import align
+
+    root = tmp_path_factory.mktemp("evalworld")
+    model = make_model_dir(root / "model")
+    prepared = make_prepared(root / "prepared", model, DIMS, n_train=16, n_eval=8)
+    cfg = AlignConfig(dims=DIMS, data=prepared, out=root / "run", max_steps=2, batch_size=4, micro_batch_size=4,
+                      beta=0.5, alpha=0.5, learning_rate=5e-3)
+    align(cfg, Output(quiet=True))
+    return {"root": root, "model": model, "prepared": prepared, "run": root / "run"}
+
+
+def copy_run(world: dict[str, Path], name: str) -> Path:
+    """A private copy of the run, so tests that write eval/ or edit the manifest do not disturb each other."""
+    target = world["root"] / name
+    shutil.copytree(world["run"], target)
+    return target
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    return runner.invoke(app, ["eval", *args], env=env)
+
+
+# ---------------------------------------------------------------------------------------------- scorecard
+def test_scorecard_matches_a_direct_computation(world):
+    """Recompute every pi_k's log-probs with the plain full-logits path and the metrics with spoctl.losses."""
+    from spoctl.data.store import load_prepared
+    from spoctl.engine.batching import Pair, collate_pairs
+    from spoctl.engine.lineage import ModelChain
+    from spoctl.engine.logprobs import reference_logps
+    from spoctl.evaluate import evaluate
+
+    run = copy_run(world, "run-scorecard")
+    report = evaluate(EvalConfig(run=run, plot=False), Output(quiet=True))
+    manifest = RunDir(run).read_manifest()
+    chain = ModelChain(manifest["base_model"], RunDir(run), manifest)
+    prepared = load_prepared(world["prepared"])
+    pad = make_tokenizer().pad_token_id
+    logps = {}
+    for k in range(3):
+        model = chain.load(k)
+        for d in DIMS:
+            ds = prepared.split(d, "eval")
+            pairs = [Pair(p, c, r) for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"],
+                                                       ds["rejected_input_ids"])]
+            with torch.no_grad():
+                logps[(k, d)] = reference_logps(model, collate_pairs(pairs, pad))
+    betas = [0.5, 0.5]
+    weights = [[], [0.5]]  # previous mode, alpha 0.5: lambda^(2) = [alpha]
+    rows = {r["k"]: r for r in report["scorecard"]}
+    for d in DIMS:
+        rewards = losses.implicit_reward_margins(betas, weights, [logps[(k, d)][0] for k in range(3)],
+                                                 [logps[(k, d)][1] for k in range(3)])
+        for k in range(3):
+            c, r = logps[(k, d)]
+            cell = rows[k]["dims"][d]
+            assert cell["pairs"] == 8
+            assert cell["logp"]["margin"] == pytest.approx(float((c - r).mean()), abs=1e-4)
+            if k == 0:
+                assert "vs_base" not in cell
+                continue
+            base = losses.log_ratio_margin(c, r, *logps[(0, d)])
+            assert cell["vs_base"]["accuracy"] == pytest.approx(float((base > 0).float().mean()))
+            assert cell["vs_base"]["margin"] == pytest.approx(float(base.mean()), abs=1e-4)
+            m = losses.reward_metrics(betas[k - 1], c, r, *logps[(k - 1, d)])
+            assert cell["stage_reward"]["accuracy"] == pytest.approx(m["rewards/accuracies"])
+            assert cell["stage_reward"]["margin"] == pytest.approx(m["rewards/margins"], abs=1e-4)
+            assert cell["implicit_reward"]["accuracy"] == pytest.approx(float((rewards[k - 1] > 0).float().mean()))
+            assert cell["implicit_reward"]["margin"] == pytest.approx(float(rewards[k - 1].mean()), abs=1e-4)
+    # The engine's own end-of-stage metric agrees: the same log(pi_k / pi_0) accuracy.
+    for st in manifest["stages"]:
+        for d in DIMS:
+            key = f"stage{st['index']}/{d}/eval_base_rewards/accuracies"
+            assert rows[st["index"]]["dims"][d]["vs_base"]["accuracy"] == pytest.approx(st["metrics"][key])
+
+
+def test_report_files_table_and_json(world):
+    run = copy_run(world, "run-files")
+    result = invoke(str(run))
+    assert result.exit_code == 0, result.output
+    assert "scorecard" in result.stdout and "1 helpful" in result.stdout and "2 harmless" in result.stdout
+    rd = RunDir(run)
+    report = json.loads(rd.eval_report_path.read_text())
+    assert report["complete"] and report["dims"] == DIMS and [r["k"] for r in report["scorecard"]] == [0, 1, 2]
+    assert rd.eval_markdown_path.read_text().startswith("# spoctl eval")
+    assert rd.eval_plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["files"]["plot"] == str(rd.eval_plot_path)
+
+    result = invoke(str(run), "--json", "--quiet")
+    assert result.exit_code == 0
+    printed = json.loads(result.stdout)
+    assert printed["scorecard"] == report["scorecard"]
+
+
+# ---------------------------------------------------------------------------------------------- gate
+def test_gate_exit_codes(world):
+    run = copy_run(world, "run-gate")
+    ok = invoke(str(run), "--quiet", "--no-plot", "--fail-under", "helpful=0", "--max-regression", "harmless=1")
+    assert ok.exit_code == 0, ok.output
+
+    broken = invoke(str(run), "--quiet", "--no-plot", "--fail-under", "helpful=1.01")
+    assert broken.exit_code == 1
+    lines = [l for l in broken.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: gate: helpful: accuracy of log(pi_k/pi_0)")
+    assert "below 1.01" in lines[0]
+    report = json.loads(RunDir(run).eval_report_path.read_text())
+    assert report["gate"]["passed"] is False and report["complete"] is True
+
+    # Regression: bound it below the real drop from the best stage to the last (if there is one).
+    scores = [r["dims"]["helpful"]["vs_base"]["accuracy"] for r in report["scorecard"] if r["k"]]
+    drop = max(scores) - scores[-1]
+    res = invoke(str(run), "--quiet", "--no-plot", "--max-regression", f"helpful={drop - 0.01 if drop else -0.01}")
+    assert res.exit_code == 1 and "below its best" in res.stderr
+
+    assert invoke(str(run), "--fail-under", "nosuchdim=0.5").exit_code == 2
+    assert invoke(str(run), "--fail-under", "helpful").exit_code == 2
+
+
+def test_missing_or_unfinished_runs(world, tmp_path):
+    res = invoke(str(tmp_path))
+    assert res.exit_code == 2 and "no manifest.json" in res.stderr
+    assert invoke(str(tmp_path / "nope")).exit_code == 2
+
+    run = copy_run(world, "run-unfinished")
+    rd = RunDir(run)
+    manifest = rd.read_manifest()
+    manifest["stages"][1]["status"] = "running"
+    rd.write_manifest(manifest)
+    res = invoke(str(run), "--no-plot")
+    assert res.exit_code == 0, res.output
+    assert "stage 2 (harmless) is running: not evaluated" in res.output
+    report = json.loads(rd.eval_report_path.read_text())
+    assert [r["k"] for r in report["scorecard"]] == [0, 1] and report["warnings"]
+
+    manifest["stages"][0]["status"] = "failed"
+    rd.write_manifest(manifest)
+    res = invoke(str(run))
+    assert res.exit_code == 2 and "no stage has completed" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------- judged
+def test_openai_judge_end_to_end_keeps_the_key_secret(world):
+    run = copy_run(world, "run-openai")
+    rd = RunDir(run)
+    with FakeOpenAI(KEY, fail_first=(503,)) as server:
+        args = [str(run), "--judge", "openai:tiny-judge", "--judge-url", server.url, "--judge-key-env",
+                "SPOCTL_EVAL_TEST_KEY", "--num-prompts", "3", "--max-new-tokens", "6",
+                "--set", "judge.backoff_s=0.01", "--set", "judge.calibration_pairs=2",
+                "--no-plot", "--verbose"]
+        res = invoke(*args, "--json", env={"SPOCTL_EVAL_TEST_KEY": KEY})
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.stdout)
+        # 2 stages x 2 dims x 3 prompts, both orders (identical questions asked once), + 2 dims x 2 human pairs x 2.
+        assert server.answered <= 2 * 2 * 3 * 2 + 2 * 2 * 2 and server.calls == server.answered + 1
+        calls = server.calls
+        samples = rd.eval_samples_path.read_text()
+
+        # A re-run with the same seed generates the same responses, so every judgment comes from the cache.
+        again = invoke(*args, env={"SPOCTL_EVAL_TEST_KEY": KEY})
+        assert again.exit_code == 0, again.output
+        assert server.calls == calls
+        assert rd.eval_samples_path.read_text() == samples
+
+    wr = {r["k"]: r for r in report["win_rates"]}
+    assert set(wr) == {1, 2}
+    for r in wr.values():
+        for d in DIMS:
+            c = r["dims"][d]
+            assert c["n"] == 3 and c["wins"] + c["ties"] + c["losses"] == 3
+            assert c["ci_low"] <= c["win_rate"] <= c["ci_high"]
+    assert report["judge"]["name"] == "openai" and report["judge"]["api_key_env"] == "SPOCTL_EVAL_TEST_KEY"
+    assert set(report["judge"]["calibration"]) == set(DIMS)
+    assert report["gate"]["score"] == "judged win rate"
+    lines = [json.loads(l) for l in samples.splitlines()]
+    assert len(lines) == 3 * 2 * 3 and {l["model"] for l in lines} == {"base", "stage1-helpful", "stage2-harmless"}
+    alpaca = json.loads(rd.eval_alpaca_path.read_text())
+    assert len(alpaca) == len(lines) and set(alpaca[0]) >= {"instruction", "output", "generator"}
+
+    # The key is nowhere: not in the output, not in any file of the run.
+    assert KEY not in res.output and KEY not in again.output
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert KEY.encode() not in f.read_bytes(), f
+
+
+def test_unreachable_judge_exits_2_and_keeps_the_scorecard(world):
+    run = copy_run(world, "run-unreachable")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = invoke(str(run), "--judge", "openai:m", "--judge-url", f"http://127.0.0.1:{port}/v1", "--judge-key-env",
+                 "SPOCTL_EVAL_TEST_KEY", "--num-prompts", "1", "--max-new-tokens", "2", "--set", "judge.max_retries=1",
+                 "--set", "judge.backoff_s=0", "--no-plot", env={"SPOCTL_EVAL_TEST_KEY": KEY})
+    assert res.exit_code == 2
+    assert "cannot reach" in res.stderr
+    report = json.loads(RunDir(run).eval_report_path.read_text())
+    assert report["complete"] is False and "cannot reach" in report["error"]
+    assert len(report["scorecard"]) == 3  # what was evaluated before the judge failed is kept
+    assert RunDir(run).eval_samples_path.exists()
+
+
+def test_reward_model_judge_end_to_end(world):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = make_tokenizer()
+    rm = world["root"] / "rm"
+    if not rm.exists():
+        torch.manual_seed(1)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
+        LlamaForSequenceClassification(cfg).save_pretrained(rm, safe_serialization=True)
+        tok.save_pretrained(rm)
+    run = copy_run(world, "run-rm")
+    res = invoke(str(run), "--judge", "reward-model", "--judge-model", f"helpful={rm}", "--judge-model",
+                 f"harmless={rm}", "--num-prompts", "2", "--max-new-tokens", "4", "--no-plot", "--quiet",
+                 "--fail-under", "helpful=0")
+    assert res.exit_code == 0, res.output
+    report = json.loads(RunDir(run).eval_report_path.read_text())
+    assert report["judge"]["name"] == "reward-model"
+    assert {d: report["win_rates"][0]["dims"][d]["n"] for d in DIMS} == {"helpful": 2, "harmless": 2}
+    assert report["judge"]["calibration"]["helpful"]["pairs"] == 8
+    # A missing per-dimension model is a usage error, before any generation.
+    res = invoke(str(run), "--judge", "reward-model", "--judge-model", f"helpful={rm}", "--no-plot")
+    assert res.exit_code == 2 and "--judge-model harmless=PATH" in res.stderr

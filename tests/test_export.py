@@ -1,0 +1,350 @@
+"""`spoctl export`: round trips of real (tiny) runs made by the align engine, reloaded in a fresh Python process
+that never imports spoctl; the model card, the lineage file, atomic writes, the numerical check, Hub failures."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from spoctl.cli import app
+from tinyworld import make_model_dir, make_prepared
+
+DIMS = ["helpful", "harmless"]
+ALIGN = ["--dims", ",".join(DIMS), "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--quiet",
+         "--set", "stages.harmless.beta=0.25", "--set", "alpha=0.3"]
+
+
+def cli(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def ok(result) -> None:
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """A tiny base model, prepared data, and two real runs of the align engine: full fine-tuning and LoRA."""
+    root = tmp_path_factory.mktemp("export-world")
+    model = make_model_dir(root / "base")
+    prepared = make_prepared(root / "prepared", model, DIMS)
+    for name, extra in (("full", ["--full"]), ("lora", ["--lora", "--set", "lora.r=4"])):
+        ok(cli("align", *ALIGN, *extra, "--data", prepared, "--out", root / name))
+    return {"root": root, "base": model, "prepared": prepared, "full": root / "full", "lora": root / "lora"}
+
+
+@pytest.fixture(scope="module")
+def exports(world) -> dict[str, Path]:
+    """The exports most tests inspect, made once."""
+    out = world["root"] / "exports"
+    made = {
+        "full": ("--run", world["full"], "--dtype", "fp32", "--max-shard-size", "60KB"),
+        "lora": ("--run", world["lora"], "--dtype", "fp32"),
+        "lora_bf16": ("--run", world["lora"], "--stage", "harmless"),
+        "adapter": ("--run", world["lora"], "--adapter-only"),
+        "stage1": ("--run", world["lora"], "--stage", "1", "--dtype", "fp16", "--set", "base_model_id=acme/tiny-base"),
+    }
+    for name, args in made.items():
+        ok(cli("export", *args, "--out", out / name, "--quiet"))
+    return {name: out / name for name in made}
+
+
+def safetensors_dtypes(folder: Path) -> set[str]:
+    """Tensor dtypes straight from the safetensors headers (no torch, no transformers)."""
+    found = set()
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        found |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return found
+
+
+FRESH = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import PeftModel
+
+    job = json.loads(sys.argv[1])
+    report = {}
+    ids = None
+    for folder in job["merged"]:
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        enc = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        gen = model.generate(**enc, max_new_tokens=5, do_sample=False)
+        report[folder] = {"dtype": str(model.dtype), "new_tokens": gen.shape[1] - enc["input_ids"].shape[1],
+                          "chat_template": bool(tok.chat_template)}
+    # The adapter export, rebuilt with plain PEFT as its card says, equals the merged fp32 export.
+    a = job["adapter"]
+    model = AutoModelForCausalLM.from_pretrained(a["base"])
+    for name in a["earlier"]:
+        model = PeftModel.from_pretrained(model, a["folder"] + "/" + name).merge_and_unload()
+    model = PeftModel.from_pretrained(model, a["folder"]).merge_and_unload().eval()
+    merged = AutoModelForCausalLM.from_pretrained(a["merged"]).eval()
+    x = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        report["adapter_max_diff"] = float((model(x).logits - merged(x).logits).abs().max())
+    report["spoctl_imported"] = any(m == "spoctl" or m.startswith("spoctl.") for m in sys.modules)
+    print(json.dumps(report))
+""")
+
+
+def run_fresh(job: dict, cwd: Path) -> dict:
+    """Python with a clean environment from a folder outside the repository: spoctl is never imported."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
+    res = subprocess.run([sys.executable, "-c", FRESH, json.dumps(job)], cwd=cwd, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_exports_reload_and_generate_in_a_fresh_process_without_spoctl(world, exports):
+    merged = [exports["full"], exports["lora"], exports["lora_bf16"], exports["stage1"]]
+    lin = json.loads((exports["adapter"] / "spoctl_lineage.json").read_text())
+    report = run_fresh({"merged": [str(m) for m in merged],
+                        "adapter": {"folder": str(exports["adapter"]), "base": str(world["base"]),
+                                    "earlier": lin["export"]["apply_order"][:-1], "merged": str(exports["lora"])}},
+                       cwd=world["root"])
+    assert report.pop("spoctl_imported") is False
+    assert report.pop("adapter_max_diff") < 1e-4
+    for folder, r in report.items():
+        assert r["new_tokens"] > 0 and r["chat_template"], folder
+    assert report[str(exports["full"])]["dtype"] == "torch.float32"
+    assert report[str(exports["lora_bf16"])]["dtype"] == "torch.bfloat16"
+    assert report[str(exports["stage1"])]["dtype"] == "torch.float16"
+
+
+def test_sharding_dtype_and_files(exports):
+    full = exports["full"]
+    index = json.loads((full / "model.safetensors.index.json").read_text())
+    shards = sorted(full.glob("model-*.safetensors"))
+    assert len(shards) > 1 and {Path(v).name for v in index["weight_map"].values()} == {s.name for s in shards}
+    assert all(s.stat().st_size <= 60_000 + 40_000 for s in shards)  # one tensor may exceed the limit alone
+    assert safetensors_dtypes(full) == {"F32"}
+    assert safetensors_dtypes(exports["lora_bf16"]) == {"BF16"}
+    assert safetensors_dtypes(exports["stage1"]) == {"F16"}
+    for name in ("full", "lora", "lora_bf16"):
+        files = {p.name for p in exports[name].iterdir()}
+        assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
+                "spoctl_lineage.json"} <= files, name
+        assert not any(f.startswith("adapter") or f == "spoctl_stage.json" for f in files), name
+    gen = json.loads((exports["lora"] / "generation_config.json").read_text())
+    assert gen["pad_token_id"] is not None and gen["eos_token_id"] is not None
+    assert oct((exports["full"] / "config.json").stat().st_mode)[-3:] != "600"  # shareable, not a private temp
+
+
+def test_model_card_states_base_dims_betas_weights_and_data(world, exports):
+    text = (exports["lora"] / "README.md").read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["library_name"] == "transformers" and "spoctl" in meta["tags"] and "lora" in meta["tags"]
+    assert "base_model" not in meta  # a local base: not a Hub id, named in the text instead
+    assert str(world["base"]) in text
+    assert "`helpful` → `harmless`" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert rows[0].startswith("| 1 | helpful | 0.1 | — | 24 | 8 |")
+    assert rows[1].startswith("| 2 | harmless | 0.25 | helpful: 0.3 | 24 | 8 |")
+    assert "| helpful | `synthetic` | pairwise | 24 | 8 |" in text
+    assert "## Evaluation" not in text  # no eval report in this run
+    # Stage 1 of the run: one dimension, the rest named as not included; a given Hub id becomes base_model.
+    s1 = (exports["stage1"] / "README.md").read_text()
+    assert yaml.safe_load(s1.split("---\n")[1])["base_model"] == "acme/tiny-base"
+    assert "stage 1 of 2" in s1 and "`harmless`, not included" in s1
+    ad = (exports["adapter"] / "README.md").read_text()
+    assert yaml.safe_load(ad.split("---\n")[1])["library_name"] == "peft"
+    assert "earlier_adapters/01-helpful" in ad and "names no base model" in ad
+
+
+def test_lineage_hashes(world, exports):
+    manifest = json.loads((world["lora"] / "manifest.json").read_text())
+    for name in ("lora", "adapter"):
+        folder = exports[name]
+        lin = json.loads((folder / "spoctl_lineage.json").read_text())
+        on_disk = {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                   for p in folder.rglob("*") if p.is_file() and p.name != "spoctl_lineage.json"}
+        assert lin["files"] == on_disk and len(on_disk) >= 6
+        assert lin["data"]["hashes"] == manifest["data_hashes"]
+        assert [s["fingerprint"] for s in lin["stages"]] == [s["fingerprint"] for s in manifest["stages"]]
+        assert [s["data_hashes"] for s in lin["stages"]] == [s["data_hashes"] for s in manifest["stages"]]
+        assert lin["base_model"]["fingerprint"] == manifest["base_fingerprint"]
+        assert lin["exported_stage"] == {"index": 2, "dim": "harmless"}
+        assert lin["check"]["passed"] and lin["check"]["source"] == "prepared:harmless/eval"
+    adapter = json.loads((exports["adapter"] / "spoctl_lineage.json").read_text())
+    assert adapter["export"]["apply_order"] == ["earlier_adapters/01-helpful", "."]
+    assert json.loads((exports["adapter"] / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    first = json.loads((exports["adapter"] / "earlier_adapters/01-helpful/adapter_config.json").read_text())
+    assert first["base_model_name_or_path"] == str(world["base"])
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_refuses_non_empty_out_without_force_and_replaces_with_it(world, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = cli("export", "--run", world["full"], "--out", out, "--stage", "1", "--dtype", "fp32")
+    assert r.exit_code == 2 and "--force" in r.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    ok(cli("export", "--run", world["full"], "--out", out, "--stage", "1", "--dtype", "fp32", "--force", "--quiet"))
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert leftovers(tmp_path) == []
+    # An empty folder is fine without --force; the run directory itself never is, even with it.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ok(cli("export", "--run", world["full"], "--out", empty, "--stage", "1", "--dtype", "fp32", "--quiet"))
+    r = cli("export", "--run", world["full"], "--out", world["full"], "--force")
+    assert r.exit_code == 2 and "run directory" in r.output
+    assert (world["full"] / "manifest.json").exists()
+
+
+def test_numerical_check_catches_a_wrong_merge(world, tmp_path, monkeypatch):
+    """Skipping the last adapter while merging must fail the export and leave nothing behind (nor touch an old
+    export being replaced with --force)."""
+    import spoctl.export.build as build
+
+    real = build.apply_adapter
+    last = world["lora"] / "stages" / "02-harmless" / "model"
+    monkeypatch.setattr(build, "apply_adapter", lambda model, d: model if Path(d) == last else real(model, d))
+    out = tmp_path / "bad"
+    r = cli("export", "--run", world["lora"], "--out", out, "--dtype", "fp32")
+    assert r.exit_code == 1 and "numerical check failed" in r.output
+    assert not out.exists() and leftovers(tmp_path) == []
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "marker").write_text("previous export")
+    r = cli("export", "--run", world["lora"], "--out", old, "--dtype", "fp32", "--force")
+    assert r.exit_code == 1 and [p.name for p in old.iterdir()] == ["marker"]
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"},
+                                 {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_secret_test_token"}],
+                         ids=["offline", "unreachable"])
+def test_push_to_hub_failure_keeps_the_local_export(world, tmp_path, env):
+    env = {"HF_HUB_OFFLINE": "0", **env}
+    out = tmp_path / "pushed"
+    r = cli("export", "--run", world["lora"], "--stage", "1", "--out", out, "--dtype", "fp32",
+            "--push-to-hub", "someone/tiny-spo", env=env)
+    assert r.exit_code == 2, r.output
+    assert "local export" in r.output and str(out) in r.output
+    assert "hf_secret_test_token" not in r.output
+    assert (out / "config.json").exists() and (out / "spoctl_lineage.json").exists()
+    assert "hf_secret_test_token" not in "".join(p.read_text(errors="ignore") for p in out.glob("*.json"))
+
+
+def test_run_and_stage_errors(world, tmp_path):
+    r = cli("export", "--run", tmp_path, "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "not a spoctl run directory" in r.output
+    r = cli("export", "--run", world["full"], "--out", tmp_path / "x", "--adapter-only")
+    assert r.exit_code == 2 and "no adapters" in r.output
+    r = cli("export", "--run", world["full"], "--out", tmp_path / "x", "--stage", "7")
+    assert r.exit_code == 2 and "stages 1 to 2" in r.output
+    r = cli("export", "--run", world["full"], "--out", tmp_path / "x", "--stage", "honest")
+    assert r.exit_code == 2 and "helpful, harmless" in r.output
+    r = cli("export", "--run", world["full"], "--out", tmp_path / "x", "--max-shard-size", "lots")
+    assert r.exit_code == 2 and "max_shard_size" in r.output
+    # A stage that has not completed: refused by name; `last` falls back to the last completed one, with a warning.
+    run = tmp_path / "partial"
+    shutil.copytree(world["full"], run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"][1]["status"] = "running"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    r = cli("export", "--run", run, "--out", tmp_path / "x", "--stage", "harmless")
+    assert r.exit_code == 2 and "has not completed" in r.output
+    r = cli("export", "--run", run, "--out", tmp_path / "x", "--dtype", "fp32", "--json")
+    assert r.exit_code == 0, r.output
+    assert "exporting stage 1" in r.output and not (tmp_path / "x" / "x").exists()
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_without_prepared_data_the_check_uses_fixed_sequences_and_the_card_says_unknown(world, tmp_path):
+    run = tmp_path / "moved"
+    shutil.copytree(world["lora"], run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["data"] = str(tmp_path / "gone")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    # An eval report, when `spoctl eval` has run, becomes the card's Evaluation section.
+    (run / "eval").mkdir()
+    cell = {"vs_base": {"accuracy": 0.75}, "implicit_reward": {"accuracy": 0.625}}
+    (run / "eval" / "report.json").write_text(json.dumps({"dims": DIMS, "scorecard": [
+        {"k": 0, "model": "base", "dims": {d: {"logp": {"accuracy": 0.5}} for d in DIMS}},
+        {"k": 2, "model": "harmless", "dims": {d: cell for d in DIMS}}]}))
+    r = cli("export", "--run", run, "--out", tmp_path / "out", "--dtype", "fp32", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout[r.stdout.index("{"):])
+    assert result["check"]["source"] == "fixed sequences" and result["check"]["passed"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "unknown (prepared data no longer available)" in card and "| 24 | 8 |" in card
+    assert "## Evaluation" in card and "| 2 harmless | 75.0% (r 62.5%) | 75.0% (r 62.5%) |" in card
+
+
+def test_print_config_and_set(world):
+    r = cli("export", "--run", world["lora"], "--set", "check_pairs=2", "--max-shard-size", "1GB", "--print-config")
+    ok(r)
+    cfg = yaml.safe_load(r.output)["export"]
+    assert cfg["check_pairs"] == 2 and cfg["max_shard_size"] == "1GB" and cfg["stage"] == "last"
+
+
+# ------------------------------------------------------------------------------------------------ real weights
+@pytest.mark.real
+@pytest.mark.slow
+def test_smollm2_lora_round_trip(smollm2_gguf, shared_dir, tmp_path):
+    """SmolLM2-135M-Instruct (GGUF) on a few real HH-RLHF pairs: prepare, two LoRA steps, export, reload fresh."""
+    src = shared_dir / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
+    if not src.is_file():
+        pytest.skip(f"{src} not found")
+    rows = tmp_path / "helpful.jsonl"
+    with gzip.open(src, "rt", encoding="utf-8") as f:
+        rows.write_text("".join(next(f) for _ in range(12)), encoding="utf-8")
+    # Kept tiny on purpose (2 shared CPU cores): loading the GGUF file dominates, not the pairs.
+    ok(cli("prepare", "--data", f"helpful={rows}", "--format", "hh-rlhf", "--model", smollm2_gguf, "--max-pairs", "8",
+           "--max-length", "128", "--max-prompt-tokens", "64", "--eval-fraction", "0.25", "--out", tmp_path / "prep",
+           "--quiet"))
+    ok(cli("align", "--dims", "helpful", "--data", tmp_path / "prep", "--lora", "--set", "lora.r=4",
+           "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--out", tmp_path / "run", "--quiet"))
+    out = tmp_path / "export"
+    r = cli("export", "--run", tmp_path / "run", "--out", out, "--set", "check_pairs=1", "--json",
+            "--set", "base_model_id=HuggingFaceTB/SmolLM2-135M-Instruct")
+    ok(r)
+    result = json.loads(r.stdout[r.stdout.index("{"):])
+    assert result["check"]["passed"] and result["dtype"] == "bf16"
+    assert safetensors_dtypes(out) == {"BF16"}
+    card = (out / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card, card
+    assert f"| `{rows}` | hh-rlhf | 6 | 2 |" in card, card
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the unpacked GGUF base is gone
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = textwrap.dedent("""
+        import sys, json
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(sys.argv[1])
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+        enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        gen = model.generate(**enc, max_new_tokens=8, do_sample=False)
+        print(json.dumps({"text": tok.decode(gen[0, enc["input_ids"].shape[1]:]),
+                          "spoctl": any(m.startswith("spoctl") for m in sys.modules)}))
+    """)
+    res = subprocess.run([sys.executable, "-c", script, str(out)], cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"},
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["spoctl"] is False and report["text"].strip()
