@@ -80,3 +80,15 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         pytest.skip(f"SmolLM2 GGUF file missing: {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~100x faster than two fighting for cores.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

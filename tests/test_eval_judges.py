@@ -24,13 +24,7 @@ from spoctl.evaluate.winrate import summarize, wilson_interval  # noqa: E402
 KEY = "sk-test-0123456789abcdef"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~100x faster than two fighting for cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _judge(url: str, cache: Path | None, monkeypatch, **kw) -> OpenAIJudge:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from spoctl.cli import app
@@ -19,15 +18,6 @@ from spoctl.rundir import RunDir
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """On a shared 2-core machine one intra-op thread is much faster than two fighting for cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
