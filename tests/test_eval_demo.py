@@ -11,11 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-pytest.importorskip("spoctl.demo.run", reason="the built-in demo is not available")
-
-from spoctl.cli import app  # noqa: E402
-from spoctl.demo.model import SFT_STEPS, base_model_key, build_base_model  # noqa: E402
-from spoctl.rundir import RunDir  # noqa: E402
+from spoctl.cli import app
+from spoctl.demo.model import SFT_STEPS, base_model_key, build_base_model
+from spoctl.rundir import RunDir
 
 
 @pytest.fixture(scope="module")

@@ -191,7 +191,6 @@ def test_embedding_judge_learns_a_dimension_from_training_pairs():
 
 # ---------------------------------------------------------------------------------------------- rules
 def test_rules_judge_uses_the_demo_rules():
-    pytest.importorskip("spoctl.demo.task", reason="the built-in demo task is not available")
     from spoctl.evaluate.judges.rules import RulesJudge
 
     judge = RulesJudge()
