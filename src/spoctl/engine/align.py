@@ -173,7 +173,7 @@ def align(cfg: AlignConfig, out: Output) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     if not accelerator.is_main_process:
         out = Output(json_mode=out.json_mode, quiet=True)
-    run = RunDir(cfg.out or default_run_dir())
+    run = RunDir(_same_on_every_process(accelerator, str(cfg.out or default_run_dir())))
     data_hashes = {d: {s: prepared.data_hash(d, s) for s in ("train", "eval")} for d in prepared.dims}
     base_fp = base_fingerprint(base_spec)
     if base_fp is None:  # Hub id: hash the loaded weights once
@@ -311,6 +311,17 @@ def _run_stage(plan: StagePlan, plans: list[StagePlan], cfg: AlignConfig, manife
     if not main:
         manifest.update(run.read_manifest())
     del policy, model
+
+
+def _same_on_every_process(accelerator: Any, value: str) -> str:
+    """The main process's value (a default run directory is a timestamp, which processes could see differently)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def _summary(manifest: dict[str, Any], dims: list[str]) -> list[dict[str, Any]]:
