@@ -18,17 +18,13 @@ from ..errors import TrainingError, UsageError
 from ..fsutil import atomic_directory
 from ..models import load_causal_lm, load_tokenizer
 from ..rundir import RunDir, default_run_dir, now_iso
-from .batching import Pair
+from .batching import Pair, pairs_from_split
 from .frozen import FrozenLogps, cache_file, compute_logps, load_cached, logps_cache_dir, save_cached
 from .lineage import ModelChain, base_fingerprint, stage_fingerprint, weights_fingerprint, write_lineage
 from .plan import StagePlan, run_key, stage_plans
 from .progress import StageProgress
 from .reporting import MetricSinks
 from .train import EvalSet, StageData, StageHooks, train_stage, wrap_lora
-
-
-def _pairs(ds) -> list[Pair]:
-    return [Pair(p, c, r) for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"])]
 
 
 def _precision(cfg: AlignConfig) -> str:
@@ -50,7 +46,7 @@ class FrozenStore:
 
     def split_pairs(self, dim: str, split: str) -> list[Pair]:
         if (dim, split) not in self.pairs:
-            self.pairs[(dim, split)] = _pairs(self.prepared.split(dim, split))
+            self.pairs[(dim, split)] = pairs_from_split(self.prepared.split(dim, split))
         return self.pairs[(dim, split)]
 
     def _path(self, k: int, dim: str, split: str) -> Path:

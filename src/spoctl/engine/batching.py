@@ -24,6 +24,11 @@ class Pair:
         return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
 
 
+def pairs_from_split(ds) -> list[Pair]:
+    """A prepared split (columns prompt_input_ids, chosen_input_ids, rejected_input_ids) as engine pairs."""
+    return [Pair(p, c, r) for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"])]
+
+
 @dataclass
 class PairBatch:
     input_ids: torch.Tensor  # [rows, T]

@@ -101,15 +101,14 @@ class EvalLogps:
     def compute(self, model: Any, k: int, dims: list[str], out: Output) -> None:
         from contextlib import nullcontext
 
-        from ..engine.batching import Pair
+        from ..engine.batching import pairs_from_split
         from ..engine.frozen import compute_logps, save_cached
 
         t = time.perf_counter()
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.precision != "no" else nullcontext())
         for d in dims:
             ds = self.er.prepared.split(d, "eval")
-            pairs = [Pair(p, c, r) for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"],
-                                                       ds["rejected_input_ids"])]
+            pairs = pairs_from_split(ds)
             with autocast:
                 value = compute_logps(model, pairs, batch_size=self.cfg.batch_size,
                                       pad_token_id=self.er.tokenizer.pad_token_id, chunk_size=self.cfg.logprob_chunk,

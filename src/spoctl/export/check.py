@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..console import Output
-from ..engine.batching import Pair, collate_pairs
+from ..engine.batching import Pair, collate_pairs, pairs_from_split
 from ..engine.logprobs import SequenceScorer, score_batch
 from ..errors import UsageError
 from .stage import ExportSource
@@ -58,8 +58,7 @@ def check_pairs(src: ExportSource, tokenizer: Any, n: int, out: Output) -> tuple
 
     try:
         ds = load_prepared(src.manifest["data"]).split(src.dim, "eval")
-        every = [Pair(p, c, r) for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"],
-                                                  ds["rejected_input_ids"]) if p and c and r]
+        every = [p for p in pairs_from_split(ds) if p.prompt and p.chosen and p.rejected]
         pairs = sorted(every, key=lambda p: p.length)[:n]
         if pairs:
             return pairs, f"prepared:{src.dim}/eval"
