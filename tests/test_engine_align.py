@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from spoctl.cli import app
+from spoctl.data.store import load_prepared
 from spoctl.engine.batching import Pair, collate_pairs
 from spoctl.engine.logprobs import SequenceScorer, score_batch
 from spoctl.fsutil import DirectoryLock
@@ -83,6 +84,11 @@ def test_manifest_and_metrics_follow_the_documented_layout(world, tmp_path):
     assert s3["weights"] == {"helpful": 0.25, "harmless": 0.5}  # alpha^(n-i)
     assert s2["plan"]["beta"] == 0.1 and s2["data_hashes"]["train"]
     assert (run / "config.yaml").exists()
+    for s in manifest["stages"]:
+        assert s["cost"]["train_seconds"] > 0 and s["cost"]["frozen_pass_seconds"] >= 0, s["cost"]
+    # pi_2 exists only from stage 3 on, so stage 3 scores it on its own data (whatever earlier tests cached).
+    data = load_prepared(prepared)
+    assert s3["cost"]["frozen_pairs_scored"] == len(data.split("concise", "train")) + len(data.split("concise", "eval"))
     for s in manifest["stages"]:
         folder = run / s["checkpoint"]
         assert (folder / "config.json").exists() and (folder / "spoctl_stage.json").exists()

@@ -43,6 +43,7 @@ class FrozenStore:
         self.memo: dict[tuple[int, str, str], FrozenLogps] = {}
         self.pairs: dict[tuple[str, str], list[Pair]] = {}
         self._held: tuple[int, Any] | None = None  # the last model loaded for a pass, for reuse as a policy
+        self.pairs_scored = 0  # pairs run through a frozen model by this process (cache hits not counted)
 
     def split_pairs(self, dim: str, split: str) -> list[Pair]:
         if (dim, split) not in self.pairs:
@@ -70,6 +71,7 @@ class FrozenStore:
                                           device=self.acc.device, pack=self.cfg.pack)
                 save_cached(self._path(k, dim, split), value)
                 n += len(pairs)
+            self.pairs_scored += n
             self._held = (k, model)
             self.out.detail(f"frozen pass: {n} pairs in {time.perf_counter() - t:.1f}s")
         self.acc.wait_for_everyone()
@@ -225,7 +227,7 @@ def _run_stage(plan: StagePlan, plans: list[StagePlan], cfg: AlignConfig, manife
                tokenizer: Any, out: Output, sinks: MetricSinks | None) -> None:
     n, dim = plan.index, plan.dim
     main = accelerator.is_main_process
-    started = time.perf_counter()
+    started, scored_before = time.perf_counter(), store.pairs_scored
     out.info(f"stage {n}/{len(plans)}: {dim} (beta={plan.beta}, "
              + (f"alpha={plan.alpha}" if plan.mode == "previous" else f"weights={plan.weights}") + ")")
 
@@ -234,6 +236,7 @@ def _run_stage(plan: StagePlan, plans: list[StagePlan], cfg: AlignConfig, manife
     for k in sorted(frozen_requests(plan, cfg.dims)):
         store.ensure(k, [r for later in plans[n - 1:] for r in frozen_requests(later, cfg.dims).get(k, [])])
     ref_train = store.get(n - 1, dim, "train")
+    frozen_seconds, frozen_pairs = time.perf_counter() - started, store.pairs_scored - scored_before
     data = StageData(train=store.split_pairs(dim, "train"), ref_train=ref_train,
                      offset_train=stage_offset(plan, plans, store, dim, "train"))
     for d in cfg.dims:
@@ -276,6 +279,7 @@ def _run_stage(plan: StagePlan, plans: list[StagePlan], cfg: AlignConfig, manife
 
     hooks = StageHooks(log=log, progress=progress.update, checkpoint_dir=lambda s: run.checkpoint_dir(n, dim, s),
                        latest_checkpoint=lambda: run.latest_checkpoint(n, dim))
+    train_started = time.perf_counter()
     try:
         with progress:
             model, final = train_stage(accelerator=accelerator, plan=plan, cfg=cfg, policy=policy, data=data,
@@ -285,6 +289,7 @@ def _run_stage(plan: StagePlan, plans: list[StagePlan], cfg: AlignConfig, manife
         if main:
             run.write_manifest(manifest)
         raise
+    train_seconds = time.perf_counter() - train_started
 
     # 3. Save pi_n atomically and record it.
     if main:
@@ -299,6 +304,10 @@ def _run_stage(plan: StagePlan, plans: list[StagePlan], cfg: AlignConfig, manife
             "status": "completed", "finished": now_iso(), "checkpoint": str(target.relative_to(run.root)),
             "fingerprint": stage_fingerprint(target, chain.fingerprint(n - 1)),
             "metrics": final, "seconds": round(time.perf_counter() - started, 1),
+            # What the stage cost, split the way the method splits it: frozen passes (which, in `all` mode, grow
+            # with the number of earlier stages) and training (the same at every stage).
+            "cost": {"frozen_pass_seconds": round(frozen_seconds, 2), "frozen_pairs_scored": frozen_pairs,
+                     "train_seconds": round(train_seconds, 2)},
         })
         run.write_manifest(manifest)
         # Within-stage checkpoints only serve a resume of this stage, which is now complete.
