@@ -87,16 +87,16 @@ def side_spoctl(a: argparse.Namespace) -> dict:
     acc = Accelerator(mixed_precision="no", cpu=a.device == "cpu")
     model, n_params = make_model(a.shape, a.device, a.dtype)
     cfg = AlignConfig(batch_size=a.batch, micro_batch_size=a.micro or a.batch, frozen_batch_size=a.frozen_batch,
-                      learning_rate=1e-6, warmup_ratio=0.0, save_every=0, log_every=10**9, pack=a.pack,
+                      learning_rate=1e-6, warmup_ratio=0.0, save_every=0, log_every=10**9, layout=a.layout,
                       logprob_chunk=a.chunk, precision="fp32" if precision == "no" else "bf16")
 
     # Two frozen passes (pi_{n-1} and pi_{n-2}); a random-init model stands in for both, the cost is the same.
     model.eval()
     t0 = time.perf_counter()
     ref = compute_logps(model, pairs, batch_size=a.frozen_batch, pad_token_id=vocab - 1, chunk_size=a.chunk,
-                        device=acc.device, pack=a.pack)
+                        device=acc.device, layout=a.layout)
     prev2 = compute_logps(model, pairs, batch_size=a.frozen_batch, pad_token_id=vocab - 1, chunk_size=a.chunk,
-                          device=acc.device, pack=a.pack)
+                          device=acc.device, layout=a.layout)
     if a.device == "cuda":
         torch.cuda.synchronize()
     frozen_s = time.perf_counter() - t0
@@ -188,7 +188,8 @@ def main() -> None:
     p.add_argument("--min-len", type=int, default=16)
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--chunk", type=int, default=1024)
-    p.add_argument("--pack", action="store_true", help="spoctl: padding-free packed batches")
+    p.add_argument("--layout", default="auto", choices=["auto", "shared-prompt", "padded", "packed"],
+                   help="spoctl's batch layout (align.layout)")
     p.add_argument("--sides", default="spoctl,trl-precomputed,trl", help="which to run, comma-separated")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # internal: run one side in this process
     p.add_argument("--out", default=None, help="also write the results as JSON here")

@@ -1,17 +1,21 @@
-"""The chunked, completion-only log-prob path agrees with the plain full-logits computation, padded or packed."""
+"""The chunked, completion-only log-prob path agrees with the plain full-logits computation, in every batch
+layout (padded, packed, shared-prompt) and every attention implementation the layout is used with."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from spoctl.engine.batching import Pair, collate_pairs, epoch_order, inference_batches, local_micro_batches
-from spoctl.engine.logprobs import SequenceScorer, reference_logps, score_batch
+from spoctl.engine.batching import (LAYOUTS, Pair, collate_pairs, epoch_order, inference_batches, local_micro_batches,
+                                   shared_prompt_mask)
+from spoctl.engine.logprobs import SequenceScorer, compile_backbone, reference_logps, resolve_layout, score_batch
+from spoctl.errors import UsageError
 
 
-def tiny_llama(vocab: int = 97, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(vocab: int = 97, seed: int = 0, attn: str = "sdpa") -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg._attn_implementation = attn
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -26,14 +30,15 @@ def random_pairs(n: int, vocab: int = 97, seed: int = 1) -> list[Pair]:
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
-@pytest.mark.parametrize("pack", [False, True])
-def test_chunked_logps_equal_full_logits(chunk, pack):
-    model = tiny_llama()
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_chunked_logps_equal_full_logits(chunk, layout, attn):
+    model = tiny_llama(attn=attn)
     pairs = random_pairs(5)
     padded = collate_pairs(pairs, pad_token_id=0)
     want_c, want_r = reference_logps(model, padded)
     with torch.no_grad():
-        c, r, lc, lr = score_batch(SequenceScorer(model, chunk_size=chunk), collate_pairs(pairs, 0, pack=pack))
+        c, r, lc, lr = score_batch(SequenceScorer(model, chunk_size=chunk), collate_pairs(pairs, 0, layout))
     torch.testing.assert_close(c, want_c, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(r, want_r, rtol=1e-5, atol=1e-5)
     assert lc.tolist() == [len(p.chosen) for p in pairs]
@@ -46,26 +51,67 @@ def test_packed_sequences_do_not_attend_to_each_other():
     pairs = random_pairs(4, seed=3)
     scorer = SequenceScorer(model, chunk_size=4)
     with torch.no_grad():
-        packed_c, packed_r, _, _ = score_batch(scorer, collate_pairs(pairs, 0, pack=True))
+        packed_c, packed_r, _, _ = score_batch(scorer, collate_pairs(pairs, 0, "packed"))
         for i, p in enumerate(pairs):
             alone_c, alone_r, _, _ = score_batch(scorer, collate_pairs([p], 0))
             torch.testing.assert_close(packed_c[i], alone_c[0], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(packed_r[i], alone_r[0], rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_gradients_equal_full_logits_gradients():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_chunked_gradients_equal_full_logits_gradients(layout):
     pairs = random_pairs(3, seed=5)
     grads = []
     for path in ("full", "chunked"):
         model = tiny_llama()
-        batch = collate_pairs(pairs, 0)
         if path == "full":
-            c, r = reference_logps(model, batch)
+            c, r = reference_logps(model, collate_pairs(pairs, 0))
         else:
-            c, r, _, _ = score_batch(SequenceScorer(model, chunk_size=2), batch)
+            c, r, _, _ = score_batch(SequenceScorer(model, chunk_size=2), collate_pairs(pairs, 0, layout))
         (c.sum() - 0.5 * r.sum()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prompt_responses_do_not_see_each_other():
+    """Changing the chosen response must not move the rejected response's log-prob (and vice versa): the
+    rejected tokens sit after the chosen ones in the row, so only the mask keeps them apart."""
+    model = tiny_llama()
+    scorer = SequenceScorer(model, chunk_size=4)
+    pair = random_pairs(1, seed=9)[0]
+    other = Pair(pair.prompt, [(t % 90) + 3 for t in pair.chosen] + [5, 6], pair.rejected)
+    with torch.no_grad():
+        _, r1, _, _ = score_batch(scorer, collate_pairs([pair], 0, "shared-prompt"))
+        c1, _, _, _ = score_batch(scorer, collate_pairs([pair], 0, "shared-prompt"))
+        _, r2, _, _ = score_batch(scorer, collate_pairs([other], 0, "shared-prompt"))
+        c_alone, _, _, _ = score_batch(scorer, collate_pairs([Pair(pair.prompt, pair.chosen, [7])], 0, "shared-prompt"))
+    torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c1, c_alone, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_mask_shape_of_one_pair():
+    # prompt of 2, chosen of 2, rejected of 1, then one padding position
+    seg = torch.tensor([[0, 0, 1, 1, 2, -1]])
+    m = shared_prompt_mask(seg)[0, 0].int().tolist()
+    assert m == [[1, 0, 0, 0, 0, 0],
+                 [1, 1, 0, 0, 0, 0],
+                 [1, 1, 1, 0, 0, 0],
+                 [1, 1, 1, 1, 0, 0],
+                 [1, 1, 0, 0, 1, 0],  # the rejected token sees the prompt and itself, not the chosen tokens
+                 [0, 0, 0, 0, 0, 1]]  # padding sees only itself (no empty softmax row)
+
+
+def test_layout_choice_follows_the_attention_implementation():
+    assert resolve_layout("auto", tiny_llama(attn="sdpa")) == "shared-prompt"
+    assert resolve_layout("auto", tiny_llama(attn="eager")) == "shared-prompt"
+    model = tiny_llama()
+    model.config._attn_implementation = "flash_attention_2"  # only the name is read
+    assert resolve_layout("auto", model) == "packed"
+    assert resolve_layout("padded", model) == "padded"
+    with pytest.raises(UsageError, match="shared-prompt layout needs"):
+        resolve_layout("shared-prompt", model)
+    with pytest.raises(ValueError, match="unknown batch layout"):
+        collate_pairs(random_pairs(1), 0, "ragged")
 
 
 def test_epoch_order_is_deterministic_grouped_and_complete():
@@ -91,3 +137,26 @@ def test_micro_batches_split_global_batch_evenly():
     with pytest.raises(ValueError):
         local_micro_batches(list(range(9)), lengths, 0, 2, 4)
     assert sorted(i for b in inference_batches(lengths[:10], 4) for i in b) == list(range(10))
+
+
+def test_compiled_backbone_gives_the_same_logps_and_gradients():
+    """`align.compile`: torch.compile really runs (dynamo captures graphs, no graph break), across batches of
+    different shapes, and changes neither the numbers nor the parameter names checkpoints are saved under."""
+    from torch._dynamo.utils import counters
+
+    pairs = random_pairs(6, seed=11)
+    eager, compiled = tiny_llama(), tiny_llama()
+    keys = list(compiled.state_dict())
+    compile_backbone(compiled)
+    assert list(compiled.state_dict()) == keys
+    counters.clear()
+    for subset in (pairs, pairs[:3]):
+        outs = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            c, r, _, _ = score_batch(SequenceScorer(model, chunk_size=4), collate_pairs(subset, 0, "shared-prompt"))
+            (c.sum() - 0.5 * r.sum()).backward()
+            outs.append((c.detach(), r.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]

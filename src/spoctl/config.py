@@ -147,9 +147,14 @@ class AlignConfig(StrictModel):
     save_every: int = Field(50, ge=0, description="Checkpoint every N optimizer steps within a stage (0: stage end only).")
     log_every: int = Field(1, gt=0)
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: at stage end only).")
-    pack: bool = Field(False, description="Padding-free batches: sequences packed in one row with position ids.")
+    layout: Literal["auto", "shared-prompt", "padded", "packed"] = Field(
+        "auto", description="How pairs become rows: shared-prompt (the prompt computed once for both responses), "
+                            "padded, or packed (one row, no padding; for flash attention). auto: the fastest the "
+                            "model's attention supports.")
     logprob_chunk: int = Field(256, gt=0, description="Sequence positions per chunk when computing log-probs.")
     gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile the model's backbone (dynamic shapes): faster steps on "
+                                             "GPUs after a one-off compile per model, needs a C compiler on CPU.")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     trust_remote_code: bool = False
     resume: bool = False

@@ -19,6 +19,7 @@ from ..fsutil import atomic_directory
 from ..models import load_causal_lm, load_tokenizer
 from ..rundir import RunDir, default_run_dir, now_iso
 from .batching import Pair, pairs_from_split
+from .logprobs import compile_backbone
 from .frozen import FrozenLogps, cache_file, compute_logps, load_cached, logps_cache_dir, save_cached
 from .lineage import ModelChain, base_fingerprint, stage_fingerprint, weights_fingerprint, write_lineage
 from .plan import StagePlan, run_key, stage_plans
@@ -62,13 +63,15 @@ class FrozenStore:
             self.out.info(f"frozen pass: pi_{k} ({self.chain.describe(k)}) on {', '.join(f'{d}/{s}' for d, s in missing)}")
             self._held = None  # at most one frozen model in memory
             model = self.chain.load(k).to(self.acc.device)
+            if self.cfg.compile:
+                compile_backbone(model)
             n = 0
             for dim, split in missing:
                 pairs = self.split_pairs(dim, split)
                 with self.acc.autocast():
                     value = compute_logps(model, pairs, batch_size=self.cfg.frozen_batch_size,
                                           pad_token_id=self.pad_token_id, chunk_size=self.cfg.logprob_chunk,
-                                          device=self.acc.device, pack=self.cfg.pack)
+                                          device=self.acc.device, layout=self.cfg.layout)
                 save_cached(self._path(k, dim, split), value)
                 n += len(pairs)
             self.pairs_scored += n

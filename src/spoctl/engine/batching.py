@@ -29,63 +29,122 @@ def pairs_from_split(ds) -> list[Pair]:
     return [Pair(p, c, r) for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"])]
 
 
+LAYOUTS = ("padded", "packed", "shared-prompt")
+
+
 @dataclass
 class PairBatch:
+    """Model inputs for B pairs plus, for every scored token, where its prediction comes from.
+
+    Scored tokens are listed flat (M of them): token `score_target[m]` of sequence `score_owner[m]` (0..B-1 the
+    chosen, B..2B-1 the rejected) is predicted by the hidden state at row `score_row[m]`, position `score_pos[m]`.
+    Listing the source explicitly (rather than "the position before") is what lets the shared-prompt layout
+    predict a rejected response's first token from the prompt's last state.
+    """
+
     input_ids: torch.Tensor  # [rows, T]
-    attention_mask: torch.Tensor | None  # [rows, T] for padded batches; None when packed
-    position_ids: torch.Tensor | None  # [1, T] restarting at 0 per sequence when packed
-    target_mask: torch.Tensor  # [rows, T] True where the token is a completion token (it is scored)
-    seq_index: torch.Tensor  # [rows, T] which of the 2B sequences a position belongs to (-1 for padding)
+    attention_mask: torch.Tensor | None  # [rows, T] padded; None packed; None shared-prompt (built from segments)
+    position_ids: torch.Tensor | None  # [rows, T] packed and shared-prompt; None padded
+    segments: torch.Tensor | None  # shared-prompt: [rows, T] 0 prompt, 1 chosen, 2 rejected, -1 padding
+    score_row: torch.Tensor  # [M]
+    score_pos: torch.Tensor  # [M]
+    score_target: torch.Tensor  # [M]
+    score_owner: torch.Tensor  # [M]
     n_pairs: int
-    n_tokens: int  # real (non-padding) tokens
+    n_tokens: int  # real tokens of prompt+chosen and prompt+rejected (the prompt counted twice, as peers count)
 
     def to(self, device: torch.device | str) -> "PairBatch":
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return PairBatch(mv(self.input_ids), mv(self.attention_mask), mv(self.position_ids), mv(self.target_mask),
-                         mv(self.seq_index), self.n_pairs, self.n_tokens)
+        return PairBatch(mv(self.input_ids), mv(self.attention_mask), mv(self.position_ids), mv(self.segments),
+                         mv(self.score_row), mv(self.score_pos), mv(self.score_target), mv(self.score_owner),
+                         self.n_pairs, self.n_tokens)
 
 
-def collate_pairs(pairs: Sequence[Pair], pad_token_id: int, pack: bool = False) -> PairBatch:
-    """Build one batch. `pack=True` puts every sequence in one row with restarting position ids and no padding
-    (the attention implementation must isolate sequences; transformers does so from position_ids)."""
-    seqs = [(list(p.prompt), list(p.chosen)) for p in pairs] + [(list(p.prompt), list(p.rejected)) for p in pairs]
-    for prompt, completion in seqs:
-        if not prompt or not completion:
+class _Rows:
+    """Accumulates token rows and the scored-token index while a layout is being built."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[int]] = []
+        self.positions: list[list[int]] = []
+        self.segments: list[list[int]] = []
+        self.score: list[tuple[int, int, int, int]] = []  # (row, source position, target token, owner)
+
+    def score_run(self, row: int, first_source: int, start: int, tokens: Sequence[int], owner: int) -> None:
+        """Score `tokens`, placed at positions start.. of `row`; the first is predicted from `first_source`."""
+        for j, tok in enumerate(tokens):
+            self.score.append((row, first_source if j == 0 else start + j - 1, tok, owner))
+
+
+def collate_pairs(pairs: Sequence[Pair], pad_token_id: int, layout: str = "padded") -> PairBatch:
+    """Build one batch in one of three layouts (all give the same log-probs; tests hold them to it):
+
+    - `padded`: 2B rows, P+C and P+R, right-padded to the longest.
+    - `packed`: every sequence in one row, position ids restarting per sequence, no padding (the attention
+      implementation must isolate sequences; transformers does so from the position ids).
+    - `shared-prompt`: one row per pair, P+C+R, the prompt computed once for both responses. The rejected tokens
+      take positions from len(P) again and, through a 4-D mask, see the prompt but not the chosen response.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown batch layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    for p in pairs:
+        if not p.prompt or not p.chosen or not p.rejected:
             # The first token of a sequence has no prediction; a completion token must have a prompt before it.
             raise ValueError("every pair needs at least one prompt token and one completion token")
-    n_tokens = sum(len(a) + len(b) for a, b in seqs)
-    if pack:
-        ids, tmask, sidx, pos = [], [], [], []
+    b = len(pairs)
+    n_tokens = sum(p.length for p in pairs)
+    acc = _Rows()
+    if layout == "shared-prompt":
+        for i, p in enumerate(pairs):
+            lp, lc = len(p.prompt), len(p.chosen)
+            acc.rows.append([*p.prompt, *p.chosen, *p.rejected])
+            acc.positions.append([*range(lp + lc), *range(lp, lp + len(p.rejected))])
+            acc.segments.append([0] * lp + [1] * lc + [2] * len(p.rejected))
+            acc.score_run(i, lp - 1, lp, p.chosen, i)
+            acc.score_run(i, lp - 1, lp + lc, p.rejected, b + i)
+    else:
+        seqs = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
         for i, (prompt, completion) in enumerate(seqs):
-            n = len(prompt) + len(completion)
-            ids += prompt + completion
-            tmask += [False] * len(prompt) + [True] * len(completion)
-            sidx += [i] * n
-            pos += list(range(n))
-        return PairBatch(
-            input_ids=torch.tensor([ids], dtype=torch.long),
-            attention_mask=None,
-            position_ids=torch.tensor([pos], dtype=torch.long),
-            target_mask=torch.tensor([tmask], dtype=torch.bool),
-            seq_index=torch.tensor([sidx], dtype=torch.long),
-            n_pairs=len(pairs),
-            n_tokens=n_tokens,
-        )
-    width = max(len(a) + len(b) for a, b in seqs)
-    rows = len(seqs)
-    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((rows, width), dtype=torch.long)
-    target_mask = torch.zeros((rows, width), dtype=torch.bool)
-    seq_index = torch.full((rows, width), -1, dtype=torch.long)
-    for i, (prompt, completion) in enumerate(seqs):
-        n = len(prompt) + len(completion)
-        input_ids[i, :n] = torch.tensor(prompt + completion)
-        attention_mask[i, :n] = 1
-        target_mask[i, len(prompt):n] = True
-        seq_index[i, :n] = i
-    return PairBatch(input_ids, attention_mask, None, target_mask, seq_index, len(pairs), n_tokens)
+            row, start = (0, len(acc.rows[0]) if acc.rows else 0) if layout == "packed" else (i, 0)
+            if row == len(acc.rows):
+                acc.rows.append([])
+                acc.positions.append([])
+            acc.rows[row] += [*prompt, *completion]
+            acc.positions[row] += range(len(prompt) + len(completion))
+            acc.score_run(row, start + len(prompt) - 1, start + len(prompt), completion, i)
+
+    width = max(map(len, acc.rows))
+    input_ids = torch.full((len(acc.rows), width), pad_token_id, dtype=torch.long)
+    real = torch.zeros((len(acc.rows), width), dtype=torch.bool)
+    for r, ids in enumerate(acc.rows):
+        input_ids[r, :len(ids)] = torch.tensor(ids)
+        real[r, :len(ids)] = True
+    positions = segments = attention_mask = None
+    if layout == "padded":
+        attention_mask = real.long()
+    else:
+        positions = torch.zeros_like(input_ids)
+        for r, pos in enumerate(acc.positions):
+            positions[r, :len(pos)] = torch.tensor(pos)
+    if layout == "shared-prompt":
+        segments = torch.full_like(input_ids, -1)
+        for r, seg in enumerate(acc.segments):
+            segments[r, :len(seg)] = torch.tensor(seg)
+    row, pos, target, owner = torch.tensor(acc.score, dtype=torch.long).reshape(-1, 4).unbind(1)
+    return PairBatch(input_ids, attention_mask, positions, segments, row, pos, target, owner, b, n_tokens)
+
+
+def shared_prompt_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[rows, 1, T, T] boolean attention mask (True: may attend) for the shared-prompt layout: causal, and a
+    response sees the prompt and itself, never the other response. A padding position sees only itself, so no
+    softmax row is empty (an empty row gives NaN, which would leak into the real rows through the backward)."""
+    t = segments.shape[1]
+    ar = torch.arange(t, device=segments.device)
+    causal = ar[:, None] >= ar[None, :]
+    q, k = segments[:, :, None], segments[:, None, :]
+    allowed = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
+    return (allowed | torch.eye(t, dtype=torch.bool, device=segments.device))[:, None]
 
 
 def epoch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, *, group_by_length: bool = True,

@@ -19,7 +19,7 @@ from torch import nn
 
 from .batching import Pair, collate_pairs, inference_batches
 from ..rundir import RunDir
-from .logprobs import SequenceScorer, score_batch
+from .logprobs import SequenceScorer, resolve_layout, score_batch
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,14 @@ def save_cached(path: Path, value: FrozenLogps) -> None:
 
 @torch.inference_mode()
 def compute_logps(model: nn.Module, pairs: Sequence[Pair], *, batch_size: int, pad_token_id: int, chunk_size: int,
-                  device: torch.device, pack: bool = False,
+                  device: torch.device, layout: str = "auto",
                   on_batch: Callable[[int], None] | None = None) -> FrozenLogps:
     scorer = SequenceScorer(model, chunk_size=chunk_size)
+    layout = resolve_layout(layout, model)
     chosen = torch.empty(len(pairs), dtype=torch.float32)
     rejected = torch.empty(len(pairs), dtype=torch.float32)
     for idx in inference_batches([p.length for p in pairs], batch_size):
-        batch = collate_pairs([pairs[i] for i in idx], pad_token_id, pack=pack).to(device)
+        batch = collate_pairs([pairs[i] for i in idx], pad_token_id, layout).to(device)
         c, r, _, _ = score_batch(scorer, batch)
         chosen[idx] = c.float().cpu()
         rejected[idx] = r.float().cpu()

@@ -4,6 +4,9 @@ The backbone runs once over the batch; the language-model head then runs only on
 whose *next* token is a completion token, `chunk_size` positions at a time. In training each chunk is
 checkpointed, so backward recomputes one chunk's logits instead of keeping [tokens x vocab] float32 logits
 alive: a 150k-vocabulary model costs one chunk of logits, not one per token of the batch.
+
+Which layout a batch uses (padded, packed, shared-prompt: see `batching.collate_pairs`) only changes the inputs
+and the scored-token index; this module reads both the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +15,29 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .batching import PairBatch
+from ..errors import UsageError
+from .batching import PairBatch, shared_prompt_mask
+
+# Attention implementations that take a custom 4-D mask as given (the shared-prompt layout needs one).
+_CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
+
+
+def attention_implementation(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager")
+
+
+def resolve_layout(layout: str, model: nn.Module) -> str:
+    """`auto` picks the fastest layout the model's attention supports: shared-prompt where a custom mask works
+    (SDPA, eager), packed for flash attention (whose variable-length kernel isolates packed sequences), padded
+    otherwise. An explicit choice the attention cannot honour is an error rather than a silent fallback."""
+    attn = attention_implementation(model)
+    if layout == "auto":
+        return "shared-prompt" if attn in _CUSTOM_MASK_ATTENTION else "packed" if "flash" in attn else "padded"
+    if layout == "shared-prompt" and attn not in _CUSTOM_MASK_ATTENTION:
+        raise UsageError(f"the shared-prompt layout needs an attention implementation that accepts a custom mask "
+                         f"({', '.join(_CUSTOM_MASK_ATTENTION)}); this model uses {attn!r}: set align.layout to "
+                         "padded or packed")
+    return layout
 
 
 def _head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None,
@@ -42,41 +67,56 @@ class SequenceScorer(nn.Module):
         self._scale = getattr(cfg, "logit_scale", None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                target_mask: torch.Tensor, seq_index: torch.Tensor, n_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+                segments: torch.Tensor | None, score_row: torch.Tensor, score_pos: torch.Tensor,
+                score_target: torch.Tensor, score_owner: torch.Tensor, n_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
         backbone = self.model.get_decoder()
         head = self.model.get_output_embeddings()
-        kwargs = {"input_ids": input_ids, "use_cache": False}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
+        kwargs = {"input_ids": input_ids, "use_cache": False,
+                  "attention_mask": model_attention_mask(self.model, attention_mask, segments)}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         hidden = backbone(**kwargs).last_hidden_state  # [rows, T, H]
-
-        # The state at position t predicts token t+1: select the states whose next token is scored.
-        select = target_mask[:, 1:]
-        states = hidden[:, :-1][select]  # [M, H]
-        targets = input_ids[:, 1:][select]  # [M]
-        owners = seq_index[:, 1:][select]  # [M]
+        states = hidden[score_row, score_pos]  # [M, H]: the state that predicts each scored token
 
         pieces = []
         for start in range(0, states.shape[0], self.chunk_size):
-            h, t = states[start:start + self.chunk_size], targets[start:start + self.chunk_size]
+            h, t = states[start:start + self.chunk_size], score_target[start:start + self.chunk_size]
             if torch.is_grad_enabled() and h.requires_grad:
                 pieces.append(checkpoint(_head_logps, head, h, t, self._softcap, self._scale, use_reentrant=False))
             else:
                 pieces.append(_head_logps(head, h, t, self._softcap, self._scale))
         token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
 
-        sums = token_logps.new_zeros(n_seqs).index_add(0, owners, token_logps)
-        counts = torch.zeros(n_seqs, dtype=torch.long, device=owners.device).index_add(
-            0, owners, torch.ones_like(owners))
+        sums = token_logps.new_zeros(n_seqs).index_add(0, score_owner, token_logps)
+        counts = torch.zeros(n_seqs, dtype=torch.long, device=score_owner.device).index_add(
+            0, score_owner, torch.ones_like(score_owner))
         return sums, counts
+
+
+def compile_backbone(model: nn.Module) -> None:
+    """Compile the transformer stack in place (parameter names, and so checkpoints, stay the same). Only the
+    backbone: the LM head runs in variable-size chunks under checkpoint, where compiling buys little. Dynamic
+    shapes, because every batch has its own length."""
+    model.get_decoder().compile(dynamic=True)
+
+
+def model_attention_mask(model: nn.Module, attention_mask: torch.Tensor | None,
+                         segments: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask as the model takes it: the 2-D padding mask as is; for the shared-prompt layout a 4-D mask,
+    boolean for SDPA, additive for eager attention (which adds the mask to the scores)."""
+    if segments is None:
+        return attention_mask
+    allowed = shared_prompt_mask(segments)
+    if attention_implementation(model) == "sdpa":
+        return allowed
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def score_batch(scorer: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths), each [B]."""
-    sums, counts = scorer(batch.input_ids, batch.attention_mask, batch.position_ids, batch.target_mask,
-                          batch.seq_index, 2 * batch.n_pairs)
+    sums, counts = scorer(batch.input_ids, batch.attention_mask, batch.position_ids, batch.segments, batch.score_row,
+                          batch.score_pos, batch.score_target, batch.score_owner, 2 * batch.n_pairs)
     b = batch.n_pairs
     return sums[:b], sums[b:], counts[:b], counts[b:]
 
@@ -84,11 +124,9 @@ def score_batch(scorer: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torc
 def reference_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """The straightforward computation (full logits from the model's own forward), used by tests to hold the
     chunked path to the truth."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                use_cache=False)
-    logps = out.logits[:, :-1].float().log_softmax(-1)
-    tok = torch.gather(logps, 2, batch.input_ids[:, 1:, None]).squeeze(2)
-    mask = batch.target_mask[:, 1:]
-    owners = batch.seq_index[:, 1:][mask]
-    sums = tok.new_zeros(2 * batch.n_pairs).index_add(0, owners, tok[mask])
+    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                attention_mask=model_attention_mask(model, batch.attention_mask, batch.segments))
+    logps = out.logits.float().log_softmax(-1)[batch.score_row, batch.score_pos]  # [M, V]
+    tok = torch.gather(logps, 1, batch.score_target[:, None]).squeeze(1)
+    sums = tok.new_zeros(2 * batch.n_pairs).index_add(0, batch.score_owner, tok)
     return sums[:batch.n_pairs], sums[batch.n_pairs:]

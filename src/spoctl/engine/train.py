@@ -22,7 +22,7 @@ from ..errors import TrainingError
 from .batching import Pair, collate_pairs, epoch_order, local_micro_batches
 from .checkpoint import load_checkpoint, save_checkpoint
 from .frozen import FrozenLogps, compute_logps
-from .logprobs import SequenceScorer, score_batch
+from .logprobs import SequenceScorer, compile_backbone, resolve_layout, score_batch
 from .plan import StagePlan
 
 
@@ -96,7 +96,10 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
+    if cfg.compile:
+        compile_backbone(policy)
     scorer = SequenceScorer(policy, chunk_size=cfg.logprob_chunk)
+    layout = resolve_layout(cfg.layout, policy)
     params = [p for p in policy.parameters() if p.requires_grad]
     fused = {"fused": True} if accelerator.device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=cfg.weight_decay, **fused)
@@ -126,7 +129,7 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
             last = j == len(micro) - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(scorer)
             with sync, accelerator.autocast():
-                batch = collate_pairs([data.train[i] for i in idx], pad_token_id, pack=cfg.pack).to(accelerator.device)
+                batch = collate_pairs([data.train[i] for i in idx], pad_token_id, layout).to(accelerator.device)
                 pc, pr, lc, _ = score_batch(scorer, batch)
                 sel = torch.tensor(idx)
                 rc = data.ref_train.chosen[sel].to(pc.device)
@@ -201,7 +204,7 @@ def evaluate(accelerator: Any, scorer: nn.Module, plan: StagePlan, data: StageDa
     with accelerator.autocast():
         for dim, ev in data.evals.items():
             pol = compute_logps(model, ev.pairs, batch_size=cfg.frozen_batch_size, pad_token_id=pad_token_id,
-                                chunk_size=cfg.logprob_chunk, device=accelerator.device, pack=cfg.pack)
+                                chunk_size=cfg.logprob_chunk, device=accelerator.device, layout=cfg.layout)
             prefix = f"stage{plan.index}/{dim}"
             if ev.ref is not None:
                 m = losses.reward_metrics(plan.beta, pol.chosen, pol.rejected, ev.ref.chosen, ev.ref.rejected, ev.offset)
