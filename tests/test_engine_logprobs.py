@@ -7,7 +7,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from spoctl.engine.batching import (LAYOUTS, Pair, collate_pairs, epoch_order, inference_batches, local_micro_batches,
                                    shared_prompt_mask)
-from spoctl.engine.logprobs import SequenceScorer, compile_backbone, reference_logps, resolve_layout, score_batch
+from spoctl.engine.frozen import compute_logps
+from spoctl.engine.logprobs import (SequenceScorer, attention_window, batch_layout, compile_backbone, reference_logps,
+                                   resolve_layout, score_batch)
 from spoctl.errors import UsageError
 
 
@@ -160,3 +162,30 @@ def test_compiled_backbone_gives_the_same_logps_and_gradients():
         for a, b in zip(*outs):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+
+
+def test_sliding_window_models_fall_back_to_padded_where_the_window_binds():
+    """The shared-prompt mask is plain causal: with a sliding window it is exact only while every position is
+    within the window. Past it, the batch goes padded and the model applies its own window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=128, sliding_window=6)
+    cfg._attn_implementation = "sdpa"
+    model = MistralForCausalLM(cfg).eval()
+    assert attention_window(model) == 6 and attention_window(tiny_llama()) is None
+    short = [Pair([1, 2], [3, 4], [5]), Pair([6], [7, 8, 9], [10, 11])]
+    long = random_pairs(3, seed=2) + [Pair(list(range(1, 9)), [20, 21, 22], [23])]
+    assert batch_layout("shared-prompt", short, 6) == "shared-prompt"
+    assert batch_layout("shared-prompt", long, 6) == "padded"
+    assert batch_layout("shared-prompt", long, None) == "shared-prompt"
+    with torch.no_grad():
+        for pairs in (short, long):
+            want_c, want_r = reference_logps(model, collate_pairs(pairs, 0))
+            got = compute_logps(model, pairs, batch_size=8, pad_token_id=0, chunk_size=4, device=torch.device("cpu"))
+            torch.testing.assert_close(got.chosen, want_c, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.rejected, want_r, rtol=1e-5, atol=1e-5)
+            # ...whereas forcing the shared-prompt mask on the long pairs ignores the window and differs.
+        forced_c, _, _, _ = score_batch(SequenceScorer(model), collate_pairs(long, 0, "shared-prompt"))
+    assert not torch.allclose(forced_c, want_c, rtol=1e-4, atol=1e-4)

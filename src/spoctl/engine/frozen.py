@@ -19,7 +19,7 @@ from torch import nn
 
 from .batching import Pair, collate_pairs, inference_batches
 from ..rundir import RunDir
-from .logprobs import SequenceScorer, resolve_layout, score_batch
+from .logprobs import SequenceScorer, attention_window, batch_layout, resolve_layout, score_batch
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,12 @@ def compute_logps(model: nn.Module, pairs: Sequence[Pair], *, batch_size: int, p
                   device: torch.device, layout: str = "auto",
                   on_batch: Callable[[int], None] | None = None) -> FrozenLogps:
     scorer = SequenceScorer(model, chunk_size=chunk_size)
-    layout = resolve_layout(layout, model)
+    layout, window = resolve_layout(layout, model), attention_window(model)
     chosen = torch.empty(len(pairs), dtype=torch.float32)
     rejected = torch.empty(len(pairs), dtype=torch.float32)
     for idx in inference_batches([p.length for p in pairs], batch_size):
-        batch = collate_pairs([pairs[i] for i in idx], pad_token_id, layout).to(device)
+        group = [pairs[i] for i in idx]
+        batch = collate_pairs(group, pad_token_id, batch_layout(layout, group, window)).to(device)
         c, r, _, _ = score_batch(scorer, batch)
         chosen[idx] = c.float().cpu()
         rejected[idx] = r.float().cpu()

@@ -11,12 +11,14 @@ and the scored-token index; this module reads both the same way.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UsageError
-from .batching import PairBatch, shared_prompt_mask
+from .batching import Pair, PairBatch, shared_prompt_mask
 
 # Attention implementations that take a custom 4-D mask as given (the shared-prompt layout needs one).
 _CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
@@ -98,6 +100,29 @@ def compile_backbone(model: nn.Module) -> None:
     backbone: the LM head runs in variable-size chunks under checkpoint, where compiling buys little. Dynamic
     shapes, because every batch has its own length."""
     model.get_decoder().compile(dynamic=True)
+
+
+def attention_window(model: nn.Module) -> int | None:
+    """The sliding-window (or chunked-attention) span of the model's attention, if any layer uses one. The
+    shared-prompt mask is plain causal; it equals the model's own mask only while no position is that far back."""
+    cfg = getattr(model, "config", None)
+    spans = []
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if window and (not layer_types or "sliding_attention" in layer_types):
+        spans.append(int(window))
+    if getattr(cfg, "attention_chunk_size", None):
+        spans.append(int(cfg.attention_chunk_size))
+    return min(spans) if spans else None
+
+
+def batch_layout(layout: str, pairs: Sequence[Pair], window: int | None) -> str:
+    """The layout for one batch: shared-prompt unless a pair reaches past the attention window (the furthest
+    position is len(prompt) + the longer response), where the padded layout lets the model apply its own window."""
+    if layout == "shared-prompt" and window is not None:
+        if any(len(p.prompt) + max(len(p.chosen), len(p.rejected)) > window for p in pairs):
+            return "padded"
+    return layout
 
 
 def model_attention_mask(model: nn.Module, attention_mask: torch.Tensor | None,

@@ -22,7 +22,8 @@ from ..errors import TrainingError
 from .batching import Pair, collate_pairs, epoch_order, local_micro_batches
 from .checkpoint import load_checkpoint, save_checkpoint
 from .frozen import FrozenLogps, compute_logps
-from .logprobs import SequenceScorer, compile_backbone, resolve_layout, score_batch
+from .logprobs import (SequenceScorer, attention_window, batch_layout, compile_backbone, resolve_layout,
+                       score_batch)
 from .plan import StagePlan
 
 
@@ -99,7 +100,7 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
     if cfg.compile:
         compile_backbone(policy)
     scorer = SequenceScorer(policy, chunk_size=cfg.logprob_chunk)
-    layout = resolve_layout(cfg.layout, policy)
+    layout, window = resolve_layout(cfg.layout, policy), attention_window(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
     fused = {"fused": True} if accelerator.device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=cfg.weight_decay, **fused)
@@ -129,7 +130,8 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
             last = j == len(micro) - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(scorer)
             with sync, accelerator.autocast():
-                batch = collate_pairs([data.train[i] for i in idx], pad_token_id, layout).to(accelerator.device)
+                pairs = [data.train[i] for i in idx]
+                batch = collate_pairs(pairs, pad_token_id, batch_layout(layout, pairs, window)).to(accelerator.device)
                 pc, pr, lc, _ = score_batch(scorer, batch)
                 sel = torch.tensor(idx)
                 rc = data.ref_train.chosen[sel].to(pc.device)
