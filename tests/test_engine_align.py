@@ -101,6 +101,23 @@ def test_manifest_and_metrics_follow_the_documented_layout(world, tmp_path):
         assert k in keys, k
 
 
+def test_attention_and_layout_settings_change_rounding_only(world, tmp_path):
+    """Eager attention with padded batches trains the same weights as the default (SDPA, shared-prompt) to float
+    rounding: the kernel and the layout are speed settings, not part of the computation."""
+    _, _, prepared = world
+    common = ["align", "--dims", "helpful,harmless", "--data", str(prepared), "--quiet", *FAST]
+    assert run_cli([*common, "--out", str(tmp_path / "default")])[0] == 0
+    assert run_cli([*common, "--out", str(tmp_path / "eager"), "--set", "attention=eager",
+                    "--set", "layout=padded"])[0] == 0
+    for run, kernels in (("default", {"attention": "sdpa", "layout": "shared-prompt"}),
+                         ("eager", {"attention": "eager", "layout": "padded"})):
+        manifest = json.loads((tmp_path / run / "manifest.json").read_text())
+        assert all(s["kernels"].items() >= kernels.items() for s in manifest["stages"]), manifest["stages"]
+    a, b = weights(tmp_path / "default", "02-harmless"), weights(tmp_path / "eager", "02-harmless")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
 def test_frozen_log_probs_are_cached_and_reused(world, tmp_path):
     _, _, prepared = world
     args = ["align", "--dims", "harmless,helpful", "--data", str(prepared), *FAST, "--seed", "7"]
@@ -299,3 +316,11 @@ def test_report_to_tensorboard_writes_events_or_says_what_to_install(world, tmp_
         assert code == 2 and "pip install tensorboard" in out
     else:
         assert code == 0 and any((run / "tensorboard").iterdir())
+
+
+def test_unavailable_attention_kernel_is_refused_before_any_work(world, tmp_path):
+    _, _, prepared = world
+    code, out = run_cli(["align", "--dims", "helpful", "--data", str(prepared), "--out", str(tmp_path / "run"),
+                         "--set", "attention=flash_attention_2", *FAST])
+    assert code == 2 and "needs the 'flash_attn' package" in out, out
+    assert not (tmp_path / "run").exists()

@@ -153,6 +153,10 @@ class AlignConfig(StrictModel):
                             "model's attention supports.")
     logprob_chunk: int = Field(256, gt=0, description="Sequence positions per chunk when computing log-probs.")
     gradient_checkpointing: bool = False
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
+        "auto", description="Attention kernel the models load with. auto: transformers' default for the model "
+                            "(SDPA where supported). flash_attention_*: needs the flash-attn package and a GPU; "
+                            "with layout auto it makes batches packed (variable-length, no padding).")
     compile: bool = Field(False, description="torch.compile the model's backbone (dynamic shapes): faster steps on "
                                              "GPUs after a one-off compile per model, needs a C compiler on CPU.")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)

@@ -69,7 +69,27 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = False):
+# The module each flash-attention kernel of transformers imports.
+_FLASH_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def check_attention_available(attention: str) -> None:
+    """Fail before any work starts (not at the first model load, with a run directory already made)."""
+    import importlib.util
+
+    module = _FLASH_MODULES.get(attention)
+    if module and (importlib.util.find_spec(module) is None or not _cuda_available()):
+        raise UsageError(f"attention '{attention}' needs the '{module}' package and a CUDA GPU; "
+                         "install it, or leave align.attention at auto (SDPA)")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = False, attention: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -84,6 +104,8 @@ def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = Fa
             )
     if src.kind != "gguf":
         kwargs["use_safetensors"] = True
+    if attention and attention != "auto":
+        kwargs["attn_implementation"] = attention
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, **kwargs

@@ -16,10 +16,10 @@ from ..config import AlignConfig, dump_config
 from ..console import Output
 from ..errors import TrainingError, UsageError
 from ..fsutil import atomic_directory
-from ..models import load_causal_lm, load_tokenizer
+from ..models import check_attention_available, load_causal_lm, load_tokenizer
 from ..rundir import RunDir, default_run_dir, now_iso
 from .batching import Pair, pairs_from_split
-from .logprobs import compile_backbone
+from .logprobs import attention_implementation, compile_backbone, resolve_layout
 from .frozen import FrozenLogps, cache_file, compute_logps, load_cached, logps_cache_dir, save_cached
 from .lineage import ModelChain, base_fingerprint, stage_fingerprint, weights_fingerprint, write_lineage
 from .plan import StagePlan, run_key, stage_plans
@@ -159,6 +159,7 @@ def align(cfg: AlignConfig, out: Output) -> dict[str, Any]:
         if d not in prepared.dims:
             raise UsageError(f"{cfg.data}: prepared data has no dimension '{d}' (it has: {', '.join(prepared.dims)});"
                              f" run `spoctl prepare` with --data {d}=SOURCE, or fix --dims")
+    check_attention_available(cfg.attention)
     base_spec = cfg.model or prepared.model
     if not base_spec:
         raise UsageError("no model given: pass --model (a local folder, .gguf file or Hub id)")
@@ -201,7 +202,7 @@ def align(cfg: AlignConfig, out: Output) -> dict[str, Any]:
                 run.write_manifest(manifest)
         accelerator.wait_for_everyone()
         cache_dir = logps_cache_dir(prepared.path, run)
-        chain = ModelChain(base_spec, run, manifest, trust_remote_code=cfg.trust_remote_code)
+        chain = ModelChain(base_spec, run, manifest, trust_remote_code=cfg.trust_remote_code, attention=cfg.attention)
         store = FrozenStore(chain, prepared, cfg, accelerator, tokenizer.pad_token_id, cache_dir, precision, out)
         sinks = (MetricSinks(cfg.report_to, run, {"run_key": key, **cfg.model_dump(mode="json")})
                  if accelerator.is_main_process else None)
@@ -268,6 +269,9 @@ def _run_stage(plan: StagePlan, plans: list[StagePlan], cfg: AlignConfig, manife
     torch.manual_seed(cfg.seed * 1000 + n)
     if cfg.lora.enabled:
         policy = wrap_lora(policy, cfg)
+    # Speed settings as resolved for this model (auto picks per attention kernel): what actually ran.
+    entry["kernels"] = {"attention": attention_implementation(policy), "layout": resolve_layout(cfg.layout, policy),
+                        "compile": cfg.compile, "gradient_checkpointing": cfg.gradient_checkpointing}
     latest = run.latest_checkpoint(n, dim)
     if latest and main:
         run.truncate_metrics_after(n, latest[0])

@@ -66,11 +66,13 @@ def stage_fingerprint(model_dir: Path, previous: str) -> str:
 class ModelChain:
     """Loads pi_k for a run. `stage_dirs[k-1]` is the model folder of stage k."""
 
-    def __init__(self, base_spec: str, run: RunDir, manifest: dict[str, Any], *, trust_remote_code: bool = False):
+    def __init__(self, base_spec: str, run: RunDir, manifest: dict[str, Any], *, trust_remote_code: bool = False,
+                 attention: str | None = None):
         self.base_spec = base_spec
         self.run = run
         self.manifest = manifest
         self.trust_remote_code = trust_remote_code
+        self.attention = attention
 
     @property
     def lora(self) -> bool:
@@ -104,9 +106,11 @@ class ModelChain:
                 raise UsageError(f"{self.stage_model_dir(i)}: stage {i}'s model is missing; the run directory is incomplete")
         if k > 0 and not self.lora:
             # Full fine-tuning: stage k's folder holds complete weights; earlier stages are superseded.
-            model = load_causal_lm(str(self.stage_model_dir(k)), dtype=dtype, trust_remote_code=self.trust_remote_code)
+            model = load_causal_lm(str(self.stage_model_dir(k)), dtype=dtype, trust_remote_code=self.trust_remote_code,
+                                   attention=self.attention)
         else:
-            model = load_causal_lm(self.base_spec, dtype=dtype, trust_remote_code=self.trust_remote_code)
+            model = load_causal_lm(self.base_spec, dtype=dtype, trust_remote_code=self.trust_remote_code,
+                                   attention=self.attention)
             for i in range(1, k + 1):
                 model = merge_adapter(model, self.stage_model_dir(i))
         model.eval()

@@ -59,7 +59,7 @@ def stage_plans(cfg: AlignConfig) -> list[StagePlan]:
 
 # Settings that do not change what a run computes: they may differ between a run and its resume.
 _NOT_IDENTITY = {"out", "resume", "report_to", "log_every", "save_every", "eval_every", "frozen_batch_size",
-                 "logprob_chunk", "layout", "compile", "gradient_checkpointing"}  # same math, other rounding at most
+                 "logprob_chunk", "layout", "compile", "gradient_checkpointing", "attention"}  # same math
 
 
 def run_key(cfg: AlignConfig, base_fingerprint: str, data_hashes: dict[str, Any]) -> str:
