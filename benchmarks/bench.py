@@ -109,7 +109,7 @@ def side_spoctl(a: argparse.Namespace) -> dict:
     model, n_params = make_model(a.shape, a.device, a.dtype)
     cfg = AlignConfig(batch_size=a.batch, micro_batch_size=a.micro or a.batch, frozen_batch_size=a.frozen_batch,
                       learning_rate=1e-6, warmup_ratio=0.0, save_every=0, log_every=10**9, layout=a.layout,
-                      compile=a.compile,
+                      compile=a.compile, gradient_checkpointing=a.grad_ckpt,
                       logprob_chunk=a.chunk, precision="fp32" if precision == "no" else "bf16")
 
     # Two frozen passes (pi_{n-1} and pi_{n-2}); a random-init model stands in for both, the cost is the same.
@@ -218,6 +218,7 @@ def main() -> None:
     p.add_argument("--layout", default="auto", choices=["auto", "shared-prompt", "padded", "packed"],
                    help="spoctl's batch layout (align.layout)")
     p.add_argument("--compile", action="store_true", help="spoctl: align.compile (torch.compile the backbone)")
+    p.add_argument("--grad-ckpt", action="store_true", help="spoctl: align.gradient_checkpointing")
     p.add_argument("--sides", default="spoctl,trl-precomputed,trl", help="which to run, comma-separated")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # internal: run one side in this process
     p.add_argument("--out", default=None, help="also write the results as JSON here")

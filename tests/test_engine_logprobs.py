@@ -189,3 +189,19 @@ def test_sliding_window_models_fall_back_to_padded_where_the_window_binds():
             # ...whereas forcing the shared-prompt mask on the long pairs ignores the window and differs.
         forced_c, _, _, _ = score_batch(SequenceScorer(model), collate_pairs(long, 0, "shared-prompt"))
     assert not torch.allclose(forced_c, want_c, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """`align.gradient_checkpointing` recomputes activations in backward: less memory, the same gradients."""
+    pairs = random_pairs(4, seed=13)
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_llama()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        c, r, _, _ = score_batch(SequenceScorer(model, chunk_size=3), collate_pairs(pairs, 0, "shared-prompt"))
+        (c.sum() - 0.5 * r.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert model.model.gradient_checkpointing
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
