@@ -19,9 +19,9 @@ from ..fsutil import atomic_directory
 from ..models import check_attention_available, load_causal_lm, load_tokenizer
 from ..rundir import RunDir, default_run_dir, now_iso
 from .batching import Pair, pairs_from_split
-from .logprobs import attention_implementation, compile_backbone, resolve_layout
 from .frozen import FrozenLogps, cache_file, compute_logps, load_cached, logps_cache_dir, save_cached
 from .lineage import ModelChain, base_fingerprint, stage_fingerprint, weights_fingerprint, write_lineage
+from .logprobs import attention_implementation, compile_backbone, resolve_layout
 from .plan import StagePlan, run_key, stage_plans
 from .progress import StageProgress
 from .reporting import MetricSinks
