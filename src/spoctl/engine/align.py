@@ -220,8 +220,10 @@ def align(cfg: AlignConfig, out: Output) -> dict[str, Any]:
             lock.release()
     summary = _summary(manifest, cfg.dims)
     if accelerator.is_main_process:
-        out.table("implicit-reward accuracy vs the base model, on each dimension's eval split",
-                  ["stage", *cfg.dims], [[f"{r['stage']} {r['dim']}", *(r[d] for d in cfg.dims)] for r in summary])
+        out.table("implicit-reward accuracy vs the base model, on each dimension's eval split; what each stage cost",
+                  ["stage", *cfg.dims, "frozen s", "train s"],
+                  [[f"{r['stage']} {r['dim']}", *(r[d] for d in cfg.dims), r["frozen_seconds"], r["train_seconds"]]
+                   for r in summary])
     return {"run_dir": str(run.root), "manifest": str(run.manifest_path), "stages": manifest["stages"],
             "summary": summary}
 
@@ -341,7 +343,8 @@ def _summary(manifest: dict[str, Any], dims: list[str]) -> list[dict[str, Any]]:
     for st in manifest["stages"]:
         if st.get("status") != "completed":
             continue
-        m = st.get("metrics", {})
+        m, cost = st.get("metrics", {}), st.get("cost", {})
         rows.append({"stage": st["index"], "dim": st["dim"],
-                     **{d: m.get(f"stage{st['index']}/{d}/eval_base_rewards/accuracies") for d in dims}})
+                     **{d: m.get(f"stage{st['index']}/{d}/eval_base_rewards/accuracies") for d in dims},
+                     "frozen_seconds": cost.get("frozen_pass_seconds"), "train_seconds": cost.get("train_seconds")})
     return rows
