@@ -20,8 +20,15 @@ class Pair:
 
     @property
     def length(self) -> int:
-        """Tokens one pair costs in a forward pass (both sequences)."""
+        """Real tokens of prompt+chosen and prompt+rejected (how throughput is counted, by peers too)."""
         return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+    @property
+    def sort_length(self) -> int:
+        """What batches are grouped by: a shared-prompt row's width, prompt + chosen + rejected. (Grouping by
+        `length`, which counts the prompt twice, left twice the padding: 16% vs 7% of a 16-pair batch's
+        positions on uniformly drawn lengths.)"""
+        return len(self.prompt) + len(self.chosen) + len(self.rejected)
 
 
 def pairs_from_split(ds) -> list[Pair]:

@@ -72,7 +72,7 @@ def compute_logps(model: nn.Module, pairs: Sequence[Pair], *, batch_size: int, p
     layout, window = resolve_layout(layout, model), attention_window(model)
     chosen = torch.empty(len(pairs), dtype=torch.float32)
     rejected = torch.empty(len(pairs), dtype=torch.float32)
-    for idx in inference_batches([p.length for p in pairs], batch_size):
+    for idx in inference_batches([p.sort_length for p in pairs], batch_size):
         group = [pairs[i] for i in idx]
         batch = collate_pairs(group, pad_token_id, batch_layout(layout, group, window)).to(device)
         c, r, _, _ = score_batch(scorer, batch)

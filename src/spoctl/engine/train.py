@@ -84,7 +84,7 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
     (unwrapped) and the final evaluation metrics."""
     prefix = f"stage{plan.index}/{plan.dim}"
     rank, world = accelerator.process_index, accelerator.num_processes
-    lengths = [p.length for p in data.train]
+    lengths = [p.sort_length for p in data.train]
     if plan.batch_size % world:
         raise TrainingError(f"{prefix}: batch_size {plan.batch_size} must be a multiple of the {world} processes")
     steps_per_epoch = len(data.train) // plan.batch_size
