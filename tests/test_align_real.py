@@ -41,3 +41,19 @@ def test_two_stage_lora_run_on_hh_rlhf_with_smollm2(shared_dir, smollm2_gguf, tm
     assert "stage2/harmless/eval_rewards/accuracies" in final2
     losses = [m["stage1/helpful/loss"] for m in metrics if "stage1/helpful/loss" in m]
     assert len(losses) == 2 and abs(losses[0] - 0.6931) < 1e-3  # step 1: policy == reference, loss = log 2
+    # The run used the shared-prompt layout; on the real model and real pairs it scores like the padded one.
+    assert st1["kernels"]["layout"] == "shared-prompt" and st1["kernels"]["attention"] == "sdpa"
+    import torch
+
+    from spoctl.data.store import load_prepared
+    from spoctl.engine.batching import pairs_from_split
+    from spoctl.engine.frozen import compute_logps
+    from spoctl.models import load_causal_lm, load_tokenizer
+
+    pairs = pairs_from_split(load_prepared(prepared).split("helpful", "train"))
+    model = load_causal_lm(str(smollm2_gguf)).eval()
+    pad = load_tokenizer(str(smollm2_gguf)).pad_token_id
+    got = {layout: compute_logps(model, pairs, batch_size=4, pad_token_id=pad, chunk_size=64,
+                                 device=torch.device("cpu"), layout=layout) for layout in ("shared-prompt", "padded")}
+    torch.testing.assert_close(got["shared-prompt"].chosen, got["padded"].chosen, rtol=1e-4, atol=2e-3)
+    torch.testing.assert_close(got["shared-prompt"].rejected, got["padded"].rejected, rtol=1e-4, atol=2e-3)
