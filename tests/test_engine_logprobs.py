@@ -150,6 +150,9 @@ def test_compiled_backbone_gives_the_same_logps_and_gradients():
     eager, compiled = tiny_llama(), tiny_llama()
     keys = list(compiled.state_dict())
     compile_backbone(compiled)
+    wrapped = compiled.get_decoder()._compiled_call_impl
+    compile_backbone(compiled)  # a frozen model reused as the policy is compiled again: no second wrapper
+    assert compiled.get_decoder()._compiled_call_impl is wrapped
     assert list(compiled.state_dict()) == keys
     counters.clear()
     for subset in (pairs, pairs[:3]):

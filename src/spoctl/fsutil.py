@@ -15,21 +15,29 @@ from typing import Any, Iterator
 from .errors import UsageError
 
 
-def write_text_atomic(path: Path | str, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+@contextlib.contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """A temporary path in `path`'s folder to write to; when the block succeeds it is fsynced and renamed over
+    `path`, when it fails it is removed. For writers that want a file name (safetensors, torch.save)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: Path | str, payload: Any) -> None:

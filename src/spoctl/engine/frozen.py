@@ -8,7 +8,6 @@ re-run, a resume, or a later stage that needs the same numbers reads them back i
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .batching import Pair, collate_pairs, inference_batches
+from ..fsutil import atomic_file
 from ..rundir import RunDir
 from .logprobs import SequenceScorer, attention_window, batch_layout, resolve_layout, score_batch
 
@@ -53,15 +53,8 @@ def load_cached(path: Path) -> FrozenLogps | None:
 
 
 def save_cached(path: Path, value: FrozenLogps) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"chosen": value.chosen.contiguous(), "rejected": value.rejected.contiguous()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({"chosen": value.chosen.contiguous(), "rejected": value.rejected.contiguous()}, str(tmp))
 
 
 @torch.inference_mode()

@@ -98,8 +98,11 @@ class SequenceScorer(nn.Module):
 def compile_backbone(model: nn.Module) -> None:
     """Compile the transformer stack in place (parameter names, and so checkpoints, stay the same). Only the
     backbone: the LM head runs in variable-size chunks under checkpoint, where compiling buys little. Dynamic
-    shapes, because every batch has its own length."""
-    model.get_decoder().compile(dynamic=True)
+    shapes, because every batch has its own length. A model compiled for its frozen pass and then trained as the
+    next policy is not wrapped twice."""
+    backbone = model.get_decoder()
+    if getattr(backbone, "_compiled_call_impl", None) is None:
+        backbone.compile(dynamic=True)
 
 
 def attention_window(model: nn.Module) -> int | None:
