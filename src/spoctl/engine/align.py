@@ -19,7 +19,7 @@ from ..fsutil import atomic_directory
 from ..models import check_attention_available, load_causal_lm, load_tokenizer
 from ..rundir import RunDir, default_run_dir, now_iso
 from .batching import Pair, pairs_from_split
-from .frozen import FrozenLogps, cache_file, compute_logps, load_cached, logps_cache_dir, save_cached
+from .frozen import PRECISION_DTYPES, FrozenLogps, LogpsCache, compute_logps, logps_cache_dir
 from .lineage import ModelChain, base_fingerprint, stage_fingerprint, weights_fingerprint, write_lineage
 from .logprobs import attention_implementation, compile_backbone, resolve_layout
 from .plan import StagePlan, run_key, stage_plans
@@ -40,8 +40,8 @@ class FrozenStore:
     def __init__(self, chain: ModelChain, prepared: Any, cfg: AlignConfig, accelerator: Any, pad_token_id: int,
                  cache_dir: Path, precision: str, out: Output):
         self.chain, self.prepared, self.cfg, self.acc = chain, prepared, cfg, accelerator
-        self.pad_token_id, self.cache_dir, self.precision, self.out = pad_token_id, cache_dir, precision, out
-        self.memo: dict[tuple[int, str, str], FrozenLogps] = {}
+        self.pad_token_id, self.out = pad_token_id, out
+        self.cache = LogpsCache(cache_dir, prepared, chain.fingerprint, PRECISION_DTYPES[precision])
         self.pairs: dict[tuple[str, str], list[Pair]] = {}
         self._held: tuple[int, Any] | None = None  # the last model loaded for a pass, for reuse as a policy
         self.pairs_scored = 0  # pairs run through a frozen model by this process (cache hits not counted)
@@ -51,13 +51,9 @@ class FrozenStore:
             self.pairs[(dim, split)] = pairs_from_split(self.prepared.split(dim, split))
         return self.pairs[(dim, split)]
 
-    def _path(self, k: int, dim: str, split: str) -> Path:
-        dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
-        return cache_file(self.cache_dir, dim, split, self.prepared.data_hash(dim, split), self.chain.fingerprint(k), dtype)
-
     def ensure(self, k: int, requests: list[tuple[str, str]]) -> None:
         """Make sure pi_k's log-probs exist for every (dim, split); one model load and pass for all missing ones."""
-        missing = [r for r in dict.fromkeys(requests) if (k, *r) not in self.memo and not self._path(k, *r).exists()]
+        missing = [r for r in dict.fromkeys(requests) if not self.cache.has(k, *r)]
         if missing and self.acc.is_main_process:
             t = time.perf_counter()
             self.out.info(f"frozen pass: pi_{k} ({self.chain.describe(k)}) on {', '.join(f'{d}/{s}' for d, s in missing)}")
@@ -72,7 +68,7 @@ class FrozenStore:
                     value = compute_logps(model, pairs, batch_size=self.cfg.frozen_batch_size,
                                           pad_token_id=self.pad_token_id, chunk_size=self.cfg.logprob_chunk,
                                           device=self.acc.device, layout=self.cfg.layout)
-                save_cached(self._path(k, dim, split), value)
+                self.cache.put(k, dim, split, value)
                 n += len(pairs)
             self.pairs_scored += n
             self._held = (k, model)
@@ -85,13 +81,9 @@ class FrozenStore:
         return held[1] if held is not None and held[0] == k else None
 
     def get(self, k: int, dim: str, split: str) -> FrozenLogps:
-        key = (k, dim, split)
-        if key not in self.memo:
-            self.ensure(k, [(dim, split)])
-            value = load_cached(self._path(k, dim, split))
-            assert value is not None
-            self.memo[key] = value
-        return self.memo[key]
+        if (k, dim, split) not in self.cache.memo:
+            self.ensure(k, [(dim, split)])  # every process: ensure ends in a barrier
+        return self.cache.get(k, dim, split)
 
 
 def stage_offset(plan: StagePlan, plans: list[StagePlan], store: FrozenStore, dim: str, split: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,6 +26,10 @@ from .logprobs import SequenceScorer, attention_window, batch_layout, resolve_la
 class FrozenLogps:
     chosen: torch.Tensor  # [N] float32, in the dataset's row order
     rejected: torch.Tensor
+
+
+# accelerate's mixed-precision names and the dtype frozen log-probs are computed in (part of the cache key).
+PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def logps_cache_dir(prepared_root: Path, run: RunDir) -> Path:
@@ -55,6 +59,36 @@ def load_cached(path: Path) -> FrozenLogps | None:
 def save_cached(path: Path, value: FrozenLogps) -> None:
     with atomic_file(path) as tmp:
         save_file({"chosen": value.chosen.contiguous(), "rejected": value.rejected.contiguous()}, str(tmp))
+
+
+class LogpsCache:
+    """Frozen log-probs of pi_k on (dim, split), from memory or the on-disk cache. One class for align's frozen
+    passes and eval's scorecard, so both key the files alike and a pass one of them makes is free for the other."""
+
+    def __init__(self, cache_dir: Path, prepared: Any, fingerprint: Callable[[int], str], dtype: torch.dtype):
+        self.cache_dir, self.prepared, self.fingerprint, self.dtype = cache_dir, prepared, fingerprint, dtype
+        self.memo: dict[tuple[int, str, str], FrozenLogps] = {}
+
+    def path(self, k: int, dim: str, split: str) -> Path:
+        return cache_file(self.cache_dir, dim, split, self.prepared.data_hash(dim, split), self.fingerprint(k),
+                          self.dtype)
+
+    def has(self, k: int, dim: str, split: str) -> bool:
+        return (k, dim, split) in self.memo or self.path(k, dim, split).exists()
+
+    def put(self, k: int, dim: str, split: str, value: FrozenLogps) -> None:
+        # Written only, not memoised: under several processes only the main one computes, and `memo` must hold
+        # the same keys on every process (align decides on it whether to enter a barrier).
+        save_cached(self.path(k, dim, split), value)
+
+    def get(self, k: int, dim: str, split: str) -> FrozenLogps:
+        key = (k, dim, split)
+        if key not in self.memo:
+            value = load_cached(self.path(k, dim, split))
+            if value is None:
+                raise RuntimeError(f"log-probs of pi_{k} on {dim}/{split} were neither computed nor cached")
+            self.memo[key] = value
+        return self.memo[key]
 
 
 @torch.inference_mode()

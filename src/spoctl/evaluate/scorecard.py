@@ -78,54 +78,39 @@ class EvalLogps:
     GGUF or LoRA-chain models, loading costs far more than scoring a few hundred pairs."""
 
     def __init__(self, er: EvalRun, cfg: EvalConfig, device: torch.device):
-        from ..engine.frozen import logps_cache_dir
+        from ..engine.frozen import PRECISION_DTYPES, LogpsCache, logps_cache_dir
 
         self.er, self.cfg, self.device = er, cfg, device
         precision = er.manifest.get("precision") or "no"
         if device.type != "cuda" and precision == "fp16":
             precision = "no"  # fp16 autocast has no CPU path
         self.precision = precision
-        self.dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        self.cache_dir = logps_cache_dir(er.prepared.path, er.run)
-        self.memo: dict[tuple[int, str], Any] = {}
-
-    def path(self, k: int, dim: str) -> Any:
-        from ..engine.frozen import cache_file
-
-        return cache_file(self.cache_dir, dim, "eval", self.er.prepared.data_hash(dim, "eval"),
-                          self.er.chain.fingerprint(k), self.dtype)
+        self.dtype = PRECISION_DTYPES[precision]
+        self.cache = LogpsCache(logps_cache_dir(er.prepared.path, er.run), er.prepared, er.chain.fingerprint,
+                                self.dtype)
 
     def missing(self, k: int) -> list[str]:
-        return [d for d in self.er.dims if (k, d) not in self.memo and not self.path(k, d).exists()]
+        return [d for d in self.er.dims if not self.cache.has(k, d, "eval")]
 
     def compute(self, model: Any, k: int, dims: list[str], out: Output) -> None:
         from contextlib import nullcontext
 
         from ..engine.batching import pairs_from_split
-        from ..engine.frozen import compute_logps, save_cached
+        from ..engine.frozen import compute_logps
 
         t = time.perf_counter()
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.precision != "no" else nullcontext())
         for d in dims:
-            ds = self.er.prepared.split(d, "eval")
-            pairs = pairs_from_split(ds)
+            pairs = pairs_from_split(self.er.prepared.split(d, "eval"))
             with autocast:
                 value = compute_logps(model, pairs, batch_size=self.cfg.batch_size,
                                       pad_token_id=self.er.tokenizer.pad_token_id, chunk_size=self.cfg.logprob_chunk,
                                       device=self.device)
-            save_cached(self.path(k, d), value)
-            self.memo[(k, d)] = value
+            self.cache.put(k, d, "eval", value)
         out.detail(f"log-probs of {self.er.label(k)} on {', '.join(dims)} eval pairs in {time.perf_counter() - t:.1f}s")
 
     def get(self, k: int, dim: str) -> Any:
-        from ..engine.frozen import load_cached
-
-        if (k, dim) not in self.memo:
-            value = load_cached(self.path(k, dim))
-            if value is None:
-                raise RuntimeError(f"log-probs of pi_{k} on {dim} were neither computed nor cached")
-            self.memo[(k, dim)] = value
-        return self.memo[(k, dim)]
+        return self.cache.get(k, dim, "eval")
 
     def scorecard(self) -> list[dict[str, Any]]:
         logps = {(k, d): self.get(k, d) for k in range(self.er.k_max + 1) for d in self.er.dims}
