@@ -93,7 +93,7 @@ def side_spoctl(a: argparse.Namespace) -> dict:
 
     from spoctl import losses
     from spoctl.config import AlignConfig
-    from spoctl.engine.batching import Pair
+    from spoctl.engine.batching import TokenPair
     from spoctl.engine.frozen import compute_logps
     from spoctl.engine.plan import StagePlan
     from spoctl.engine.train import StageData, StageHooks, train_stage
@@ -102,7 +102,7 @@ def side_spoctl(a: argparse.Namespace) -> dict:
     rows = make_rows(vocab, a.pairs, a.min_len, a.max_len)
     eos = vocab - 2
     ids = lambda s: [int(w[1:]) for w in s.split()]  # noqa: E731
-    pairs = [Pair(ids(r["prompt"]), ids(r["chosen"]) + [eos], ids(r["rejected"]) + [eos]) for r in rows]
+    pairs = [TokenPair(ids(r["prompt"]), ids(r["chosen"]) + [eos], ids(r["rejected"]) + [eos]) for r in rows]
     tokens_per_pair = statistics.mean(real_tokens(r) for r in rows)
     precision = "bf16" if a.dtype == "bfloat16" else "no"
     acc = Accelerator(mixed_precision="no", cpu=a.device == "cpu")

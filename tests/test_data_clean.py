@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 
 from spoctl.data import clean
-from spoctl.data.formats import Pair
+from spoctl.data.formats import TextPair
 from spoctl.data.sources import Where
 
 W = Where("f.jsonl", "line", 1)
 
 
 def pair(prompt="q", chosen="a", rejected="b"):
-    return Pair([{"role": "user", "content": prompt}], chosen, rejected, W)
+    return TextPair([{"role": "user", "content": prompt}], chosen, rejected, W)
 
 
 def test_pair_id_is_a_content_hash():
-    assert clean.pair_id(pair()) == clean.pair_id(Pair([{"role": "user", "content": "q"}], "a", "b", Where("g", "record", 9)))
+    assert clean.pair_id(pair()) == clean.pair_id(TextPair([{"role": "user", "content": "q"}], "a", "b", Where("g", "record", 9)))
     assert len(clean.pair_id(pair())) == 64
     assert clean.pair_id(pair()) != clean.pair_id(pair(chosen="b", rejected="a"))
     assert clean.pair_id(pair()) != clean.pair_id(pair(prompt="q2"))

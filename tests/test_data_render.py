@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spoctl.config import LengthPolicy
-from spoctl.data.formats import Pair
+from spoctl.data.formats import TextPair
 from spoctl.data.render import Renderer, fit_length, plain_prompt
 from spoctl.data.sources import Where
 from spoctl.errors import InputError
@@ -29,7 +29,7 @@ def plain_tok(tiny_plain_tokenizer_dir):
 def test_chat_template_prompt_matches_apply_chat_template(chat_tok):
     r = Renderer(chat_tok, "tiny")
     conv = [U("Hi there?"), A("Hello."), U("Tell me a joke, 42!")]
-    (ids,) = r.prompt_ids([Pair(conv, "a", "b", W)])
+    (ids,) = r.prompt_ids([TextPair(conv, "a", "b", W)])
     reference = chat_tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
     reference = reference["input_ids"] if hasattr(reference, "keys") else reference
     assert ids == list(reference)
@@ -49,14 +49,14 @@ def test_system_prompt_is_prepended_once(chat_tok):
     assert r.messages([U("q")]) == [{"role": "system", "content": "Be brief."}, U("q")]
     own = [{"role": "system", "content": "Mine."}, U("q")]
     assert r.messages(own) == own
-    (ids,) = r.prompt_ids([Pair([U("q")], "a", "b", W)])
+    (ids,) = r.prompt_ids([TextPair([U("q")], "a", "b", W)])
     assert r.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq")
 
 
 def test_plain_rendering_without_a_template(plain_tok):
     r = Renderer(plain_tok, "tiny-plain", system_prompt="Sys.")
     assert not r.has_template
-    (p,) = r.prompt_ids([Pair([U("q1"), A("a1"), U("q2")], "x", "y", W)])
+    (p,) = r.prompt_ids([TextPair([U("q1"), A("a1"), U("q2")], "x", "y", W)])
     assert r.decode(p) == "Sys.\n\nHuman: q1\n\nAssistant: a1\n\nHuman: q2\n\nAssistant:"
     (c,) = r.completion_ids(["fine"])
     assert r.decode(c) == " fine<|endoftext|>" and c[-1] == plain_tok.eos_token_id
@@ -65,7 +65,7 @@ def test_plain_rendering_without_a_template(plain_tok):
 
 def test_many_prompts_are_batched_in_order(chat_tok):
     r = Renderer(chat_tok, "tiny")
-    pairs = [Pair([U(f"question {i}")], "a", "b", W) for i in range(600)]
+    pairs = [TextPair([U(f"question {i}")], "a", "b", W) for i in range(600)]
     ids = r.prompt_ids(pairs)
     assert len(ids) == 600 and r.decode(ids[437]).endswith("question 437<|im_end|>\n<|im_start|>assistant\n")
 
@@ -77,7 +77,7 @@ def test_a_template_that_refuses_a_prompt_names_the_record(tiny_tokenizer_dir):
         "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     )
     r = Renderer(tok, "strict")
-    good, bad = Pair([U("q")], "a", "b", Where("f.jsonl", "line", 1)), Pair([A("x"), U("q")], "a", "b", W)
+    good, bad = TextPair([U("q")], "a", "b", Where("f.jsonl", "line", 1)), TextPair([A("x"), U("q")], "a", "b", W)
     with pytest.raises(InputError) as exc:
         r.prompt_ids([good, bad])
     assert str(exc.value).startswith("f.jsonl: line 7: field 'prompt': the chat template of 'strict' cannot render this prompt")

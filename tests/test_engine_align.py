@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from spoctl.cli import app
 from spoctl.data.store import load_prepared
-from spoctl.engine.batching import Pair, collate_pairs
+from spoctl.engine.batching import TokenPair, collate_pairs
 from spoctl.engine.logprobs import SequenceScorer, score_batch
 from spoctl.fsutil import DirectoryLock
 
@@ -178,7 +178,7 @@ def test_lora_reference_is_the_previous_stage_model_not_the_base(world, tmp_path
     from datasets import load_from_disk
 
     ds = load_from_disk(str(prepared / "harmless" / "train"))
-    pairs = [Pair(p, c, r) for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"])]
+    pairs = [TokenPair(p, c, r) for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"])]
     with torch.no_grad():
         want, _, _, _ = score_batch(SequenceScorer(pi1.eval()), collate_pairs(pairs, 0))
         bare, _, _, _ = score_batch(SequenceScorer(base.eval()), collate_pairs(pairs, 0))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from spoctl.engine.batching import (LAYOUTS, Pair, collate_pairs, epoch_order, inference_batches, local_micro_batches,
+from spoctl.engine.batching import (LAYOUTS, TokenPair, collate_pairs, epoch_order, inference_batches, local_micro_batches,
                                    shared_prompt_mask)
 from spoctl.engine.frozen import compute_logps
 from spoctl.engine.logprobs import (SequenceScorer, attention_window, batch_layout, compile_backbone, reference_logps,
@@ -21,14 +21,14 @@ def tiny_llama(vocab: int = 97, seed: int = 0, attn: str = "sdpa") -> LlamaForCa
     return LlamaForCausalLM(cfg).eval()
 
 
-def random_pairs(n: int, vocab: int = 97, seed: int = 1) -> list[Pair]:
+def random_pairs(n: int, vocab: int = 97, seed: int = 1) -> list[TokenPair]:
     g = torch.Generator().manual_seed(seed)
 
     def seq(lo: int, hi: int) -> list[int]:
         k = int(torch.randint(lo, hi, (1,), generator=g))
         return torch.randint(1, vocab, (k,), generator=g).tolist()
 
-    return [Pair(seq(1, 9), seq(1, 7), seq(1, 7)) for _ in range(n)]
+    return [TokenPair(seq(1, 9), seq(1, 7), seq(1, 7)) for _ in range(n)]
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
@@ -81,12 +81,12 @@ def test_shared_prompt_responses_do_not_see_each_other():
     model = tiny_llama()
     scorer = SequenceScorer(model, chunk_size=4)
     pair = random_pairs(1, seed=9)[0]
-    other = Pair(pair.prompt, [(t % 90) + 3 for t in pair.chosen] + [5, 6], pair.rejected)
+    other = TokenPair(pair.prompt, [(t % 90) + 3 for t in pair.chosen] + [5, 6], pair.rejected)
     with torch.no_grad():
         _, r1, _, _ = score_batch(scorer, collate_pairs([pair], 0, "shared-prompt"))
         c1, _, _, _ = score_batch(scorer, collate_pairs([pair], 0, "shared-prompt"))
         _, r2, _, _ = score_batch(scorer, collate_pairs([other], 0, "shared-prompt"))
-        c_alone, _, _, _ = score_batch(scorer, collate_pairs([Pair(pair.prompt, pair.chosen, [7])], 0, "shared-prompt"))
+        c_alone, _, _, _ = score_batch(scorer, collate_pairs([TokenPair(pair.prompt, pair.chosen, [7])], 0, "shared-prompt"))
     torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(c1, c_alone, rtol=1e-5, atol=1e-5)
 
@@ -178,8 +178,8 @@ def test_sliding_window_models_fall_back_to_padded_where_the_window_binds():
     cfg._attn_implementation = "sdpa"
     model = MistralForCausalLM(cfg).eval()
     assert attention_window(model) == 6 and attention_window(tiny_llama()) is None
-    short = [Pair([1, 2], [3, 4], [5]), Pair([6], [7, 8, 9], [10, 11])]
-    long = random_pairs(3, seed=2) + [Pair(list(range(1, 9)), [20, 21, 22], [23])]
+    short = [TokenPair([1, 2], [3, 4], [5]), TokenPair([6], [7, 8, 9], [10, 11])]
+    long = random_pairs(3, seed=2) + [TokenPair(list(range(1, 9)), [20, 21, 22], [23])]
     assert batch_layout("shared-prompt", short, 6) == "shared-prompt"
     assert batch_layout("shared-prompt", long, 6) == "padded"
     assert batch_layout("shared-prompt", long, None) == "shared-prompt"

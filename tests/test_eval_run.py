@@ -61,8 +61,8 @@ def invoke(*args: str, env: dict[str, str] | None = None):
 def test_scorecard_matches_a_direct_computation(world):
     """Recompute every pi_k's log-probs with the plain full-logits path and the metrics with spoctl.losses."""
     from spoctl.data.store import load_prepared
-    from spoctl.engine.batching import Pair, collate_pairs
-    from spoctl.engine.lineage import ModelChain
+    from spoctl.engine.batching import TokenPair, collate_pairs
+    from spoctl.engine.chain import ModelChain
     from spoctl.engine.logprobs import reference_logps
     from spoctl.evaluate import evaluate
 
@@ -77,7 +77,7 @@ def test_scorecard_matches_a_direct_computation(world):
         model = chain.load(k)
         for d in DIMS:
             ds = prepared.split(d, "eval")
-            pairs = [Pair(p, c, r) for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"],
+            pairs = [TokenPair(p, c, r) for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"],
                                                        ds["rejected_input_ids"])]
             with torch.no_grad():
                 logps[(k, d)] = reference_logps(model, collate_pairs(pairs, pad))

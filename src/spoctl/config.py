@@ -24,9 +24,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UsageError
+from .naming import DimName, HubId
+from .precision import PRECISIONS
 
 SECTIONS = ("prepare", "align", "eval", "export")
-DIM_PATTERN = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"
 
 
 class StrictModel(BaseModel):
@@ -57,7 +58,7 @@ class LengthPolicy(StrictModel):
 
 
 class PrepareConfig(StrictModel):
-    data: dict[str, str] = Field(default_factory=dict, description="DIM -> SOURCE (file or Hub dataset id).")
+    data: dict[DimName, str] = Field(default_factory=dict, description="DIM -> SOURCE (file or Hub dataset id).")
     format: FormatName = "auto"
     model: str | None = Field(None, description="Tokenizer/chat template: a local folder, a Hub id or a .gguf file.")
     out: Path = Path("prepared")
@@ -71,16 +72,6 @@ class PrepareConfig(StrictModel):
     system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
     trust_remote_code: bool = False
     force: bool = Field(False, description="Replace an existing output directory.")
-
-    @field_validator("data")
-    @classmethod
-    def _dims_named_well(cls, value: dict[str, str]) -> dict[str, str]:
-        import re
-
-        for dim in value:
-            if not re.match(DIM_PATTERN, dim):
-                raise ValueError(f"dimension name {dim!r} must start with a letter and use letters, digits, '_' or '-'")
-        return value
 
 
 # ----------------------------------------------------------------------------------------------- align
@@ -121,7 +112,7 @@ class StageOverrides(StrictModel):
 
 
 class AlignConfig(StrictModel):
-    dims: list[str] = Field(default_factory=list, description="Dimensions, in stage order.")
+    dims: list[DimName] = Field(default_factory=list, description="Dimensions, in stage order.")
     data: Path | None = Field(None, description="Prepared-data directory (from `spoctl prepare`).")
     model: str | None = Field(None, description="Base model pi_0; defaults to the model the data was prepared for.")
     out: Path | None = Field(None, description="Run directory; defaults to runs/<timestamp>.")
@@ -142,7 +133,7 @@ class AlignConfig(StrictModel):
     loss: LossConfig = Field(default_factory=LossConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     stages: dict[str, StageOverrides] = Field(default_factory=dict)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal[("auto", *PRECISIONS)] = "auto"
     seed: int = 0
     save_every: int = Field(50, ge=0, description="Checkpoint every N optimizer steps within a stage (0: stage end only).")
     log_every: int = Field(1, gt=0)
@@ -166,12 +157,8 @@ class AlignConfig(StrictModel):
     @field_validator("dims")
     @classmethod
     def _dims_unique(cls, dims: list[str]) -> list[str]:
-        import re
-
         seen: set[str] = set()
         for d in dims:
-            if not re.match(DIM_PATTERN, d):
-                raise ValueError(f"dimension name {d!r} must start with a letter and use letters, digits, '_' or '-'")
             if d in seen:
                 raise ValueError(f"dimension {d!r} is listed twice; each dimension is one stage")
             seen.add(d)
@@ -211,7 +198,7 @@ class JudgeSettings(StrictModel):
 
     name: JudgeName | None = Field(None, description="None: no judged win rates (scorecard only).")
     arg: str | None = Field(None, description="The judge's argument: the model name for openai.")
-    models: dict[str, str] = Field(default_factory=dict, description="reward-model: DIM -> sequence-classification model folder.")
+    models: dict[DimName, str] = Field(default_factory=dict, description="reward-model: DIM -> sequence-classification model folder.")
     url: str = Field("https://api.openai.com/v1", description="openai: base URL of the chat-completions API.")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
     concurrency: int = Field(4, gt=0, description="openai: requests in flight at once.")
@@ -224,16 +211,6 @@ class JudgeSettings(StrictModel):
     head_steps: int = Field(300, gt=0, description="embedding: full-batch optimizer steps of each linear head.")
     head_max_pairs: int = Field(2000, gt=0, description="embedding: most training pairs per dimension the head sees.")
     seed: int = 0
-
-    @field_validator("models")
-    @classmethod
-    def _model_dims_named_well(cls, value: dict[str, str]) -> dict[str, str]:
-        import re
-
-        for dim in value:
-            if not re.match(DIM_PATTERN, dim):
-                raise ValueError(f"dimension name {dim!r} must start with a letter and use letters, digits, '_' or '-'")
-        return value
 
 
 class GateSettings(StrictModel):
@@ -282,11 +259,11 @@ class ExportConfig(StrictModel):
     out: Path | None = Field(None, description="Folder to write the exported model to.")
     adapter_only: bool = Field(False, description="LoRA runs: write the PEFT adapters instead of merged weights.")
     max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. 2GB, 500MB, 64KiB.")
-    dtype: Literal["bf16", "fp16", "fp32"] | None = Field(
+    dtype: Literal[PRECISIONS] | None = Field(
         None, description="Precision of the exported weights (default: bf16 merged; adapters as trained).")
-    push_to_hub: str | None = Field(None, description="Hub repository (owner/name) to upload to; token from HF_TOKEN.")
+    push_to_hub: HubId | None = Field(None, description="Hub repository (owner/name) to upload to; token from HF_TOKEN.")
     private: bool = Field(True, description="Create the Hub repository as private (an existing one is left as is).")
-    base_model_id: str | None = Field(
+    base_model_id: HubId | None = Field(
         None, description="Hub id written as `base_model` in the card metadata (default: the run's base, if a Hub id).")
     check_pairs: int = Field(4, gt=0, description="Held-out pairs on which the exported model must match the checkpoint.")
     force: bool = Field(False, description="Replace a non-empty --out folder.")
@@ -297,15 +274,6 @@ class ExportConfig(StrictModel):
     def _size_parses(cls, value: str) -> str:
         if parse_size(value) <= 0:
             raise ValueError("must be larger than zero")
-        return value
-
-    @field_validator("push_to_hub", "base_model_id")
-    @classmethod
-    def _hub_id(cls, value: str | None) -> str | None:
-        import re
-
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+|[A-Za-z0-9][\w.\-]*", value):
-            raise ValueError("must be a Hugging Face Hub id such as owner/name")
         return value
 
 

@@ -6,7 +6,6 @@ Library code raises these; only the CLI turns them into exit codes, so everythin
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +33,19 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def hash_file_into(h: Any, path: Path | str) -> Any:
+    """Feed a file's bytes to hashlib object `h` in blocks (any size, constant memory); returns `h`."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a file's bytes."""
+    return hash_file_into(hashlib.sha256(), path).hexdigest()
 
 
 def write_text_atomic(path: Path | str, text: str) -> None:

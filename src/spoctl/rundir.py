@@ -29,7 +29,7 @@ from . import __version__
 from .errors import UsageError
 from .fsutil import DirectoryLock, read_json, write_json_atomic, write_text_atomic
 
-MANIFEST = "manifest.json"
+RUN_MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -43,8 +43,8 @@ def latest_run(parent: Path | str = "runs") -> Path | None:
     parent = Path(parent)
     if not parent.is_dir():
         return None
-    runs = [p for p in parent.iterdir() if (p / MANIFEST).is_file()]
-    return max(runs, key=lambda p: (p / MANIFEST).stat().st_mtime) if runs else None
+    runs = [p for p in parent.iterdir() if (p / RUN_MANIFEST).is_file()]
+    return max(runs, key=lambda p: (p / RUN_MANIFEST).stat().st_mtime) if runs else None
 
 
 def now_iso() -> str:
@@ -67,7 +67,7 @@ class RunDir:
     # ---- paths (nobody else builds these) -----------------------------------------------------------
     @property
     def manifest_path(self) -> Path:
-        return self.root / MANIFEST
+        return self.root / RUN_MANIFEST
 
     @property
     def config_path(self) -> Path:
@@ -150,7 +150,7 @@ class RunDir:
 
     def read_manifest(self) -> dict[str, Any]:
         if not self.manifest_path.exists():
-            raise UsageError(f"{self.root}: not a spoctl run directory (no {MANIFEST}); run `spoctl align` first")
+            raise UsageError(f"{self.root}: not a spoctl run directory (no {RUN_MANIFEST}); run `spoctl align` first")
         try:
             return read_json(self.manifest_path)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -211,14 +211,3 @@ class RunDir:
                 continue
             kept.append(line)
         write_text_atomic(self.metrics_path, "".join(l + "\n" for l in kept))
-
-    def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
-        out = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out

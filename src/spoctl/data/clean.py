@@ -11,18 +11,18 @@ import json
 from collections import Counter
 from typing import Sequence, TypeVar
 
-from .formats import Pair
+from .formats import TextPair
 
 T = TypeVar("T")
 
 
-def pair_id(pair: Pair) -> str:
+def pair_id(pair: TextPair) -> str:
     """sha256 of the raw prompt messages, chosen and rejected text (the system prompt is not part of the data)."""
     payload = json.dumps([pair.prompt, pair.chosen, pair.rejected], ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def remove_ties_and_duplicates(pairs: Sequence[Pair], dropped: Counter) -> list[tuple[str, Pair]]:
+def remove_ties_and_duplicates(pairs: Sequence[TextPair], dropped: Counter) -> list[tuple[str, TextPair]]:
     """(pair_id, pair) for each pair kept; ties (same text up to surrounding whitespace) and repeats are counted."""
     seen: set[str] = set()
     kept = []
@@ -61,7 +61,7 @@ def eval_count(n: int, fraction: float) -> int:
     return min(max(1, round(n * fraction)), n - 1)
 
 
-def prompt_key(pair: Pair) -> str:
+def prompt_key(pair: TextPair) -> str:
     """sha256 of the raw prompt messages: pairs with the same key share a prompt."""
     return hashlib.sha256(json.dumps(pair.prompt, ensure_ascii=False, separators=(",", ":")).encode("utf-8")).hexdigest()
 

@@ -12,9 +12,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..config import DIM_PATTERN
 from ..errors import InputError, UsageError
-from .sources import Where
+from ..naming import DIM_PATTERN
+from .sources import Where, json_type_name as _type_name
 
 Message = dict[str, str]
 FORMATS = ("pairwise", "hh-rlhf", "pku-saferlhf", "helpsteer")
@@ -27,7 +27,7 @@ HH_LAST = "\n\nAssistant:"
 
 
 @dataclass
-class Pair:
+class TextPair:
     """One preference pair before tokenization. `prompt` holds chat messages (without the optional system prompt)."""
 
     prompt: list[Message]
@@ -40,7 +40,7 @@ class Pair:
 class DimPairs:
     """The pairs a source yields for one dimension, and the candidates it dropped (reason -> count)."""
 
-    pairs: list[Pair] = field(default_factory=list)
+    pairs: list[TextPair] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
 
     @property
@@ -81,14 +81,6 @@ def _field(rec: dict[str, Any], key: str, where: Where) -> Any:
     if key not in rec:
         raise where.error(f"missing field (the record has: {', '.join(sorted(rec)) or 'no fields'})", field=key)
     return rec[key]
-
-
-def _type_name(v: Any) -> str:
-    if v is None:
-        return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(
-        type(v), type(v).__name__
-    )
 
 
 def _text(value: Any, where: Where, name: str, what: str = "response") -> str:
@@ -152,7 +144,7 @@ def _pairwise(records: list[tuple[Where, dict]], dim: str, _cfg: Any) -> dict[st
             prompt = _messages(raw_prompt, where, "prompt")
         chosen = _response(_field(rec, "chosen", where), where, "chosen")
         rejected = _response(_field(rec, "rejected", where), where, "rejected")
-        out.pairs.append(Pair(prompt, chosen, rejected, where))
+        out.pairs.append(TextPair(prompt, chosen, rejected, where))
     return {dim: out}
 
 
@@ -181,7 +173,7 @@ def _implicit_prompt(rec: dict[str, Any], where: Where, out: DimPairs) -> None:
         _text(msgs[-1]["content"], where, f"{name}[{len(msgs) - 1}].content")
     if n == 0:
         raise where.error("the conversations share no prompt: they start with the assistant's answer", field="chosen")
-    out.pairs.append(Pair(chosen[:n], chosen[-1]["content"], rejected[-1]["content"], where))
+    out.pairs.append(TextPair(chosen[:n], chosen[-1]["content"], rejected[-1]["content"], where))
 
 
 # --------------------------------------------------------------------------------------------- hh-rlhf
@@ -210,7 +202,7 @@ def _hh(records: list[tuple[Where, dict]], dim: str, _cfg: Any) -> dict[str, Dim
             # Real HH-RLHF has a handful of empty final turns; they are data, not a broken file, so drop and count.
             out.dropped["empty_response"] += 1
             continue
-        out.pairs.append(Pair(hh_dialogue(c_prompt, where), chosen, rejected, where))
+        out.pairs.append(TextPair(hh_dialogue(c_prompt, where), chosen, rejected, where))
     return {dim: out}
 
 
@@ -242,7 +234,7 @@ def _pku(records: list[tuple[Where, dict]], dim: str, _cfg: Any) -> dict[str, Di
             best = _field(rec, key, where)
             if isinstance(best, bool) or not isinstance(best, int) or best not in (0, 1):
                 raise where.error(f"expected 0 or 1, got {best!r}", field=key)
-            out[d].pairs.append(Pair([{"role": "user", "content": prompt}], responses[best], responses[1 - best], where))
+            out[d].pairs.append(TextPair([{"role": "user", "content": prompt}], responses[best], responses[1 - best], where))
     return out
 
 
@@ -289,7 +281,7 @@ def _helpsteer(records: list[tuple[Where, dict]], dim: str, cfg: Any) -> dict[st
                         out[a].dropped["below_min_gap"] += 1
                         continue
                     chosen, rejected = (r_i, r_j) if diff > 0 else (r_j, r_i)
-                    out[a].pairs.append(Pair([{"role": "user", "content": prompt}], chosen, rejected, w_i))
+                    out[a].pairs.append(TextPair([{"role": "user", "content": prompt}], chosen, rejected, w_i))
     return out
 
 
@@ -312,7 +304,7 @@ def adapt(fmt: str, records: list[tuple[Where, dict[str, Any]]], dim: str, cfg: 
         raise UsageError(f"unknown format {fmt!r}; accepted: auto, {', '.join(FORMATS)}")
     result = ADAPTERS[fmt](records, dim, cfg)
     for name in result:
-        if not re.match(DIM_PATTERN, name):
+        if not DIM_PATTERN.match(name):
             raise InputError(
                 f"{fmt} would create dimension {name!r}, which is not a valid dimension name", path=records[0][0].path
             )

@@ -23,10 +23,10 @@ from ..console import Output
 from ..errors import InputError, UsageError
 from ..fsutil import atomic_directory, write_json_atomic
 from . import clean
-from .formats import DimPairs, Pair, adapt, detect_format
+from .formats import DimPairs, TextPair, adapt, detect_format
 from .render import Renderer, fit_length
 from .sources import Source, read_records, resolve_source
-from .store import COLUMNS, FORMAT_VERSION, MANIFEST, TOKEN_COLUMNS, features, split_hash
+from .store import COLUMNS, FORMAT_VERSION, PREPARED_MANIFEST, TOKEN_COLUMNS, features, split_hash
 
 DEBUG_EXAMPLES = 3
 TOKENIZE_CHUNK = 512
@@ -94,7 +94,7 @@ def prepare(cfg: PrepareConfig, out: Output, debug: bool = False) -> dict[str, A
     report(out, out_dir, built, renderer, debug)
     return {
         "out": str(out_dir),
-        "manifest": str(out_dir / MANIFEST),
+        "manifest": str(out_dir / PREPARED_MANIFEST),
         "model": manifest["model"],
         "dims": [b.dim for b in built],
         "dimensions": {b.dim: summary(b.info) for b in built},
@@ -117,10 +117,10 @@ def check_out_dir(out_dir: Path, force: bool) -> bool:
         return True
     if not force:
         raise UsageError(f"{out_dir}: already exists and is not empty; pass --force to replace it, or choose another --out")
-    if not (out_dir / MANIFEST).is_file():
+    if not (out_dir / PREPARED_MANIFEST).is_file():
         raise UsageError(
             f"{out_dir}: not replacing it even with --force, because it is not a spoctl prepared-data directory"
-            f" (no {MANIFEST}); choose another --out"
+            f" (no {PREPARED_MANIFEST}); choose another --out"
         )
     return True
 
@@ -152,7 +152,7 @@ def build_dim(dim: str, s: Sourced, renderer: Renderer, cfg: PrepareConfig, out:
     kept = clean.remove_ties_and_duplicates(s.pairs.pairs, dropped)
     order = clean.selection_order([pid for pid, _ in kept], cfg.max_pairs, cfg.seed)
     limit = cfg.max_pairs or len(kept)
-    rows: list[tuple[int, str, Pair, Any]] = []
+    rows: list[tuple[int, str, TextPair, Any]] = []
     # Tokenize in chunks and stop once the cap is met: with --max-pairs only what is needed gets tokenized.
     for start in range(0, len(order), TOKENIZE_CHUNK):
         if len(rows) >= limit:
@@ -217,7 +217,7 @@ def build_dim(dim: str, s: Sourced, renderer: Renderer, cfg: PrepareConfig, out:
     return built
 
 
-def columns(rows: list[tuple[str, Pair, Any]], renderer: Renderer) -> dict[str, list]:
+def columns(rows: list[tuple[str, TextPair, Any]], renderer: Renderer) -> dict[str, list]:
     """The split's columns (see store.COLUMNS), rows in source order."""
     return {
         "pair_id": [pid for pid, _, _ in rows],
@@ -249,7 +249,7 @@ def write_prepared(out_dir: Path, built: list[Built], manifest: dict[str, Any], 
                     # An empty split needs num_shards=1, or datasets writes no data file and cannot load it back.
                     shards = 1 if not cols["pair_id"] else None
                     datasets.Dataset.from_dict(cols, features=feats).save_to_disk(str(tmp / b.dim / name), num_shards=shards)
-            write_json_atomic(tmp / MANIFEST, manifest)
+            write_json_atomic(tmp / PREPARED_MANIFEST, manifest)
     finally:
         if bars:
             datasets.enable_progress_bars()

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from ..config import LengthPolicy
 from ..errors import UsageError
-from .formats import Message, Pair
+from .formats import Message, TextPair
 
 # Plain-text rendering for tokenizers without a chat template: the HH-RLHF transcript convention.
 PLAIN_ROLES = {"user": "Human", "assistant": "Assistant", "system": None}
@@ -37,7 +37,7 @@ class Renderer:
         return list(prompt)
 
     # ------------------------------------------------------------------------------------------ prompts
-    def prompt_texts(self, pairs: Sequence[Pair]) -> list[str]:
+    def prompt_texts(self, pairs: Sequence[TextPair]) -> list[str]:
         """The prompt of each pair as text, ending where the assistant's answer begins."""
         if not self.has_template:
             return [plain_prompt(self.messages(p.prompt)) for p in pairs]
@@ -57,7 +57,7 @@ class Renderer:
                     ) from None
             return texts
 
-    def prompt_ids(self, pairs: Sequence[Pair]) -> list[list[int]]:
+    def prompt_ids(self, pairs: Sequence[TextPair]) -> list[list[int]]:
         """Token ids of each prompt. Templates carry their own special tokens (BOS etc.); plain text gets the tokenizer's."""
         out: list[list[int]] = []
         for start in range(0, len(pairs), BATCH):

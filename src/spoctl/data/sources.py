@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import socket
 import zlib
 from dataclasses import dataclass
@@ -20,13 +19,13 @@ from typing import Any, Iterator
 from urllib.parse import urlparse
 
 from ..errors import InputError, UsageError
+from ..fsutil import sha256_file
+from ..naming import is_hub_id
 
 # Extensions spoctl reads, each optionally followed by `.gz`.
 FILE_KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Text columns a CSV must keep as strings even when every cell looks like a number.
 CSV_TEXT_COLUMNS = ("prompt", "chosen", "rejected", "response", "response_0", "response_1")
-# A Hub dataset id: `name` or `owner/name`.
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 # Suffixes that mark a SOURCE as a file path even if it does not exist (so the error says "does not exist").
 FILE_LIKE_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".gz", ".tsv", ".txt", ".arrow", ".zip", ".xz", ".bz2"}
 HUB_PROBE_TIMEOUT_S = 5.0
@@ -83,7 +82,7 @@ def resolve_source(spec: str, dim: str) -> Source:
         spec.startswith((".", "/", "~"))
         or spec.count("/") > 1  # a Hub id is `name` or `owner/name`
         or any(s.lower() in FILE_LIKE_SUFFIXES for s in p.suffixes)
-        or not HUB_ID.match(spec)
+        or not is_hub_id(spec)
     )
     if looks_like_path:
         raise InputError(f"file does not exist (--data {dim}={spec})", path=spec)
@@ -113,7 +112,7 @@ def read_records(source: Source, *, hub_split: str = "train") -> tuple[list[tupl
     if source.kind == "hub":
         return _read_hub(source.spec, hub_split)
     assert source.path is not None
-    digest = _file_sha256(source.path)
+    digest = sha256_file(source.path)
     reader = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "csv": _read_csv}[source.file_kind]
     try:
         records = list(reader(source))
@@ -122,14 +121,6 @@ def read_records(source: Source, *, hub_split: str = "train") -> tuple[list[tupl
     if not records:
         raise InputError("the file is empty: it holds no records", path=source.spec)
     return records, digest
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _open_bytes(source: Source) -> io.BufferedIOBase:
@@ -155,7 +146,7 @@ def _read_jsonl(source: Source) -> Iterator[tuple[Where, dict[str, Any]]]:
             except json.JSONDecodeError as err:
                 raise where.error(f"malformed JSON: {err.msg} (column {err.colno})") from None
             if not isinstance(obj, dict):
-                raise where.error(f"expected a JSON object per line, got {_json_type(obj)}")
+                raise where.error(f"expected a JSON object per line, got {json_type_name(obj)}")
             yield where, obj
 
 
@@ -180,7 +171,7 @@ def _read_json(source: Source) -> Iterator[tuple[Where, dict[str, Any]]]:
         doc = doc["data"]
     if not isinstance(doc, list):
         raise InputError(
-            f'expected a list of records or {{"data": [...]}}, got {_json_type(doc)}'
+            f'expected a list of records or {{"data": [...]}}, got {json_type_name(doc)}'
             " (for one object per line, name the file .jsonl)",
             path=source.spec,
         )
@@ -233,11 +224,12 @@ def _checked_rows(spec: str, rows: list[Any]) -> Iterator[tuple[Where, dict[str,
     for i, row in enumerate(rows, start=1):
         where = Where(spec, "record", i)
         if not isinstance(row, dict):
-            raise where.error(f"expected an object, got {_json_type(row)}")
+            raise where.error(f"expected an object, got {json_type_name(row)}")
         yield where, row
 
 
-def _json_type(obj: Any) -> str:
+def json_type_name(obj: Any) -> str:
+    """How a JSON value's type is named in error messages ('a string', 'null', ...)."""
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
     return "null" if obj is None else names.get(type(obj), type(obj).__name__)
 

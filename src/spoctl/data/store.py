@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 from ..errors import UsageError
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+PREPARED_MANIFEST = "manifest.json"
 SPLITS = ("train", "eval")
 # The columns of every split, in order. The engine relies on exactly these names and types.
 COLUMNS = (
@@ -81,11 +81,6 @@ class PreparedData:
         """The model (tokenizer) the data was prepared with: a Hub id or an absolute local path."""
         return self.manifest.get("model")
 
-    @property
-    def tokenizer(self) -> dict[str, Any]:
-        """spoctl.models.tokenizer_identity of the tokenizer used; compare its sha256 before training."""
-        return self.manifest.get("tokenizer", {})
-
     def dim_info(self, dim: str) -> dict[str, Any]:
         """The manifest entry of one dimension (source, format, counts, tokens, hashes)."""
         self._check_dim(dim)
@@ -136,9 +131,9 @@ def load_prepared(path: Path | str) -> PreparedData:
         raise UsageError(f"{path}: no prepared data here (the directory does not exist); {hint}")
     if not path.is_dir():
         raise UsageError(f"{path}: not a prepared-data directory (it is a file); {hint}")
-    mpath = path / MANIFEST
+    mpath = path / PREPARED_MANIFEST
     if not mpath.is_file():
-        raise UsageError(f"{path}: not a prepared-data directory (no {MANIFEST}); {hint}")
+        raise UsageError(f"{path}: not a prepared-data directory (no {PREPARED_MANIFEST}); {hint}")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

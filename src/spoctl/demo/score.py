@@ -101,7 +101,7 @@ def score_run(run_dir: str, dims: Sequence[str], prompts: Sequence[str], *,
               expected: bool = False) -> list[dict[str, Any]]:
     """Scores of the base model and of every completed stage of a run: [{model, stage, dim, scores, responses}, ...]
     (plus `expected`, see expected_scores, when asked)."""
-    from ..engine.lineage import ModelChain
+    from ..engine.chain import ModelChain
     from ..models import load_tokenizer
     from ..rundir import RunDir
 

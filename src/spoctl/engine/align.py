@@ -16,22 +16,17 @@ from ..config import AlignConfig, dump_config
 from ..console import Output
 from ..errors import TrainingError, UsageError
 from ..fsutil import atomic_directory
+from ..precision import accelerate_mixed_precision, dtype_of as precision_dtype, resolve as resolve_precision
 from ..models import check_attention_available, load_causal_lm, load_tokenizer
 from ..rundir import RunDir, default_run_dir, now_iso
-from .batching import Pair, pairs_from_split
-from .frozen import PRECISION_DTYPES, FrozenLogps, LogpsCache, compute_logps, logps_cache_dir
-from .lineage import ModelChain, base_fingerprint, stage_fingerprint, weights_fingerprint, write_lineage
+from .batching import TokenPair, pairs_from_split
+from .frozen import FrozenLogps, LogpsCache, compute_logps, logps_cache_dir
+from .chain import ModelChain, base_fingerprint, stage_fingerprint, weights_fingerprint, write_lineage
 from .logprobs import attention_implementation, compile_backbone, resolve_layout
 from .plan import StagePlan, run_key, stage_plans
 from .progress import StageProgress
 from .reporting import MetricSinks
 from .train import EvalSet, StageData, StageHooks, train_stage, wrap_lora
-
-
-def _precision(cfg: AlignConfig) -> str:
-    if cfg.precision != "auto":
-        return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 class FrozenStore:
@@ -41,12 +36,12 @@ class FrozenStore:
                  cache_dir: Path, precision: str, out: Output):
         self.chain, self.prepared, self.cfg, self.acc = chain, prepared, cfg, accelerator
         self.pad_token_id, self.out = pad_token_id, out
-        self.cache = LogpsCache(cache_dir, prepared, chain.fingerprint, PRECISION_DTYPES[precision])
-        self.pairs: dict[tuple[str, str], list[Pair]] = {}
+        self.cache = LogpsCache(cache_dir, prepared, chain.fingerprint, precision_dtype(precision))
+        self.pairs: dict[tuple[str, str], list[TokenPair]] = {}
         self._held: tuple[int, Any] | None = None  # the last model loaded for a pass, for reuse as a policy
         self.pairs_scored = 0  # pairs run through a frozen model by this process (cache hits not counted)
 
-    def split_pairs(self, dim: str, split: str) -> list[Pair]:
+    def split_pairs(self, dim: str, split: str) -> list[TokenPair]:
         if (dim, split) not in self.pairs:
             self.pairs[(dim, split)] = pairs_from_split(self.prepared.split(dim, split))
         return self.pairs[(dim, split)]
@@ -163,8 +158,8 @@ def align(cfg: AlignConfig, out: Output) -> dict[str, Any]:
         raise UsageError(f"{cfg.data} was prepared with another tokenizer than {base_spec}'s; "
                          "prepare the data again with --model " + base_spec)
 
-    precision = _precision(cfg)
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    precision = resolve_precision(cfg.precision)
+    accelerator = Accelerator(mixed_precision=accelerate_mixed_precision(precision), cpu=not torch.cuda.is_available())
     if not accelerator.is_main_process:
         out = Output(json_mode=out.json_mode, quiet=True)
     run = RunDir(_same_on_every_process(accelerator, str(cfg.out or default_run_dir())))
@@ -183,7 +178,7 @@ def align(cfg: AlignConfig, out: Output) -> dict[str, Any]:
         manifest = _open_run(cfg, run, key, out)
         accelerator.wait_for_everyone()
         if manifest is None:
-            manifest = run.new_manifest(run_key=key, dims=cfg.dims, base_model=base_spec, data_dir=str(cfg.data),
+            manifest = run.new_manifest(run_key=key, dims=cfg.dims, base_model=base_spec, data_dir=str(Path(cfg.data).resolve()),
                                         mode=cfg.mode, lora=cfg.lora.enabled, prepared=prepared.manifest)
             manifest["base_fingerprint"] = base_fp
             manifest["precision"] = precision

@@ -13,7 +13,7 @@ import torch
 
 
 @dataclass(frozen=True)
-class Pair:
+class TokenPair:
     prompt: Sequence[int]
     chosen: Sequence[int]
     rejected: Sequence[int]
@@ -31,9 +31,9 @@ class Pair:
         return len(self.prompt) + len(self.chosen) + len(self.rejected)
 
 
-def pairs_from_split(ds) -> list[Pair]:
+def pairs_from_split(ds) -> list[TokenPair]:
     """A prepared split (columns prompt_input_ids, chosen_input_ids, rejected_input_ids) as engine pairs."""
-    return [Pair(p, c, r) for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"])]
+    return [TokenPair(p, c, r) for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"])]
 
 
 LAYOUTS = ("padded", "packed", "shared-prompt")
@@ -84,7 +84,7 @@ class _Rows:
             self.score.append((row, first_source if j == 0 else start + j - 1, tok, owner))
 
 
-def collate_pairs(pairs: Sequence[Pair], pad_token_id: int, layout: str = "padded") -> PairBatch:
+def collate_pairs(pairs: Sequence[TokenPair], pad_token_id: int, layout: str = "padded") -> PairBatch:
     """Build one batch in one of three layouts (all give the same log-probs; tests hold them to it):
 
     - `padded`: 2B rows, P+C and P+R, right-padded to the longest.
@@ -154,25 +154,26 @@ def shared_prompt_mask(segments: torch.Tensor) -> torch.Tensor:
     return (allowed | torch.eye(t, dtype=torch.bool, device=segments.device))[:, None]
 
 
-def epoch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, *, group_by_length: bool = True,
-                megabatch_factor: int = 16) -> list[list[int]]:
+# Batches per mega-batch when grouping by length: the more, the closer the lengths within a batch, the fewer
+# distinct orders an epoch can take (Hugging Face's LengthGroupedSampler uses up to 50).
+MEGABATCH_FACTOR = 16
+
+
+def epoch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The global batches of one epoch, as lists of pair indices: a pure function of (seed, epoch), which is what
     makes resuming at an exact data position possible.
 
     Length grouping (as in Hugging Face's LengthGroupedSampler): shuffle, cut into mega-batches of
-    `megabatch_factor` batches, sort each by length so a batch holds similar lengths (little padding), then
+    `MEGABATCH_FACTOR` batches, sort each by length so a batch holds similar lengths (little padding), then
     shuffle the batch order. An incomplete last batch is dropped so every optimizer step sees `batch_size` pairs.
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(len(lengths), generator=g).tolist()
     batches: list[list[int]] = []
-    if group_by_length:
-        mega = batch_size * megabatch_factor
-        for start in range(0, len(perm), mega):
-            chunk = sorted(perm[start:start + mega], key=lambda i: -lengths[i])
-            batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
-    else:
-        batches = [perm[j:j + batch_size] for j in range(0, len(perm), batch_size)]
+    mega = batch_size * MEGABATCH_FACTOR
+    for start in range(0, len(perm), mega):
+        chunk = sorted(perm[start:start + mega], key=lambda i: -lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
     batches = [b for b in batches if len(b) == batch_size]
     order = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in order]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .batching import Pair, collate_pairs, inference_batches
+from .batching import TokenPair, collate_pairs, inference_batches
 from ..fsutil import atomic_file
 from ..rundir import RunDir
 from .logprobs import SequenceScorer, attention_window, batch_layout, resolve_layout, score_batch
@@ -26,10 +26,6 @@ from .logprobs import SequenceScorer, attention_window, batch_layout, resolve_la
 class FrozenLogps:
     chosen: torch.Tensor  # [N] float32, in the dataset's row order
     rejected: torch.Tensor
-
-
-# accelerate's mixed-precision names and the dtype frozen log-probs are computed in (part of the cache key).
-PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def logps_cache_dir(prepared_root: Path, run: RunDir) -> Path:
@@ -92,9 +88,8 @@ class LogpsCache:
 
 
 @torch.inference_mode()
-def compute_logps(model: nn.Module, pairs: Sequence[Pair], *, batch_size: int, pad_token_id: int, chunk_size: int,
-                  device: torch.device, layout: str = "auto",
-                  on_batch: Callable[[int], None] | None = None) -> FrozenLogps:
+def compute_logps(model: nn.Module, pairs: Sequence[TokenPair], *, batch_size: int, pad_token_id: int, chunk_size: int,
+                  device: torch.device, layout: str = "auto") -> FrozenLogps:
     scorer = SequenceScorer(model, chunk_size=chunk_size)
     layout, window = resolve_layout(layout, model), attention_window(model)
     chosen = torch.empty(len(pairs), dtype=torch.float32)
@@ -105,6 +100,4 @@ def compute_logps(model: nn.Module, pairs: Sequence[Pair], *, batch_size: int, p
         c, r, _, _ = score_batch(scorer, batch)
         chosen[idx] = c.float().cpu()
         rejected[idx] = r.float().cpu()
-        if on_batch:
-            on_batch(len(idx))
     return FrozenLogps(chosen, rejected)

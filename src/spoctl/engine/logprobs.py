@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UsageError
-from .batching import Pair, PairBatch, shared_prompt_mask
+from .batching import TokenPair, PairBatch, shared_prompt_mask
 
 # Attention implementations that take a custom 4-D mask as given (the shared-prompt layout needs one).
 _CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
@@ -119,7 +119,7 @@ def attention_window(model: nn.Module) -> int | None:
     return min(spans) if spans else None
 
 
-def batch_layout(layout: str, pairs: Sequence[Pair], window: int | None) -> str:
+def batch_layout(layout: str, pairs: Sequence[TokenPair], window: int | None) -> str:
     """The layout for one batch: shared-prompt unless a pair reaches past the attention window (the furthest
     position is len(prompt) + the longer response), where the padded layout lets the model apply its own window."""
     if layout == "shared-prompt" and window is not None:

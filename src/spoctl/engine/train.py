@@ -19,7 +19,7 @@ from torch import nn
 from .. import losses
 from ..config import AlignConfig
 from ..errors import TrainingError
-from .batching import Pair, collate_pairs, epoch_order, local_micro_batches
+from .batching import TokenPair, collate_pairs, epoch_order, local_micro_batches
 from .checkpoint import load_checkpoint, save_checkpoint
 from .frozen import FrozenLogps, compute_logps
 from .logprobs import (SequenceScorer, attention_window, batch_layout, compile_backbone, resolve_layout,
@@ -31,7 +31,7 @@ from .plan import StagePlan
 class StageData:
     """Everything a stage trains on, already resolved to tensors: no frozen model is needed any more."""
 
-    train: list[Pair]
+    train: list[TokenPair]
     ref_train: FrozenLogps  # pi_{n-1}
     offset_train: torch.Tensor  # the SPO constant per pair (zeros at stage 1 or alpha = 0)
     evals: dict[str, "EvalSet"] = field(default_factory=dict)  # by dimension
@@ -39,7 +39,7 @@ class StageData:
 
 @dataclass
 class EvalSet:
-    pairs: list[Pair]
+    pairs: list[TokenPair]
     base: FrozenLogps  # pi_0, for the forgetting view (implicit reward of everything aligned so far)
     ref: FrozenLogps | None = None  # pi_{n-1}, only for the stage's own dimension
     offset: torch.Tensor | None = None

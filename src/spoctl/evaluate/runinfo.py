@@ -20,7 +20,7 @@ class EvalRun:
     prepared: Any  # spoctl.data.store.PreparedData
     dims: list[str]  # the dimensions evaluated, in stage order
     stages: list[dict[str, Any]]  # the completed stages' manifest entries: stages 1..K, in order
-    chain: Any  # spoctl.engine.lineage.ModelChain
+    chain: Any  # spoctl.engine.chain.ModelChain
     tokenizer: Any
     warnings: list[str] = field(default_factory=list)
 
@@ -52,7 +52,7 @@ def completed_prefix(manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], li
 
 def open_run(cfg: EvalConfig, out: Output) -> EvalRun:
     from ..data.store import load_prepared
-    from ..engine.lineage import ModelChain
+    from ..engine.chain import ModelChain
     from ..models import load_tokenizer
 
     if cfg.run is None:

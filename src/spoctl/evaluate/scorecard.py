@@ -78,14 +78,15 @@ class EvalLogps:
     GGUF or LoRA-chain models, loading costs far more than scoring a few hundred pairs."""
 
     def __init__(self, er: EvalRun, cfg: EvalConfig, device: torch.device):
-        from ..engine.frozen import PRECISION_DTYPES, LogpsCache, logps_cache_dir
+        from ..engine.frozen import LogpsCache, logps_cache_dir
+        from ..precision import dtype_of, normalize
 
         self.er, self.cfg, self.device = er, cfg, device
-        precision = er.manifest.get("precision") or "no"
+        precision = normalize(er.manifest.get("precision"))
         if device.type != "cuda" and precision == "fp16":
-            precision = "no"  # fp16 autocast has no CPU path
+            precision = "fp32"  # fp16 autocast has no CPU path
         self.precision = precision
-        self.dtype = PRECISION_DTYPES[precision]
+        self.dtype = dtype_of(precision)
         self.cache = LogpsCache(logps_cache_dir(er.prepared.path, er.run), er.prepared, er.chain.fingerprint,
                                 self.dtype)
 
@@ -99,7 +100,7 @@ class EvalLogps:
         from ..engine.frozen import compute_logps
 
         t = time.perf_counter()
-        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.precision != "no" else nullcontext())
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.precision != "fp32" else nullcontext())
         for d in dims:
             pairs = pairs_from_split(self.er.prepared.split(d, "eval"))
             with autocast:

@@ -19,12 +19,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..engine.lineage import LINEAGE_FILE
+from ..engine.chain import LINEAGE_FILE
 from ..errors import UsageError
+from ..precision import dtype_of
 from ..models import load_causal_lm, load_tokenizer
 from .stage import ExportSource
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EARLIER_DIR = "earlier_adapters"
 
 
@@ -113,7 +113,7 @@ def generation_config(model: nn.Module, tokenizer: Any) -> Any:
 
 
 def save_merged(model: nn.Module, tokenizer: Any, folder: Path, *, dtype: str, max_shard_bytes: int) -> None:
-    model = model.to(DTYPES[dtype])
+    model = model.to(dtype_of(dtype))
     model.generation_config = generation_config(model, tokenizer)
     model.save_pretrained(str(folder), safe_serialization=True, max_shard_size=max_shard_bytes)
     tokenizer.save_pretrained(str(folder))
@@ -131,7 +131,7 @@ def _copy_adapter(adapter_dir: Path, target: Path, *, base_name: str | None, dty
     if dtype is None:
         shutil.copyfile(weights, target / weights.name)
     else:
-        tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+        tensors = {k: v.to(dtype_of(dtype)) if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
         save_file(tensors, str(target / weights.name), metadata={"format": "pt"})
 
 

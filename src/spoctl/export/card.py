@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..models import resolve_model_source
+from ..naming import is_hub_id
 from .check import CheckResult
 from .stage import ExportSource
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
 def hub_id(spec: str | None) -> str | None:
     """`spec` when it names a Hub repository (not a local file or folder), else None."""
-    if not spec or not _HUB_ID.match(spec) or Path(spec).exists():
+    if not spec or not is_hub_id(spec) or Path(spec).exists():
         return None
     try:
         return spec if resolve_model_source(spec).kind == "hub" else None

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..console import Output
-from ..engine.batching import Pair, collate_pairs, pairs_from_split
+from ..engine.batching import TokenPair, collate_pairs, pairs_from_split
 from ..engine.logprobs import SequenceScorer, score_batch
 from ..errors import UsageError
 from .stage import ExportSource
@@ -51,7 +51,7 @@ class CheckResult:
         return asdict(self)
 
 
-def check_pairs(src: ExportSource, tokenizer: Any, n: int, out: Output) -> tuple[list[Pair], str]:
+def check_pairs(src: ExportSource, tokenizer: Any, n: int, out: Output) -> tuple[list[TokenPair], str]:
     """The n shortest held-out pairs of the stage's dimension (short: the check runs the model in the export dtype,
     which on a CPU can be slow); two fixed pairs when the prepared data is gone."""
     from ..data.store import load_prepared
@@ -67,7 +67,7 @@ def check_pairs(src: ExportSource, tokenizer: Any, n: int, out: Output) -> tuple
     return [_fixed_pair(tokenizer, *texts) for texts in _FALLBACK], "fixed sequences"
 
 
-def _fixed_pair(tok: Any, prompt: str, chosen: str, rejected: str) -> Pair:
+def _fixed_pair(tok: Any, prompt: str, chosen: str, rejected: str) -> TokenPair:
     if getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True)
@@ -75,12 +75,12 @@ def _fixed_pair(tok: Any, prompt: str, chosen: str, rejected: str) -> Pair:
         text = f"Question: {prompt}\nAnswer:"
     ids = tok.encode(text, add_special_tokens=False)
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    return Pair(ids, tok.encode(" " + chosen, add_special_tokens=False) + eos,
+    return TokenPair(ids, tok.encode(" " + chosen, add_special_tokens=False) + eos,
                 tok.encode(" " + rejected, add_special_tokens=False) + eos)
 
 
 @torch.no_grad()
-def sequence_logps(model: nn.Module, pairs: list[Pair], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: nn.Module, pairs: list[TokenPair], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs of every sequence (chosen ones, then rejected ones) and their token counts."""
     device = next(model.parameters()).device
     scorer = SequenceScorer(model)

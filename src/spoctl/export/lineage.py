@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..fsutil import sha256_file
 from ..rundir import now_iso
 from .check import CheckResult
 from .stage import ExportSource
 
 LINEAGE_NAME = "spoctl_lineage.json"
 LINEAGE_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -47,7 +39,7 @@ def lineage(src: ExportSource, folder: Path, *, kind: str, dtype: str, base_id: 
             "index": st["index"], "dim": st["dim"], "beta": (st.get("plan") or {}).get("beta"),
             "weights": st.get("weights"), "plan": st.get("plan"), "pairs": st.get("pairs"),
             "data_hashes": st.get("data_hashes"),
-            # Chains the previous model's fingerprint with this stage's saved weight files (engine/lineage.py).
+            # Chains the previous model's fingerprint with this stage's saved weight files (engine/chain.py).
             "fingerprint": st.get("fingerprint"), "checkpoint": st.get("checkpoint"),
             "finished": st.get("finished"),
         } for st in src.stages],

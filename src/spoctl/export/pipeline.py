@@ -17,9 +17,10 @@ import torch
 
 from ..config import ExportConfig, parse_size
 from ..console import Output
-from ..engine.lineage import ModelChain
+from ..engine.chain import ModelChain
 from ..errors import CheckFailed, UsageError
 from ..fsutil import atomic_directory, read_json, write_json_atomic, write_text_atomic
+from ..precision import dtype_of
 from . import build
 from .card import data_sources, hub_id, render_card
 from .check import CheckResult, check_pairs, compare, sequence_logps
@@ -120,7 +121,7 @@ def _check(cfg: ExportConfig, src: ExportSource, base: str, folder: Path, tokeni
     pairs, source = check_pairs(src, tokenizer, cfg.check_pairs, out)
     if kind == "merged":
         # Exactly how a user loads it: plain transformers, safetensors, the exported dtype.
-        exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=build.DTYPES[dtype], use_safetensors=True,
+        exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype_of(dtype), use_safetensors=True,
                                                         trust_remote_code=cfg.trust_remote_code)
     else:
         base_model = load_causal_lm(base, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
@@ -138,7 +139,7 @@ def _check(cfg: ExportConfig, src: ExportSource, base: str, folder: Path, tokeni
         # Parameters only: from_pretrained(dtype=...) keeps computed buffers such as rotary frequencies in float32,
         # and casting those too would make the reference, not the export, the odd one out.
         for p in ref.parameters():
-            p.data = p.data.to(build.DTYPES[dtype])
+            p.data = p.data.to(dtype_of(dtype))
         exact = sequence_logps(ref, pairs, pad)[0]
     del ref
     result = compare(got, exact, ref32, counts, dtype, source)

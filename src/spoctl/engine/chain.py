@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..fsutil import hash_file_into
 from ..models import load_causal_lm, resolve_model_source
 from ..rundir import RunDir
 
@@ -26,9 +27,7 @@ LINEAGE_FILE = "spoctl_stage.json"
 def _hash_files(paths: list[Path], h: "hashlib._Hash") -> None:
     for p in sorted(paths):
         h.update(p.name.encode())
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
+        hash_file_into(h, p)
 
 
 def weights_fingerprint(model: nn.Module) -> str:
