@@ -157,6 +157,12 @@ class AlignConfig(StrictModel):
     max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the gradient's global norm to this; 0 disables "
                                                           "clipping (the norm is still checked for inf/NaN).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning.")
+    quantize: Literal["none", "4bit"] = Field(
+        "none", description="QLoRA: load the base model in 4 bits (bitsandbytes) under the LoRA adapters; needs "
+                            "lora.enabled. Stage models stay adapters; `spoctl export` merges them into a float model.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (NormalFloat4, QLoRA's) or fp4.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (about 0.4 bits per "
+                                                 "parameter less).")
     stages: dict[str, StageOverrides] = Field(default_factory=dict, description="Per-stage overrides, keyed by "
                                                                                 "dimension.")
     precision: Literal[("auto", *PRECISIONS)] = Field(
@@ -212,6 +218,13 @@ class AlignConfig(StrictModel):
                 raise ValueError(f"dimension {d!r} is listed twice; each dimension is one stage")
             seen.add(d)
         return dims
+
+    @model_validator(mode="after")
+    def _quantize_needs_lora(self) -> "AlignConfig":
+        if self.quantize != "none" and not self.lora.enabled:
+            raise ValueError("quantize 4bit (QLoRA) trains LoRA adapters on the quantized base: add --lora "
+                             "(lora.enabled: true)")
+        return self
 
     @model_validator(mode="after")
     def _stages_refer_to_dims(self) -> "AlignConfig":

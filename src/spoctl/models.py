@@ -106,7 +106,43 @@ def check_model_loadable(spec: str, *, trust_remote_code: bool = False) -> Model
     return src
 
 
-def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = False, attention: str | None = None):
+@dataclass(frozen=True)
+class Quantization:
+    """How a base model is loaded for QLoRA: bitsandbytes 4-bit weights, computed in `compute_dtype`."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "fp32"
+
+    def tag(self) -> str:
+        """What distinguishes this model's numbers from the float model's (part of cache keys)."""
+        return f"bnb-4bit-{self.quant_type}{'-dq' if self.double_quant else ''}-{self.compute_dtype}"
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"bits": 4, "quant_type": self.quant_type, "double_quant": self.double_quant,
+                "compute_dtype": self.compute_dtype}
+
+    @classmethod
+    def from_manifest(cls, info: dict[str, Any] | None) -> "Quantization | None":
+        if not info:
+            return None
+        return cls(info["quant_type"], bool(info["double_quant"]), info["compute_dtype"])
+
+
+def check_quantization_available(spec: str) -> None:
+    """QLoRA needs bitsandbytes, and a base whose float weights can be quantized (not a GGUF file, whose weights
+    transformers unpacks from its own quantization)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("quantize 4bit needs the bitsandbytes package: pip install bitsandbytes")
+    if resolve_model_source(spec).kind == "gguf":
+        raise UsageError(f"{spec}: a GGUF base cannot be loaded in 4 bits by bitsandbytes; give the model's "
+                         "safetensors folder or Hub id, or train without --quantize")
+
+
+def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = False, attention: str | None = None,
+                   quantization: Quantization | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -116,6 +152,16 @@ def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = Fa
         kwargs["use_safetensors"] = True
     if attention and attention != "auto":
         kwargs["attn_implementation"] = attention
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        from .precision import dtype_of
+
+        check_quantization_available(spec)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quantization.quant_type,
+            bnb_4bit_use_double_quant=quantization.double_quant,
+            bnb_4bit_compute_dtype=dtype_of(quantization.compute_dtype))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, **kwargs

@@ -19,7 +19,8 @@ from ..config import AlignConfig, dump_config
 from ..console import Output
 from ..errors import TrainingError, UsageError
 from ..fsutil import atomic_directory, remove_litter
-from ..models import check_attention_available, check_model_loadable, load_causal_lm, load_tokenizer, tokenizer_identity
+from ..models import (Quantization, check_attention_available, check_model_loadable, check_quantization_available,
+                      load_causal_lm, load_tokenizer, tokenizer_identity)
 from ..precision import accelerate_mixed_precision, dtype_of as precision_dtype, resolve as resolve_precision
 from ..rundir import RunDir, default_run_dir, now_iso
 from .batching import TokenPair, pairs_from_split
@@ -122,6 +123,9 @@ def align(cfg: AlignConfig, out: Output) -> dict[str, Any]:
                               cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None,
                               project_dir=str(cfg.out or "runs"))
     check_compile_supported(cfg.compile, accelerator.device.type)
+    if cfg.quantize != "none" and accelerator.num_processes > 1:
+        raise UsageError("quantize 4bit (QLoRA) runs on one process: several processes with a bitsandbytes base are "
+                         "not tested in spoctl yet; run on one GPU, or train LoRA without --quantize")
     for plan in plans:
         if plan.batch_size % accelerator.num_processes:
             raise UsageError(f"stage {plan.index} ({plan.dim}): batch_size {plan.batch_size} must be a multiple of the "
@@ -195,6 +199,8 @@ def _check_inputs(cfg: AlignConfig) -> tuple[Any, str, Any, list[StagePlan]]:
     if not base_spec:
         raise UsageError("no model given: pass --model (a local folder, .gguf file or Hub id)")
     check_model_loadable(base_spec, trust_remote_code=cfg.trust_remote_code)
+    if cfg.quantize != "none":
+        check_quantization_available(base_spec)
     tokenizer = load_tokenizer(base_spec, trust_remote_code=cfg.trust_remote_code)
     prep_tok = (prepared.manifest.get("tokenizer") or {}).get("sha256")
     if prep_tok and tokenizer_identity(tokenizer, base_spec)["sha256"] != prep_tok:
@@ -236,7 +242,9 @@ def _manifest_for(cfg: AlignConfig, run: RunDir, existing: dict[str, Any] | None
             out.info(f"stage {index}: continuing from its latest checkpoint with a new schedule ({why})")
         manifest["stages"] = run.stage_entries(cfg.dims, keep=manifest["stages"])
         manifest.update(run_key=key, dims=cfg.dims)
-    manifest.update(identity=identity, base_fingerprint=base_fp, precision=precision,
+    quantize = (Quantization(cfg.quant_type, cfg.double_quant, precision).to_manifest()
+                if cfg.quantize != "none" else None)
+    manifest.update(identity=identity, base_fingerprint=base_fp, precision=precision, quantize=quantize,
                     processes=accelerator.num_processes, data_hashes=data_hashes)
     if accelerator.is_main_process:
         run.write_config(dump_config(cfg, "align"))

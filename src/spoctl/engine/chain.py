@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..fsutil import hash_file_into, sha256_file
-from ..models import load_causal_lm, resolve_model_source
+from ..models import Quantization, load_causal_lm, resolve_model_source
 from ..rundir import RunDir
 
 LINEAGE_FILE = "spoctl_stage.json"
@@ -90,12 +90,15 @@ class ModelChain:
     """Loads pi_k for a run. `stage_dirs[k-1]` is the model folder of stage k."""
 
     def __init__(self, base_spec: str, run: RunDir, manifest: dict[str, Any], *, trust_remote_code: bool = False,
-                 attention: str | None = None):
+                 attention: str | None = None, quantized: bool = True):
         self.base_spec = base_spec
         self.run = run
         self.manifest = manifest
         self.trust_remote_code = trust_remote_code
         self.attention = attention
+        # A QLoRA run's models are its 4-bit base with the adapters merged in (re-quantized), as they trained;
+        # `quantized=False` gives the float models the same adapters make on the float base (what export writes).
+        self.quantization = Quantization.from_manifest(manifest.get("quantize")) if quantized else None
         self._verified: set[int] = set()
 
     @property
@@ -115,9 +118,10 @@ class ModelChain:
     def fingerprint(self, k: int) -> str:
         if k == 0:
             fp = self.manifest.get("base_fingerprint")
-            if fp:
-                return fp
-            raise RuntimeError("the manifest has no base fingerprint")
+            if not fp:
+                raise RuntimeError("the manifest has no base fingerprint")
+            # The 4-bit base computes other numbers than the float one: its log-probs must not share a cache key.
+            return fp if self.quantization is None else f"{fp}-{self.quantization.tag()}"
         st = self.manifest["stages"][k - 1]
         if st.get("status") != "completed" or "fingerprint" not in st:
             raise RuntimeError(f"stage {k} has not completed; pi_{k} does not exist yet")
@@ -155,7 +159,7 @@ class ModelChain:
                                    attention=self.attention)
         else:
             model = load_causal_lm(self.base_spec, dtype=dtype, trust_remote_code=self.trust_remote_code,
-                                   attention=self.attention)
+                                   attention=self.attention, quantization=self.quantization)
             for i in range(1, k + 1):
                 model = merge_adapter(model, self.stage_model_dir(i))
         model.eval()

@@ -81,9 +81,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total: int, warm
 
 
 def wrap_lora(model: nn.Module, cfg: AlignConfig) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     lc = cfg.lora
+    if getattr(model, "is_loaded_in_4bit", False):
+        # QLoRA: norms and the head in float32, inputs that carry gradients into the frozen 4-bit layers.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     return get_peft_model(model, LoraConfig(
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules, task_type="CAUSAL_LM",
     ))
