@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data.formats import FORMAT_FIELDS, FORMAT_NAMES
 from .errors import UsageError
 from .naming import DimName, HubId
 from .precision import PRECISIONS
@@ -37,41 +38,167 @@ class StrictModel(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------------- prepare
-FormatName = Literal["auto", "pairwise", "hh-rlhf", "pku-saferlhf", "helpsteer"]
+FormatName = Literal[("auto", *FORMAT_NAMES)]
+PromptTruncation = Literal["keep-system-and-recent", "keep-end"]
 
 
 class LengthPolicy(StrictModel):
-    max_prompt_tokens: int = Field(512, gt=0, description="Longest prompt kept, in tokens.")
-    max_length: int = Field(1024, gt=1, description="Longest prompt + response, in tokens.")
+    max_length: int = Field(1024, gt=1, description="Longest prompt + the longer response, in tokens.")
+    max_prompt_tokens: int | None = Field(
+        None, gt=0, description="Longest prompt kept, in tokens; default: half of max_length.")
     overflow: Literal["truncate", "drop"] = Field(
-        "truncate", description="Over-long pairs: truncate (prompt from the left, responses from the right) or drop."
-    )
+        "truncate", description="Over-long pairs: truncate (prompt as prompt_truncation says, responses from the"
+                                " right) or drop.")
+    prompt_truncation: PromptTruncation = Field(
+        "keep-system-and-recent",
+        description="How an over-long prompt is cut: keep-system-and-recent drops the oldest whole turns (then cuts"
+                    " the start of the last user message if it alone is too long); keep-end keeps the last tokens.")
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "LengthPolicy":
-        if self.max_prompt_tokens >= self.max_length:
+        if self.max_prompt_tokens is None:
+            self.max_prompt_tokens = self.max_length // 2
+        elif self.max_prompt_tokens >= self.max_length:
             raise ValueError(
                 f"max_prompt_tokens ({self.max_prompt_tokens}) must be smaller than max_length ({self.max_length}),"
-                " so that responses keep at least one token"
+                " so that responses keep at least one token; lower max_prompt_tokens (or leave it out: it defaults"
+                " to half of max_length) or raise max_length"
             )
         return self
 
 
+# Keys of the long form of a source; the short form is `SOURCE?key=value&key=value`.
+_HUB_ONLY = ("subset", "data_dir", "data_files", "split", "revision", "streaming")
+
+
+class SourceSpec(StrictModel):
+    """One data source in its long form: `prepare.data.DIM: {source: ..., split: ...}` in a config file, or
+    `--data DIM=SOURCE?split=test&data_dir=helpful-base` on the command line (see docs/data-formats.md)."""
+
+    source: str = Field(description="A local file, a local dataset folder, or a Hub dataset id (owner/name); "
+                                    "prefix hub: to force a Hub id.")
+    subset: str | None = Field(None, description="Dataset folders and Hub ids: the subset (load_dataset's name).")
+    data_dir: str | None = Field(None, description="Dataset folders and Hub ids: the folder inside the dataset.")
+    data_files: list[str] | None = Field(None, description="Dataset folders and Hub ids: data files or patterns.")
+    split: str | None = Field(None, description="Dataset folders and Hub ids: the split; default: prepare.hub_split.")
+    revision: str | None = Field(None, description="Hub ids: branch, tag or commit.")
+    streaming: bool = Field(False, description="Hub ids: read rows as they arrive; with max_pairs only what is needed.")
+    dim: str | None = Field(None, description="Take only this one of the source's dimensions (e.g. harmless of a "
+                                              "PKU-SafeRLHF file); it is named after the --data DIM.")
+    format: FormatName | None = Field(None, description="This source's format; default: prepare.format.")
+    columns: dict[str, str] | None = Field(None, description="This source's FIELD -> COLUMN mapping; default: prepare.columns.")
+
+    @field_validator("columns")
+    @classmethod
+    def _columns_known(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return check_columns(value)
+
+    @field_validator("data_files", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @classmethod
+    def parse(cls, text: str) -> "SourceSpec":
+        """`[hub:]SOURCE[?key=value&...]`. An existing file whose name contains '?' is that file."""
+        from urllib.parse import parse_qsl
+
+        if Path(text).expanduser().exists() or "?" not in text:
+            return cls(source=text)
+        source, _, query = text.partition("?")
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            raise ValueError(f"{text!r}: cannot read the options after '?'; write them as key=value&key=value") from None
+        options: dict[str, Any] = {}
+        for key, value in pairs:
+            if key not in cls.model_fields or key in ("source", "columns"):
+                accepted = [k for k in cls.model_fields if k not in ("source", "columns")]
+                raise ValueError(f"{text!r}: unknown option {key!r}{_suggest(key, accepted)}; accepted: {', '.join(accepted)}")
+            if key in options:
+                raise ValueError(f"{text!r}: option {key!r} is given twice")
+            options[key] = value
+        try:
+            return cls(source=source, **options)
+        except ValidationError as err:
+            e = err.errors()[0]
+            raise ValueError(f"{text!r}: option {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+
+    @property
+    def is_hub(self) -> bool:
+        return self.source.startswith("hub:")
+
+    @property
+    def location(self) -> str:
+        """The file, folder or Hub id without the hub: prefix."""
+        return self.source.removeprefix("hub:")
+
+    def dataset_options(self) -> dict[str, Any]:
+        """The options that only a dataset folder or Hub id takes, as given."""
+        return {k: getattr(self, k) for k in _HUB_ONLY if getattr(self, k) not in (None, False)}
+
+
 class PrepareConfig(StrictModel):
-    data: dict[DimName, str] = Field(default_factory=dict, description="DIM -> SOURCE (file or Hub dataset id).")
-    format: FormatName = "auto"
+    data: dict[DimName, str | SourceSpec] = Field(
+        default_factory=dict, description="DIM -> SOURCE: a file, a dataset folder or a Hub id (with ?options), "
+                                          "or the long form {source: ..., split: ...}.")
+    format: FormatName = Field("auto", description="The format of every source (auto: detected per source).")
+    columns: dict[str, str] | None = Field(
+        None, description="FIELD -> COLUMN: which column of the data holds each field a format reads "
+                          "(e.g. prompt: question); applied before detection.")
     model: str | None = Field(None, description="Tokenizer/chat template: a local folder, a Hub id or a .gguf file.")
-    out: Path = Path("prepared")
-    length: LengthPolicy = Field(default_factory=LengthPolicy)
+    out: Path = Field(Path("prepared"), description="The prepared-data directory to write.")
+    length: LengthPolicy = Field(default_factory=LengthPolicy, description="Length limits and how over-long pairs are cut.")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of each dimension held out for eval.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the --max-pairs sample and of the train/eval split.")
     max_pairs: int | None = Field(None, gt=0, description="Keep at most this many pairs per dimension (after cleaning).")
     min_score_gap: float = Field(1.0, ge=0.0, description="HelpSteer-style ratings: smallest score gap that makes a pair.")
     attributes: list[str] | None = Field(None, description="HelpSteer-style ratings: which attributes become dimensions.")
-    hub_split: str = Field("train", description="Split to read when SOURCE is a Hub dataset id.")
+    hub_split: str | None = Field(
+        None, description="Split of a dataset folder or Hub id that names none: default train, or the only split.")
     system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
-    trust_remote_code: bool = False
-    force: bool = Field(False, description="Replace an existing output directory.")
+    trust_remote_code: bool = Field(False, description="Allow custom tokenizer code from a Hub model.")
+    force: bool = Field(False, description="Replace an existing prepared-data directory (never anything else).")
+    max_record_chars: int = Field(
+        200_000, gt=0, description="Longest text field of a record, in characters; longer ones are refused before "
+                                   "tokenizing (memory grows with the text).")
+    max_source_bytes: int = Field(
+        2_000_000_000, gt=0, description="Largest source file, in bytes after decompression (e.g. 2GB, 500MB); "
+                                         "records are held in memory.")
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _out_named(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty; give a folder name, e.g. --out prepared/hh")
+        return value
+
+    @field_validator("max_source_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("columns")
+    @classmethod
+    def _columns_known(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return check_columns(value)
+
+
+def check_columns(columns: dict[str, str] | None) -> dict[str, str] | None:
+    """FIELD -> COLUMN: every FIELD one that some format reads, every COLUMN a non-empty name used once."""
+    if not columns:
+        return columns
+    for target, column in columns.items():
+        if target not in FORMAT_FIELDS:
+            raise ValueError(f"{target!r}{_suggest(target, FORMAT_FIELDS)} is not a field any format reads;"
+                             f" fields: {', '.join(sorted(FORMAT_FIELDS))}")
+        if not isinstance(column, str) or not column.strip():
+            raise ValueError(f"{target}: the column name is empty")
+    seen = [c for c in columns.values()]
+    twice = sorted({c for c in seen if seen.count(c) > 1})
+    if twice:
+        raise ValueError(f"column {twice[0]!r} is mapped to two fields")
+    return columns
 
 
 # ----------------------------------------------------------------------------------------------- align

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import hub
 from .errors import UsageError
+from .naming import is_hub_id
 
 
 @dataclass(frozen=True)
@@ -42,16 +44,49 @@ def resolve_model_source(spec: str) -> ModelSource:
         if not (p / "config.json").exists() and not (p / "tokenizer_config.json").exists():
             raise UsageError(f"{spec}: not a Hugging Face model folder (no config.json or tokenizer_config.json)")
         return ModelSource(spec, "folder", str(p.resolve()))
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    if spec.startswith((".", "/", "~")) or not is_hub_id(spec):
         raise UsageError(f"{spec}: no such file or folder")
     return ModelSource(spec, "hub", spec)
 
 
+def _hub_kwargs(src: ModelSource, probe_file: str) -> dict[str, Any]:
+    """Decide, before transformers starts its retries, how a Hub model is fetched.
+
+    Offline mode: the local cache only (transformers' own rule). Hub unreachable: the local cache when the model
+    is there, else one clear error at once instead of ~50 s of retries.
+    """
+    if src.kind != "hub" or hub.offline_mode():
+        return {}
+    reason = hub.unreachable_reason()
+    if reason is None:
+        return {}
+    if _cached(src.path, probe_file):
+        return {"local_files_only": True}
+    raise UsageError(
+        f"could not load model '{src.spec}': the Hugging Face Hub could not be reached ({reason}) and the model is"
+        " not in the local Hugging Face cache. Give a local folder or .gguf file with --model, or download it"
+        " first where the Hub is reachable (e.g. `hf download " + src.spec + "`)"
+    )
+
+
+def _cached(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:  # an odd id or a damaged cache: treat as not cached, the error then says what to do
+        return False
+
+
 def _load_error(spec: str, err: Exception) -> UsageError:
+    text = str(err).lower()
     hint = ""
-    if "offline" in str(err).lower() or "connect" in str(err).lower() or "resolve" in str(err).lower():
+    if hub.offline_mode() and resolve_model_source(spec).kind == "hub":
+        hint = " (HF_HUB_OFFLINE is set and the model is not in the local Hugging Face cache: unset it, or give a local folder or .gguf file)"
+    elif "offline" in text or "connect" in text or "resolve" in text:
         hint = " (the Hugging Face Hub could not be reached: give a local folder or .gguf file instead)"
-    return UsageError(f"could not load model '{spec}': {type(err).__name__}: {str(err).splitlines()[0]}{hint}")
+    first = str(err).splitlines()[0] if str(err) else ""
+    return UsageError(f"could not load model '{spec}': {type(err).__name__}: {first}{hint}")
 
 
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
@@ -59,6 +94,7 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
 
     src = resolve_model_source(spec)
     path, kwargs = src.from_pretrained_args()
+    kwargs.update(_hub_kwargs(src, "tokenizer_config.json"))
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as err:  # transformers raises OSError, ValueError, HF errors...
@@ -150,6 +186,7 @@ def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = Fa
     path, kwargs = src.from_pretrained_args()
     if src.kind != "gguf":
         kwargs["use_safetensors"] = True
+    kwargs.update(_hub_kwargs(src, "config.json"))
     if attention and attention != "auto":
         kwargs["attn_implementation"] = attention
     if quantization is not None:
