@@ -112,10 +112,18 @@ class RunContext:
 
 # --------------------------------------------------------------------------------------------------- align
 def align(cfg: AlignConfig, out: Output) -> dict[str, Any]:
-    from accelerate import Accelerator
-
     # 1. Everything that can fail cheaply fails here, before a run directory exists.
     prepared, base_spec, tokenizer, plans = _check_inputs(cfg)
+    try:  # the prepared data stays locked for reading (prepare --force waits) until the run is over
+        return _align(cfg, out, prepared, base_spec, tokenizer, plans)
+    finally:
+        prepared.close()
+
+
+def _align(cfg: AlignConfig, out: Output, prepared: Any, base_spec: str, tokenizer: Any,
+           plans: list[StagePlan]) -> dict[str, Any]:
+    from accelerate import Accelerator
+
     precision = resolve_precision(cfg.precision)
     # project_dir: accelerate wants a logging folder for local trackers now; start_trackers points it into the run
     # directory once that is settled (a default run directory is a timestamp agreed on by every process).
@@ -189,6 +197,14 @@ def _check_inputs(cfg: AlignConfig) -> tuple[Any, str, Any, list[StagePlan]]:
     if cfg.data is None:
         raise UsageError("no prepared data given: pass --data PREPARED_DIR (made by `spoctl prepare`)")
     prepared = load_prepared(cfg.data)
+    try:
+        return (prepared, *_check_against(cfg, prepared))
+    except BaseException:
+        prepared.close()
+        raise
+
+
+def _check_against(cfg: AlignConfig, prepared: Any) -> tuple[str, Any, list[StagePlan]]:
     for d in cfg.dims:
         if d not in prepared.dims:
             raise UsageError(f"{cfg.data}: prepared data has no dimension '{d}' (it has: {', '.join(prepared.dims)});"
@@ -213,7 +229,7 @@ def _check_inputs(cfg: AlignConfig) -> tuple[Any, str, Any, list[StagePlan]]:
             raise UsageError(f"stage {plan.index} ({plan.dim}): {pairs} training pairs is fewer than one batch of "
                              f"{plan.batch_size}; lower --batch-size (or stages.{plan.dim}.batch_size) to at most "
                              f"{pairs}, or prepare more data")
-    return prepared, base_spec, tokenizer, plans
+    return base_spec, tokenizer, plans
 
 
 def _manifest_for(cfg: AlignConfig, run: RunDir, existing: dict[str, Any] | None, reopened: Reopened,
