@@ -47,18 +47,29 @@ def weights(run: Path, stage: str) -> dict[str, torch.Tensor]:
     return load_file(str(folder / name))
 
 
+# Comparing two trainings that differ only in float rounding (another attention kernel, batch layout or process
+# split). With AdamW's default epsilon (1e-8) an element whose gradient is near zero gets a sign-like update of up
+# to the learning rate, so a rounding-size difference in its gradient can move it by `lr`: weights then measure
+# the CPU's instruction set, not the computation (the AVX-512 vs AVX2 kernels put 0.4% vs 1.9% of the training
+# update between the same two runs). With epsilon far above every gradient element, AdamW's update is Lipschitz in
+# the gradient with constant 1/epsilon, so the weights of the two runs differ by at most
+#     sum_t lr_t * |dg_t| / epsilon   (times (1 + lr * L / epsilon)^T for the drift that feeds back, ~1 here)
+# while training moves them by about sum_t lr_t * |g_t| / epsilon. Their ratio is the relative rounding of a
+# float32 gradient, around 1e-6 (unit roundoff 6e-8 times the reduction lengths of a tiny model; measured 2e-7
+# with every ATEN_CPU_CAPABILITY). We assert 1e-3: a thousandfold margin for any CPU, while a real difference (a
+# mask that lets the responses see each other, another data split, a desync) puts the runs as far apart as
+# training moved them.
+ROUNDING_RUN = ["--lr", "0.5", "--batch-size", "4", "--max-steps", "3", "--set", "adam_epsilon=1.0"]
+ROUNDING_RATIO = 1e-3
+
+
 def assert_same_to_rounding(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
                             base: dict[str, torch.Tensor]) -> None:
-    """Two trainings that differ only by float rounding (another kernel, layout or process split). Adam turns a
-    rounding-size difference in a near-zero gradient into an update difference of up to the learning rate, so
-    a few elements may differ visibly: the bound is relative to how far training moved the weights at all, and
-    nearly every element must agree to 1e-5."""
+    """Two ROUNDING_RUN trainings are the same computation: apart by at most ROUNDING_RATIO of how far they moved."""
     moved = max(float((a[k] - base[k]).abs().max()) for k in a)
     apart = max(float((a[k] - b[k]).abs().max()) for k in a)
-    off = sum(int(((a[k] - b[k]).abs() > 1e-5).sum()) for k in a)
-    total = sum(a[k].numel() for k in a)
-    assert moved > 1e-3, "training moved nothing; the comparison proves nothing"
-    assert apart < 0.02 * moved and off <= total // 1000, (apart, moved, off, total)
+    assert moved > 1e-2, f"training moved the weights by only {moved:.2e}; the comparison proves nothing"
+    assert apart <= ROUNDING_RATIO * moved, (apart, moved)
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -119,7 +130,7 @@ def test_attention_and_layout_settings_change_rounding_only(world, tmp_path):
     """Eager attention with padded batches trains the same weights as the default (SDPA, shared-prompt) to float
     rounding: the kernel and the layout are speed settings, not part of the computation."""
     _, _, prepared = world
-    common = ["align", "--dims", "helpful,harmless", "--data", str(prepared), "--quiet", *FAST]
+    common = ["align", "--dims", "helpful,harmless", "--data", str(prepared), "--quiet", *ROUNDING_RUN]
     assert run_cli([*common, "--out", str(tmp_path / "default")])[0] == 0
     assert run_cli([*common, "--out", str(tmp_path / "eager"), "--set", "attention=eager",
                     "--set", "layout=padded"])[0] == 0
@@ -228,7 +239,7 @@ def test_run_directory_belongs_to_one_run(world, tmp_path):
     code, out = run_cli(base)
     assert code == 2 and "--resume" in out
     code, out = run_cli([*base, "--beta", "0.5", "--resume"])
-    assert code == 2 and "different run" in out
+    assert code == 2 and "stage 1 (helpful) is finished" in out and "beta: 0.1 -> 0.5" in out, out
     code, out = run_cli([*base, "--resume"])
     assert code == 0  # all stages done: nothing to do
 
@@ -279,7 +290,7 @@ def test_resume_after_sigkill_in_stage_2_gives_the_same_final_weights(world, tmp
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(world, tmp_path):
     _, _, prepared = world
-    args = ["align", "--dims", "helpful,harmless", "--data", str(prepared), *FAST, "--quiet"]
+    args = ["align", "--dims", "helpful,harmless", "--data", str(prepared), *ROUNDING_RUN, "--quiet"]
     subprocess.run([*SPOCTL, *args, "--out", str(tmp_path / "one")], check=True, env=_env())
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
     subprocess.run([*torchrun, "-m", "spoctl", *args, "--out", str(tmp_path / "two")], check=True, env=_env())
@@ -288,44 +299,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(world, tmp_p
     assert_same_to_rounding(two, one, load_file(str(world[1] / "model.safetensors")))
 
 
-@pytest.mark.parametrize("settings", [
-    ["--set", "loss.type=ipo"],
-    ["--set", "loss.type=hinge"],
-    ["--set", "loss.label_smoothing=0.1"],
-    ["--set", "loss.sft_weight=0.5"],
-])
-def test_loss_variants_train_and_log(world, tmp_path, settings):
-    _, _, prepared = world
-    run = tmp_path / "run"
-    code, out = run_cli(["align", "--dims", "helpful,harmless", "--data", str(prepared), "--out", str(run), "--quiet",
-                         "--lr", "1e-3", "--batch-size", "4", "--max-steps", "2", *settings])
-    assert code == 0, out
-    key, value = settings[1].removeprefix("loss.").split("=")
-    plan_loss = json.loads((run / "manifest.json").read_text())["stages"][1]["plan"]["loss"]
-    assert str(plan_loss[key]) == value
-    losses = [json.loads(l)["stage2/harmless/loss"] for l in (run / "metrics.jsonl").read_text().splitlines()
-              if "stage2/harmless/loss" in l]
-    assert len(losses) == 2 and all(l == l for l in losses)  # logged and not NaN
-
-
 def test_label_smoothing_with_ipo_is_refused(world):
     _, _, prepared = world
     code, out = run_cli(["align", "--dims", "helpful", "--data", str(prepared), "--set", "loss.type=ipo",
                          "--set", "loss.label_smoothing=0.1"])
     assert code == 2 and "sigmoid" in out
-
-
-def test_report_to_tensorboard_writes_events_or_says_what_to_install(world, tmp_path):
-    import importlib.util
-
-    _, _, prepared = world
-    run = tmp_path / "tb"
-    code, out = run_cli(["align", "--dims", "helpful", "--data", str(prepared), "--out", str(run), "--quiet", *FAST,
-                         "--set", "report_to=[tensorboard]"])
-    if importlib.util.find_spec("tensorboard") is None:
-        assert code == 2 and "pip install tensorboard" in out
-    else:
-        assert code == 0 and any((run / "tensorboard").iterdir())
 
 
 def test_unavailable_attention_kernel_is_refused_before_any_work(world, tmp_path):

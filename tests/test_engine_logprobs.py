@@ -149,9 +149,11 @@ def test_compiled_backbone_gives_the_same_logps_and_gradients():
     pairs = random_pairs(6, seed=11)
     eager, compiled = tiny_llama(), tiny_llama()
     keys = list(compiled.state_dict())
-    compile_backbone(compiled)
+    # aot_eager: dynamo and AOT autograd trace exactly as for inductor, but run the captured graph with eager
+    # kernels. Inductor's generated CPU kernels are refused by `check_compile_supported` (wrong on some CPUs).
+    compile_backbone(compiled, backend="aot_eager")
     wrapped = compiled.get_decoder()._compiled_call_impl
-    compile_backbone(compiled)  # a frozen model reused as the policy is compiled again: no second wrapper
+    compile_backbone(compiled, backend="aot_eager")  # a frozen model reused as the policy: no second wrapper
     assert compiled.get_decoder()._compiled_call_impl is wrapped
     assert list(compiled.state_dict()) == keys
     counters.clear()
@@ -165,6 +167,16 @@ def test_compiled_backbone_gives_the_same_logps_and_gradients():
         for a, b in zip(*outs):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+
+
+def test_compile_is_refused_on_cpu():
+    from spoctl.engine.logprobs import check_compile_supported
+    from spoctl.errors import UsageError
+
+    check_compile_supported(False, "cpu")
+    check_compile_supported(True, "cuda")
+    with pytest.raises(UsageError, match="needs a CUDA GPU"):
+        check_compile_supported(True, "cpu")
 
 
 def test_sliding_window_models_fall_back_to_padded_where_the_window_binds():

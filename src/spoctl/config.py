@@ -81,9 +81,13 @@ LossType = Literal["sigmoid", "ipo", "hinge"]
 
 
 class LossConfig(StrictModel):
-    type: LossType = Field("sigmoid", description="sigmoid (DPO), ipo, or hinge; applied to the SPO margin.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO: assumed label-noise rate.")
-    sft_weight: float = Field(0.0, ge=0.0, description="Weight of an SFT (NLL) term on the chosen responses.")
+    """The per-pair loss applied to the SPO margin h (docs/method.md)."""
+
+    type: LossType = Field("sigmoid", description="sigmoid (DPO), ipo, or hinge; applied to the SPO margin h.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO (sigmoid only): the assumed "
+                                                                   "rate of flipped preference labels.")
+    sft_weight: float = Field(0.0, ge=0.0, description="Weight of an SFT term: the per-token NLL of the chosen "
+                                                       "response, added to each pair's loss.")
 
     @model_validator(mode="after")
     def _smoothing_is_sigmoid_only(self) -> "LossConfig":
@@ -93,68 +97,113 @@ class LossConfig(StrictModel):
 
 
 class LoraConfig(StrictModel):
-    enabled: bool = False
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """LoRA adapters (PEFT): each stage trains a fresh adapter on top of the previous stage's model."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of all weights (--lora / --full).")
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters: all-linear (every linear layer but the LM head) or a "
+                                  "list of module names, e.g. [q_proj, v_proj].")
 
 
 class StageOverrides(StrictModel):
     """Per-stage settings (keyed by dimension under `align.stages`); anything left out uses the global value."""
 
-    beta: float | None = Field(None, gt=0)
-    alpha: float | None = Field(None, ge=0)
-    weights: dict[str, float] | None = None
-    learning_rate: float | None = Field(None, gt=0)
-    epochs: float | None = Field(None, gt=0)
-    batch_size: int | None = Field(None, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    loss: LossConfig | None = None
+    beta: float | None = Field(None, gt=0, description="This stage's beta.")
+    alpha: float | None = Field(None, ge=0, description="This stage's alpha (previous mode).")
+    weights: dict[str, float] | None = Field(None, description="This stage's weight per earlier dimension (all mode).")
+    learning_rate: float | None = Field(None, gt=0, description="This stage's learning rate.")
+    epochs: float | None = Field(None, gt=0, description="This stage's epochs.")
+    batch_size: int | None = Field(None, gt=0, description="This stage's pairs per optimizer step.")
+    max_steps: int | None = Field(None, gt=0, description="This stage's cap on optimizer steps.")
+    loss: LossConfig | None = Field(None, description="This stage's loss settings (the whole `loss` section).")
 
 
 class AlignConfig(StrictModel):
+    """`spoctl align`: one SPO stage per dimension, in order."""
+
+    # What to align
     dims: list[DimName] = Field(default_factory=list, description="Dimensions, in stage order.")
     data: Path | None = Field(None, description="Prepared-data directory (from `spoctl prepare`).")
-    model: str | None = Field(None, description="Base model pi_0; defaults to the model the data was prepared for.")
+    model: str | None = Field(None, description="Base model pi_0: a folder, .gguf file or Hub id; defaults to the "
+                                                "model the data was prepared for.")
     out: Path | None = Field(None, description="Run directory; defaults to runs/<timestamp>.")
-    mode: Literal["previous", "all"] = Field("previous", description="How earlier dimensions are weighted (SPO §6).")
-    alpha: float = Field(0.5, ge=0.0, description="`previous` mode weight; 0 is sequential DPO.")
-    weights: dict[str, float] = Field(default_factory=dict, description="`all` mode: weight per earlier dimension.")
-    beta: float = Field(0.1, gt=0)
-    learning_rate: float = Field(5e-6, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, gt=0, description="Pairs per optimizer step, across all processes.")
-    micro_batch_size: int = Field(4, gt=0, description="Pairs per forward pass on one process.")
-    frozen_batch_size: int = Field(16, gt=0, description="Pairs per forward in the no-grad frozen log-prob pass.")
+    # The method
+    mode: Literal["previous", "all"] = Field("previous", description="How earlier dimensions enter the offset: "
+                                             "previous (one alpha, two frozen models a stage) or all (a weight per "
+                                             "earlier dimension, every earlier model); docs/method.md.")
+    alpha: float = Field(0.5, ge=0.0, description="previous mode: weight of the earlier dimensions; 0 is "
+                                                  "sequential DPO.")
+    weights: dict[str, float] = Field(default_factory=dict, description="all mode: weight (lambda) per earlier "
+                                                                        "dimension; unnamed ones weigh 0.")
+    beta: float = Field(0.1, gt=0, description="KL strength of every stage (as in DPO).")
+    loss: LossConfig = Field(default_factory=LossConfig, description="The per-pair loss.")
+    # Optimisation
+    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over each stage's training pairs (fractions allowed).")
     max_steps: int | None = Field(None, gt=0, description="Cap on optimizer steps per stage.")
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")
-    loss: LossConfig = Field(default_factory=LossConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    stages: dict[str, StageOverrides] = Field(default_factory=dict)
-    precision: Literal[("auto", *PRECISIONS)] = "auto"
-    seed: int = 0
-    save_every: int = Field(50, ge=0, description="Checkpoint every N optimizer steps within a stage (0: stage end only).")
-    log_every: int = Field(1, gt=0)
+    batch_size: int = Field(8, gt=0, description="Pairs per optimizer step, across all processes.")
+    micro_batch_size: int = Field(4, gt=0, description="Pairs per forward pass on one process (gradient "
+                                                       "accumulation makes up the rest).")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of a stage's steps spent warming the "
+                                                                 "learning rate up linearly from 0.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning-rate schedule after warmup (transformers' get_scheduler).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay; never applied to biases and norm "
+                                                         "weights.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the gradient's global norm to this; 0 disables "
+                                                          "clipping (the norm is still checked for inf/NaN).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning.")
+    stages: dict[str, StageOverrides] = Field(default_factory=dict, description="Per-stage overrides, keyed by "
+                                                                                "dimension.")
+    precision: Literal[("auto", *PRECISIONS)] = Field(
+        "auto", description="Mixed precision: auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.")
+    seed: int = Field(0, description="Seed of the batch order, adapter initialisation and dropout.")
+    # Run-time behaviour (not part of a run's identity: may change on --resume)
+    save_every: int = Field(50, ge=0, description="Checkpoint every N optimizer steps within a stage (0: stage end "
+                                                  "only).")
+    log_every: int = Field(1, gt=0, description="Write training metrics every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: at stage end only).")
+    frozen_batch_size: int = Field(16, gt=0, description="Pairs per forward in the no-grad frozen log-prob pass.")
     layout: Literal["auto", "shared-prompt", "padded", "packed"] = Field(
         "auto", description="How pairs become rows: shared-prompt (the prompt computed once for both responses), "
                             "padded, or packed (one row, no padding; for flash attention). auto: the fastest the "
                             "model's attention supports.")
     logprob_chunk: int = Field(256, gt=0, description="Sequence positions per chunk when computing log-probs.")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
+                                                            "memory, about a sixth slower.")
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
         "auto", description="Attention kernel the models load with. auto: transformers' default for the model "
                             "(SDPA where supported). flash_attention_*: needs the flash-attn package and a GPU; "
                             "with layout auto it makes batches packed (variable-length, no padding).")
-    compile: bool = Field(False, description="torch.compile the model's backbone (dynamic shapes): faster steps on "
-                                             "GPUs after a one-off compile per model, needs a C compiler on CPU.")
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
-    trust_remote_code: bool = False
-    resume: bool = False
+    compile: bool = Field(False, description="torch.compile the model's backbone (dynamic shapes): faster steps "
+                                             "after a one-off compile per model. CUDA GPUs only.")
+    report_to: list[str] = Field(default_factory=list, description="Experiment trackers to log to, through "
+                                 "accelerate: tensorboard, wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive, "
+                                 "swanlab (one name or a list; none: no tracker).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model's folder or Hub repo.")
+    resume: bool = Field(False, description="Continue the run in --out where it stopped.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        """One name or a list, as HF's TrainingArguments take it; "none" (or an empty list) is no tracker."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = [v.strip() for v in value if v.strip() and v.strip() != "none"]
+            from .engine.reporting import known_trackers
+
+            for name in value:
+                if name not in known_trackers():
+                    raise ValueError(f"unknown tracker {name!r}{_suggest(name, known_trackers())}; accelerate "
+                                     f"supports: {', '.join(known_trackers())}")
+        return value
 
     @field_validator("dims")
     @classmethod

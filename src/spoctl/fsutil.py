@@ -91,6 +91,35 @@ def atomic_directory(final: Path | str, *, replace: bool = False) -> Iterator[Pa
         raise
 
 
+def is_litter(name: str) -> bool:
+    """Whether a file or folder name is one of this module's temporary names (`.<name>.<random>.tmp` from
+    atomic_file/atomic_directory, `.<name>.old` from a replacing atomic_directory): what a killed process leaves."""
+    return name.startswith(".") and (name.endswith(".tmp") or name.endswith(".old"))
+
+
+def remove_litter(root: Path | str) -> list[Path]:
+    """Remove the temporary files and folders a crashed spoctl left anywhere under `root`. Only call it while
+    holding the folder's lock: a live writer's temporary names look the same. Returns what was removed."""
+    removed = []
+    root = Path(root)
+    if not root.is_dir():
+        return removed
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            if not is_litter(name):
+                continue
+            path = Path(dirpath) / name
+            final = path.with_name(name[1:].removesuffix(".old"))
+            if name.endswith(".old") and not final.exists():
+                # Killed between atomic_directory's two renames: the old complete folder is all there is.
+                os.replace(path, final)
+                continue
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+        dirnames[:] = [d for d in dirnames if not is_litter(d)]
+    return removed
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:

@@ -89,19 +89,29 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = False, attention: str | None = None):
-    import torch
-    from transformers import AutoModelForCausalLM
-
+def check_model_loadable(spec: str, *, trust_remote_code: bool = False) -> ModelSource:
+    """What can be checked about a model without loading its weights: the file or folder exists, a folder holds
+    safetensors weights (never pickle) and a readable config. For a command to fail in seconds, not minutes."""
     src = resolve_model_source(spec)
-    path, kwargs = src.from_pretrained_args()
     if src.kind == "folder":
-        has_safetensors = any(Path(path).glob("*.safetensors"))
-        if not has_safetensors:
+        if not any(Path(src.path).glob("*.safetensors")):
             raise UsageError(
                 f"{spec}: no .safetensors weights in this folder; spoctl does not load pickled (.bin) weights."
                 " Convert them with `model.save_pretrained(dir, safe_serialization=True)` from a trusted environment."
             )
+        try:
+            json.loads((Path(src.path) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise UsageError(f"{spec}: config.json cannot be read ({type(err).__name__}: {err})") from None
+    return src
+
+
+def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = False, attention: str | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = check_model_loadable(spec)
+    path, kwargs = src.from_pretrained_args()
     if src.kind != "gguf":
         kwargs["use_safetensors"] = True
     if attention and attention != "auto":

@@ -9,7 +9,7 @@
         model/                   the stage's final model: HF folder (full weights) or PEFT adapter + lineage
         checkpoints/step-000050/ resumable state within the stage (model, optimizer, scheduler, RNG, position)
       cache/logps/               frozen log-probs when the prepared-data folder is not writable
-      tensorboard/               only with report_to: [tensorboard]
+      trackers/                  only with report_to: TensorBoard/Aim logs, MLflow's file store (mlruns/)
       demo-scores.json           only for the built-in demo (`spoctl demo`): rule-judged scores per stage
       eval/                      `spoctl eval`: report.json, report.md, scores.png, samples.jsonl,
                                  samples.alpaca.json, judge-cache/ (judgments keyed by judge, dim and texts)
@@ -22,12 +22,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import UsageError
-from .fsutil import DirectoryLock, read_json, write_json_atomic, write_text_atomic
+from .fsutil import DirectoryLock, is_litter, read_json, write_json_atomic, write_text_atomic
 
 RUN_MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -78,8 +79,9 @@ class RunDir:
         return self.root / "metrics.jsonl"
 
     @property
-    def tensorboard_dir(self) -> Path:
-        return self.root / "tensorboard"
+    def trackers_dir(self) -> Path:
+        """Where local experiment trackers (TensorBoard, Aim, MLflow's file store) write."""
+        return self.root / "trackers"
 
     @property
     def cache_dir(self) -> Path:
@@ -144,6 +146,26 @@ class RunDir:
     def lock(self) -> DirectoryLock:
         return DirectoryLock(self.root, what="run directory")
 
+    def check_usable(self) -> None:
+        """Refuse, before writing anything (the lock file included), a --out that cannot become this run directory:
+        a file, or a folder that holds something other than a spoctl run."""
+        if str(self.root) in ("", "."):
+            raise UsageError("--out: give a folder for the run (e.g. --out runs/hh), not the current directory")
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(f"{self.root}: exists and is not a folder; choose another --out")
+        if self.root.is_dir() and not self.exists():
+            other = [p.name for p in self.root.iterdir() if p.name != ".lock" and not is_litter(p.name)]
+            if other:
+                raise UsageError(f"{self.root}: exists and is not empty ({', '.join(sorted(other)[:3])}"
+                                 f"{', ...' if len(other) > 3 else ''}), but is not a spoctl run; choose another --out")
+
+    def discard_contents(self) -> None:
+        """Empty the run directory for a new attempt (the caller holds the lock, which stays)."""
+        for p in self.root.iterdir():
+            if p.name == ".lock":
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
     # ---- manifest -----------------------------------------------------------------------------------
     def exists(self) -> bool:
         return self.manifest_path.exists()
@@ -182,11 +204,16 @@ class RunDir:
             "mode": mode,
             "lora": lora,
             "dims": dims,
-            "stages": [
-                {"index": i + 1, "dim": d, "status": "pending", "dir": str(self.stage_dir(i + 1, d).relative_to(self.root))}
-                for i, d in enumerate(dims)
-            ],
+            "stages": self.stage_entries(dims),
         }
+
+    def stage_entries(self, dims: list[str], keep: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """The manifest's list of stages for `dims`: an entry of `keep` where it is for the same stage and
+        dimension, a pending one otherwise (a stage appended on --resume, or a dimension that changed)."""
+        kept = {(st["index"], st["dim"]): st for st in keep or []}
+        return [kept.get((i + 1, d)) or {"index": i + 1, "dim": d, "status": "pending",
+                                          "dir": str(self.stage_dir(i + 1, d).relative_to(self.root))}
+                for i, d in enumerate(dims)]
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """One JSON line per logging event; flushed so a crash loses at most the line being written."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..fsutil import hash_file_into
+from ..fsutil import hash_file_into, sha256_file
 from ..models import load_causal_lm, resolve_model_source
 from ..rundir import RunDir
 
@@ -62,6 +62,30 @@ def stage_fingerprint(model_dir: Path, previous: str) -> str:
     return h.hexdigest()
 
 
+def folder_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """size and sha256 of every file in a saved model folder, as the manifest records them."""
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def verify_files(folder: Path, recorded: dict[str, dict[str, Any]], what: str) -> None:
+    """Every file recorded when `folder` was written is still there, the same size, the same bytes: else a
+    UsageError naming the file. (Sizes first: a truncated or replaced file is named without hashing anything.)"""
+    problems = []
+    for name, info in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != info["size"]:
+            problems.append(f"{path} has {path.stat().st_size} bytes, {info['size']} were written")
+    for name, info in recorded.items():
+        if not problems and sha256_file(folder / name) != info["sha256"]:
+            problems.append(f"{folder / name} was changed after it was written (its sha256 differs)")
+    if problems:
+        raise UsageError(f"{what} is not the one this run saved: {'; '.join(problems)}. Restore it, or run the "
+                         "stage again in a new run directory")
+
+
 class ModelChain:
     """Loads pi_k for a run. `stage_dirs[k-1]` is the model folder of stage k."""
 
@@ -72,6 +96,7 @@ class ModelChain:
         self.manifest = manifest
         self.trust_remote_code = trust_remote_code
         self.attention = attention
+        self._verified: set[int] = set()
 
     @property
     def lora(self) -> bool:
@@ -98,11 +123,32 @@ class ModelChain:
             raise RuntimeError(f"stage {k} has not completed; pi_{k} does not exist yet")
         return st["fingerprint"]
 
+    def verify(self, k: int) -> None:
+        """Check that what pi_k is built from is what the run recorded: the base model's files (its fingerprint) and
+        each stage folder used (every file's size and sha256). Once per model and process."""
+        # A chain given another base than the run's (export's float copy of a GGUF base) is checked by its maker.
+        own_base = self.base_spec == self.manifest.get("base_model")
+        if (k == 0 or self.lora) and own_base and 0 not in self._verified:
+            recorded = self.manifest.get("base_fingerprint")
+            now = base_fingerprint(self.base_spec)  # None for a Hub id: the Hub's revision is not checked here
+            if recorded and now is not None and now != recorded:
+                raise UsageError(f"base model {self.base_spec} has changed since this run started (its files hash "
+                                 "differently); use the original base model, or start a new run")
+            self._verified.add(0)
+        for i in ([k] if k > 0 and not self.lora else range(1, k + 1)):
+            if i in self._verified:
+                continue
+            folder = self.stage_model_dir(i)
+            if not folder.is_dir():
+                raise UsageError(f"{folder}: stage {i}'s model is missing; the run directory is incomplete")
+            files = self.manifest["stages"][i - 1].get("files")
+            if files:  # runs of spoctl before 0.2 recorded none
+                verify_files(folder, files, f"stage {i}'s model {folder}")
+            self._verified.add(i)
+
     def load(self, k: int, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """pi_k in eval mode, plain transformers model (LoRA adapters merged)."""
-        for i in range(1, k + 1):
-            if not self.stage_model_dir(i).is_dir():
-                raise UsageError(f"{self.stage_model_dir(i)}: stage {i}'s model is missing; the run directory is incomplete")
+        """pi_k in eval mode, plain transformers model (LoRA adapters merged), verified against the manifest."""
+        self.verify(k)
         if k > 0 and not self.lora:
             # Full fine-tuning: stage k's folder holds complete weights; earlier stages are superseded.
             model = load_causal_lm(str(self.stage_model_dir(k)), dtype=dtype, trust_remote_code=self.trust_remote_code,

@@ -7,13 +7,15 @@ re-run, a resume, or a later stage that needs the same numbers reads them back i
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .batching import TokenPair, collate_pairs, inference_batches
@@ -45,24 +47,50 @@ def cache_file(cache_dir: Path, dim: str, split: str, data_hash: str, model_fp: 
     return cache_dir / f"{dim}-{split}-{data_hash[:16]}-{model_fp[:16]}-{dt}.safetensors"
 
 
-def load_cached(path: Path) -> FrozenLogps | None:
+# Each cache file carries the sha256 of its tensors' bytes in its safetensors header, so a flipped bit, a truncated
+# write or an edited file is found when it is read (the file is then recomputed, never trained on).
+CACHE_FORMAT = "spoctl-logps-2"
+
+
+def _digest(value: FrozenLogps) -> str:
+    h = hashlib.sha256()
+    for t in (value.chosen, value.rejected):
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_cached(path: Path) -> tuple[FrozenLogps | None, str | None]:
+    """(the cached log-probs, None), or (None, why not): missing, unreadable or failing its checksum."""
     if not path.exists():
-        return None
-    t = load_file(str(path))
-    return FrozenLogps(t["chosen"], t["rejected"])
+        return None, "missing"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            value = FrozenLogps(f.get_tensor("chosen"), f.get_tensor("rejected"))
+    except Exception as err:  # safetensors raises its own errors for truncated or garbled files
+        return None, f"unreadable ({type(err).__name__})"
+    if "format" not in meta:
+        return None, "outdated"  # written by an earlier spoctl, before cache files carried a checksum
+    if meta.get("format") != CACHE_FORMAT or meta.get("sha256") != _digest(value):
+        return None, "its checksum does not match its contents"
+    return value, None
 
 
 def save_cached(path: Path, value: FrozenLogps) -> None:
+    value = FrozenLogps(value.chosen.contiguous(), value.rejected.contiguous())
     with atomic_file(path) as tmp:
-        save_file({"chosen": value.chosen.contiguous(), "rejected": value.rejected.contiguous()}, str(tmp))
+        save_file({"chosen": value.chosen, "rejected": value.rejected}, str(tmp),
+                  metadata={"format": CACHE_FORMAT, "sha256": _digest(value)})
 
 
 class LogpsCache:
     """Frozen log-probs of pi_k on (dim, split), from memory or the on-disk cache. One class for align's frozen
     passes and eval's scorecard, so both key the files alike and a pass one of them makes is free for the other."""
 
-    def __init__(self, cache_dir: Path, prepared: Any, fingerprint: Callable[[int], str], dtype: torch.dtype):
+    def __init__(self, cache_dir: Path, prepared: Any, fingerprint: Callable[[int], str], dtype: torch.dtype,
+                 warn: Callable[[str], None] | None = None):
         self.cache_dir, self.prepared, self.fingerprint, self.dtype = cache_dir, prepared, fingerprint, dtype
+        self.warn = warn or (lambda message: None)
         self.memo: dict[tuple[int, str, str], FrozenLogps] = {}
 
     def path(self, k: int, dim: str, split: str) -> Path:
@@ -70,19 +98,26 @@ class LogpsCache:
                           self.dtype)
 
     def has(self, k: int, dim: str, split: str) -> bool:
-        return (k, dim, split) in self.memo or self.path(k, dim, split).exists()
+        """Whether usable log-probs exist: in memory, or in a cache file that passes its checksum. Not memoised:
+        under several processes `memo` must hold the same keys on every process (align decides on it whether to
+        enter a barrier), and only the main process computes."""
+        if (k, dim, split) in self.memo:
+            return True
+        path = self.path(k, dim, split)
+        value, why = load_cached(path)
+        if value is None and why not in ("missing", "outdated"):
+            self.warn(f"frozen log-prob cache {path} is damaged ({why}); computing it again")
+        return value is not None
 
     def put(self, k: int, dim: str, split: str, value: FrozenLogps) -> None:
-        # Written only, not memoised: under several processes only the main one computes, and `memo` must hold
-        # the same keys on every process (align decides on it whether to enter a barrier).
         save_cached(self.path(k, dim, split), value)
 
     def get(self, k: int, dim: str, split: str) -> FrozenLogps:
         key = (k, dim, split)
         if key not in self.memo:
-            value = load_cached(self.path(k, dim, split))
+            value, why = load_cached(self.path(k, dim, split))
             if value is None:
-                raise RuntimeError(f"log-probs of pi_{k} on {dim}/{split} were neither computed nor cached")
+                raise RuntimeError(f"log-probs of pi_{k} on {dim}/{split} are not usable ({why})")
             self.memo[key] = value
         return self.memo[key]
 

@@ -1,45 +1,105 @@
-"""Opt-in metric sinks beside the run's own metrics.jsonl: TensorBoard and Weights & Biases (`report_to`)."""
+"""Experiment trackers (`align.report_to`) through accelerate's tracking: TensorBoard, Weights & Biases, MLflow,
+trackio, Comet, Aim, ClearML, DVCLive, SwanLab -- whatever the installed accelerate supports. The run's own
+metrics.jsonl is written whatever the trackers (rundir.RunDir.append_metrics).
+
+Trackers are set up by accelerate on the main process; spoctl only names the run, points local trackers into the
+run directory and checks, before anything is written, that each tracker's package is installed.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..errors import UsageError
 from ..rundir import RunDir
 
+PROJECT = "spoctl"
+# The package to install for each tracker accelerate knows (its `LoggerType` names).
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
+            "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
 
-class MetricSinks:
-    """Forwards every numeric metric record to the sinks the user asked for; does nothing when none."""
 
-    def __init__(self, report_to: list[str], run: RunDir, config: dict[str, Any]):
-        self._tb: Any = None
-        self._wandb: Any = None
-        if "tensorboard" in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UsageError("report_to: tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self._tb = SummaryWriter(str(run.tensorboard_dir))
-        if "wandb" in report_to:
-            try:
-                import wandb
-            except ImportError:
-                raise UsageError("report_to: wandb needs the wandb package: pip install wandb"
-                                 " (WANDB_MODE=offline works without a network)") from None
-            # Credentials come from the environment (WANDB_API_KEY) only; nothing secret is in `config`.
-            self._wandb = wandb.init(name=run.root.name, dir=str(run.root), config=config, resume="allow",
-                                     id=f"spoctl-{config.get('run_key', run.root.name)}")
+def known_trackers() -> list[str]:
+    """Every tracker name accelerate accepts for `log_with` (whether or not its package is installed)."""
+    from accelerate.utils import LoggerType
 
-    def log(self, record: dict[str, Any], step: int) -> None:
-        scalars = {k: v for k, v in record.items() if "/" in k and isinstance(v, (int, float))}
-        if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(k, v, global_step=step)
-        if self._wandb is not None:
-            self._wandb.log(scalars)
+    return [t.value for t in LoggerType if t.value != "all"]
 
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+
+def check_trackers(names: list[str]) -> None:
+    """Fail before any work when a tracker is unknown or its package is missing (not after the frozen passes)."""
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    for name in names:
+        if name not in known_trackers():
+            raise UsageError(f"report_to: unknown tracker {name!r}; accelerate supports: {', '.join(known_trackers())}")
+        if name not in available:
+            extra = " (WANDB_MODE=offline works without a network)" if name == "wandb" else ""
+            raise UsageError(f"report_to: {name} needs the {PACKAGES.get(name, name)} package: pip install "
+                             f"{PACKAGES.get(name, name)}{extra}")
+
+
+def start_trackers(accelerator: Any, names: list[str], run: RunDir, run_key: str, config: dict[str, Any]) -> None:
+    """Start the trackers of `accelerator` (made with `log_with=names`) for this run, with its configuration.
+
+    Local trackers write inside the run directory (TensorBoard and Aim under `trackers/`, MLflow to
+    `trackers/mlruns` unless MLFLOW_TRACKING_URI is set), so a run directory is complete in itself. Runs are named
+    after the run directory; W&B resumes the same run on `--resume` (its id is the run key)."""
+    if not names:
+        return
+    accelerator.project_configuration.set_directories(str(run.trackers_dir))
+    accelerator.project_configuration.logging_dir = str(run.trackers_dir)
+    if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # MLflow's own default is a store in the current directory; keep the run directory complete instead. Its
+        # file store is what works without a database package (MLflow 3 asks for this opt-in to use it). MLflow
+        # reads both from the environment while it logs; finish_trackers puts the environment back.
+        run.trackers_dir.mkdir(parents=True, exist_ok=True)
+        _set_env(accelerator, MLFLOW_TRACKING_URI=(run.trackers_dir / "mlruns").resolve().as_uri(),
+                 MLFLOW_ALLOW_FILE_STORE=os.environ.get("MLFLOW_ALLOW_FILE_STORE", "true"))
+    name = run.root.name
+    init_kwargs = {"wandb": {"name": name, "id": f"spoctl-{run_key}", "resume": "allow", "dir": str(run.root)},
+                   "mlflow": {"run_name": name}, "trackio": {"name": name}}
+    accelerator.init_trackers(PROJECT, config=_flat(config), init_kwargs={k: v for k, v in init_kwargs.items()
+                                                                           if k in names})
+
+
+def _set_env(accelerator: Any, **values: str) -> None:
+    saved = getattr(accelerator, "_spoctl_saved_env", {})
+    for key, value in values.items():
+        saved.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
+    accelerator._spoctl_saved_env = saved
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested configuration as flat `a.b` keys with scalar values, which every tracker's hparams accept."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
+
+
+def log_metrics(accelerator: Any, record: dict[str, Any], step: int) -> None:
+    """Numeric metrics (keys like `stage2/harmless/rewards/accuracies`) to every tracker, at the stage's step."""
+    scalars = {k: v for k, v in record.items() if "/" in k and isinstance(v, (int, float))}
+    if scalars and accelerator.trackers:
+        accelerator.log(scalars, step=step)
+
+
+def finish_trackers(accelerator: Any) -> None:
+    """Close every tracker (flushes TensorBoard events, ends the W&B/MLflow run). Not `accelerator.end_training()`,
+    which also tears down the process group that the rest of the command may still use."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
+    for key, value in getattr(accelerator, "_spoctl_saved_env", {}).items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    accelerator._spoctl_saved_env = {}

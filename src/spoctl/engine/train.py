@@ -55,18 +55,29 @@ class StageHooks:
     latest_checkpoint: Callable[[], tuple[int, Path] | None]
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return max(0.0, 1.0 - progress)
+# align.scheduler -> transformers' schedule name; every schedule warms up linearly first, as in TRL and HF Trainer.
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+# A policy whose chosen responses became this much less likely than under the reference, per token, has diverged
+# (e.g. too high a learning rate): its weights blew up even if no value is inf or NaN yet. DPO's known drift of the
+# chosen log-probs is a fraction of a nat per token; e^10 per token is no preference, it is a broken model.
+DIVERGED_NATS_PER_TOKEN = 10.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def make_optimizer(model: nn.Module, plan: StagePlan, cfg: AlignConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with weight decay only on matrices (linear and embedding weights),
+    never on biases and norm weights (nanoGPT's rule: decaying a norm's gain towards 0 only fights the norm)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=plan.learning_rate,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, **fused)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total: int, warmup: int) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(SCHEDULES[kind], optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def wrap_lora(model: nn.Module, cfg: AlignConfig) -> nn.Module:
@@ -102,8 +113,7 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
     scorer = SequenceScorer(policy, chunk_size=cfg.logprob_chunk)
     layout, window = resolve_layout(cfg.layout, policy), attention_window(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
-    fused = {"fused": True} if accelerator.device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=cfg.weight_decay, **fused)
+    optimizer = make_optimizer(policy, plan, cfg, accelerator.device)
     scheduler = make_scheduler(optimizer, cfg.scheduler, total, warmup)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
 
@@ -148,6 +158,9 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
             part = losses.reward_metric_sums(plan.beta, pc.float(), pr.float(), rc, rr, off)
             part["loss"] = per_pair.detach().float().sum()
             part["tokens"] = torch.tensor(float(batch.n_tokens), device=pc.device)
+            # For the divergence guard: how far the chosen responses' log-probs fell below the reference's.
+            part["chosen_drop"] = (rc - pc.detach().float()).sum()
+            part["chosen_tokens"] = lc.sum().float()
             for k, v in part.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
 
@@ -164,14 +177,21 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
                 f"{prefix}: the {bad[0][0]} became {bad[0][1]} at step {step + 1}; stopped before the optimizer step."
                 " The last good checkpoint is intact. Try a lower learning rate or beta, or fp32 precision."
             )
+        drop = totals.pop("chosen_drop") / max(totals.pop("chosen_tokens"), 1.0)
+        if drop > DIVERGED_NATS_PER_TOKEN:
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(
+                f"{prefix}: training diverged at step {step + 1}: the chosen responses are {drop:.3g} nats per token"
+                f" less likely than under the reference model (more than {DIVERGED_NATS_PER_TOKEN:g} is a broken"
+                f" model, not a preference). Stopped; learning rate {plan.learning_rate:g} is likely too high."
+                " Start the run again with a lower --lr (checkpoints of this stage may already be diverged).")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         tokens_seen += totals.pop("tokens")
-        count = totals.pop("count")
-        metrics = {f"{prefix}/{k}": v / count for k, v in totals.items()}
+        metrics = {f"{prefix}/{k}": v for k, v in losses.metrics_from_sums(totals).items()}
         elapsed = time.perf_counter() - t0
         metrics.update({f"{prefix}/learning_rate": lr, f"{prefix}/grad_norm": grad_norm,
                         f"{prefix}/epoch": (step + 1) / steps_per_epoch,
@@ -181,7 +201,7 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
             hooks.log({"step": done, **metrics})
         hooks.progress(done, total, metrics)
         if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
-            hooks.log({"step": done, **evaluate(accelerator, scorer, plan, data, pad_token_id, cfg)})
+            hooks.log({"step": done, **eval_metrics(accelerator, scorer, plan, data, pad_token_id, cfg)})
         if cfg.save_every and done % cfg.save_every == 0 and done != total:
             if accelerator.is_main_process:
                 save_checkpoint(hooks.checkpoint_dir(done), model=accelerator.unwrap_model(scorer).model,
@@ -189,14 +209,14 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
                                                                                "dim": plan.dim, "total": total})
             accelerator.wait_for_everyone()
 
-    final = evaluate(accelerator, scorer, plan, data, pad_token_id, cfg)
+    final = eval_metrics(accelerator, scorer, plan, data, pad_token_id, cfg)
     hooks.log({"step": total, **final})
     model = accelerator.unwrap_model(scorer).model
     return model, final
 
 
-def evaluate(accelerator: Any, scorer: nn.Module, plan: StagePlan, data: StageData, pad_token_id: int,
-             cfg: AlignConfig) -> dict[str, float]:
+def eval_metrics(accelerator: Any, scorer: nn.Module, plan: StagePlan, data: StageData, pad_token_id: int,
+                 cfg: AlignConfig) -> dict[str, float]:
     """Eval metrics: TRL's set against the reference on the stage's own dimension, and for every dimension
     evaluated the implicit reward of everything aligned so far, log(pi_theta / pi_0), so forgetting shows."""
     model = accelerator.unwrap_model(scorer).model

@@ -1,0 +1,217 @@
+"""Runs that can be recovered, and nothing read back unverified: cheap checks before a run directory exists,
+starting again in the same --out, what --resume may change, divergence, damaged caches, changed stage models,
+litter left by a crash."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from spoctl.cli import app
+from spoctl.fsutil import remove_litter
+
+from test_engine_align import SPOCTL, _env, assert_same, weights
+from tinyworld import make_model_dir, make_prepared
+
+FAST = ["--lr", "1e-3", "--batch-size", "4", "--max-steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recovery")
+    model = make_model_dir(root / "model")
+    prepared = make_prepared(root / "prepared", model, ["helpful", "harmless", "concise"])
+    return root, model, prepared
+
+
+def align(prepared: Path, out: Path, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["align", "--data", str(prepared), "--out", str(out), *args],
+                                catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+# ------------------------------------------------------------------------------------------- before the run exists
+def test_a_batch_larger_than_the_data_is_refused_before_the_run_directory_exists(world, tmp_path):
+    code, out = align(world[2], tmp_path / "run", "--dims", "helpful", "--batch-size", "64")
+    assert code == 2 and "24 training pairs" in out and "--batch-size" in out, out
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_before_the_run_directory_exists(world, tmp_path):
+    code, out = align(world[2], tmp_path / "run", "--dims", "helpful", "--set", "report_to=swanlab", *FAST)
+    assert code == 2 and "pip install swanlab" in out, out
+    code, out = align(world[2], tmp_path / "run", "--dims", "helpful", "--set", "report_to=tensorbord", *FAST)
+    assert code == 2 and "did you mean 'tensorboard'" in out, out
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_that_is_not_a_run_is_left_untouched(world, tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    code, out = align(world[2], other, "--dims", "helpful", *FAST)
+    assert code == 2 and "not a spoctl run" in out
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]  # not even a lock file was written
+
+
+# ------------------------------------------------------------------------------------------- divergence, restarts
+def test_divergence_is_detected_and_a_run_that_saved_nothing_starts_again(world, tmp_path):
+    """--lr 30 blows the weights up without a NaN (log-probs stay finite, just absurd; higher rates reach NaN, which
+    its own guard stops): the stage stops and says so. Nothing was saved, so the corrected command in the same --out
+    simply starts again."""
+    _, _, prepared = world
+    code, out = align(prepared, tmp_path / "run", "--dims", "helpful", "--lr", "30", "--batch-size", "4",
+                      "--max-steps", "3")
+    assert code == 2 and "diverged" in out and "lower --lr" in out, out
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"][0]["status"] == "failed" and "diverged" in manifest["stages"][0]["error"]
+
+    code, out = align(prepared, tmp_path / "run", "--dims", "helpful", *FAST)
+    assert code == 0 and "starting again" in out, out
+    assert align(prepared, tmp_path / "straight", "--dims", "helpful", *FAST)[0] == 0
+    assert_same(weights(tmp_path / "run", "01-helpful"), weights(tmp_path / "straight", "01-helpful"))
+
+
+def test_resume_starts_an_unfinished_stage_again_when_its_settings_change(world, tmp_path):
+    """Stage 2 diverges after saving a checkpoint; --resume with its learning rate fixed starts stage 2 from its
+    beginning (its checkpoint was made with the other settings) and keeps stage 1: the result is the straight run's."""
+    _, _, prepared = world
+    common = ["--dims", "helpful,harmless", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3",
+              "--set", "save_every=1"]
+    code, out = align(prepared, tmp_path / "run", *common, "--set", "stages.harmless.learning_rate=30")
+    assert code == 2 and "diverged" in out, out
+    assert (tmp_path / "run" / "stages" / "02-harmless" / "checkpoints").is_dir()
+
+    code, out = align(prepared, tmp_path / "run", *common, "--resume")
+    assert code == 0, out
+    assert "stage 1/2 (helpful): already completed" in out
+    assert "stage 2 (harmless) starts again from its beginning: learning_rate: 30.0 -> 0.001" in out, out
+    assert align(prepared, tmp_path / "straight", *common)[0] == 0
+    for stage in ("01-helpful", "02-harmless"):
+        assert_same(weights(tmp_path / "run", stage), weights(tmp_path / "straight", stage))
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r["stage"] == 2 and "stage2/harmless/loss" in r]
+    assert steps == [1, 2, 3], "lines of the abandoned attempt were kept"
+
+
+def test_resume_appends_dimensions_after_the_finished_ones(world, tmp_path):
+    _, _, prepared = world
+    assert align(prepared, tmp_path / "run", "--dims", "helpful", *FAST)[0] == 0
+    code, out = align(prepared, tmp_path / "run", "--dims", "helpful,harmless", *FAST, "--resume")
+    assert code == 0 and "already completed" in out, out
+    assert align(prepared, tmp_path / "straight", "--dims", "helpful,harmless", *FAST)[0] == 0
+    assert_same(weights(tmp_path / "run", "02-harmless"), weights(tmp_path / "straight", "02-harmless"))
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["dims"] == ["helpful", "harmless"] and [s["status"] for s in manifest["stages"]] == ["completed"] * 2
+
+
+def test_resume_refuses_changes_to_what_finished_stages_computed_and_lists_them(world, tmp_path):
+    _, _, prepared = world
+    assert align(prepared, tmp_path / "run", "--dims", "helpful", *FAST)[0] == 0
+    code, out = align(prepared, tmp_path / "run", "--dims", "helpful", *FAST, "--seed", "3", "--resume")
+    assert code == 2 and "seed: 0 -> 3" in out, out
+    code, out = align(prepared, tmp_path / "run", "--dims", "helpful", *FAST, "--seed", "3")
+    assert code == 2 and "holds a different run" in out and "seed: 0 -> 3" in out, out
+
+
+@pytest.mark.slow
+def test_resume_with_more_steps_continues_the_unfinished_stage_from_its_checkpoint(world, tmp_path):
+    _, _, prepared = world
+    run = tmp_path / "run"
+    args = ["align", "--dims", "helpful", "--data", str(prepared), "--lr", "1e-3", "--batch-size", "4",
+            "--epochs", "8", "--set", "save_every=1", "--out", str(run)]
+    proc = subprocess.Popen([*SPOCTL, *args, "--max-steps", "30", "--quiet"], env=_env())
+    ckpts = run / "stages" / "01-helpful" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.is_dir() and any(p.name >= "step-000003" for p in ckpts.iterdir() if p.name.startswith("step-")):
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    reached = max(int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step-"))
+    assert reached < 30, "the kill did not land inside the stage"
+
+    done = subprocess.run([*SPOCTL, *args, "--max-steps", "34", "--resume"], env=_env(), capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert "continuing from its latest checkpoint with a new schedule (max_steps: 30 -> 34)" in done.stdout + done.stderr
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "stage1/helpful/loss" in r]
+    assert steps == list(range(1, 35))
+
+
+# ------------------------------------------------------------------------------------------- verified artifacts
+def test_a_damaged_frozen_log_prob_cache_is_recomputed_not_trained_on(world, tmp_path):
+    _, _, prepared = world
+    assert align(prepared, tmp_path / "a", "--dims", "helpful", *FAST, "--seed", "11")[0] == 0
+    caches = sorted((prepared / "cache" / "logps").glob("helpful-train-*.safetensors"))
+    assert caches
+    for path in caches:  # flip one bit inside the tensor bytes (past the header)
+        raw = bytearray(path.read_bytes())
+        raw[-3] ^= 0x10
+        path.write_bytes(bytes(raw))
+    code, out = align(prepared, tmp_path / "b", "--dims", "helpful", *FAST, "--seed", "11")
+    assert code == 0 and "is damaged (its checksum does not match its contents); computing it again" in out, out
+    assert_same(weights(tmp_path / "a", "01-helpful"), weights(tmp_path / "b", "01-helpful"))
+
+
+def test_a_stage_model_changed_after_its_run_is_refused_when_read(world, tmp_path):
+    _, _, prepared = world
+    run = tmp_path / "run"
+    assert align(prepared, run, "--dims", "helpful,harmless", *FAST)[0] == 0
+    target = run / "stages" / "02-harmless" / "model" / "model.safetensors"
+    tensors = load_file(str(target))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1.0
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(target), metadata={"format": "pt"})
+    code, out = align(prepared, run, "--dims", "helpful,harmless,concise", *FAST, "--resume")
+    assert code == 2 and str(target) in out and "changed after it was written" in out, out
+
+
+def test_litter_left_by_a_crash_is_removed_on_the_next_run(world, tmp_path):
+    _, _, prepared = world
+    run = tmp_path / "run"
+    assert align(prepared, run, "--dims", "helpful", *FAST)[0] == 0
+    litter = [run / ".manifest.json.k2j3.tmp", run / "stages" / "01-helpful" / ".model.x81.tmp",
+              run / "stages" / ".02-harmless.old"]
+    litter[0].write_text("{")
+    for folder in litter[1:]:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    assert align(prepared, run, "--dims", "helpful,harmless", *FAST, "--resume")[0] == 0
+    assert not litter[0].exists() and not litter[1].exists()
+    # `.X.old` with no X beside it is what a kill between atomic_directory's two renames leaves: the previous
+    # complete folder, which is restored rather than deleted (here it then stands for stage 2 and is replaced).
+    assert not litter[2].exists()
+
+
+def test_remove_litter_restores_an_old_folder_whose_replacement_never_arrived(tmp_path):
+    (tmp_path / ".model.old").mkdir()
+    (tmp_path / ".model.old" / "w").write_text("complete")
+    (tmp_path / ".model.a1b2.tmp").mkdir()
+    (tmp_path / ".manifest.json.x.tmp").write_text("half")
+    (tmp_path / ".lock").write_text("1")
+    removed = remove_litter(tmp_path)
+    assert (tmp_path / "model" / "w").read_text() == "complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "model"]
+    assert len(removed) == 2
+
+
+def test_a_refused_resume_changes_nothing(world, tmp_path):
+    _, _, prepared = world
+    run = tmp_path / "run"
+    assert align(prepared, run, "--dims", "helpful", *FAST)[0] == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert align(prepared, run, "--dims", "helpful", *FAST, "--beta", "0.3", "--resume")[0] == 2
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert before == after
