@@ -247,7 +247,6 @@ def test_eval_from_another_working_directory(world, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
 
 
-@pytest.mark.xfail(strict=True, reason="needs ModelChain verification from the engine branch")
 def test_a_stage_model_changed_after_the_run_is_refused(world):
     """The scorecard of a model must not come from the cache of the model that was there before: a stage
     model whose weights changed after its run stops eval with exit 2, naming the file."""

@@ -327,7 +327,6 @@ def test_numerical_check_catches_a_wrong_merge(world, exports, tmp_path, monkeyp
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs ModelChain verification from the engine branch")
 @pytest.mark.parametrize("run_name,weights", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors")])
 def test_a_stage_model_changed_after_its_run_is_not_exported(world, tmp_path, run_name, weights):
     """A stage model edited behind spoctl's back must not be exported with the run's (now false) fingerprint."""

@@ -56,6 +56,9 @@ def model_pass(er: EvalRun, cfg: EvalConfig, out: Output, store: EvalLogps, gene
     rows = {d: prompt_rows(er, d, gen.num_prompts, gen.seed) for d in er.dims} if generate else {}
     samples: list[dict[str, Any]] = []
     for k in range(er.k_max + 1):
+        # Before any of pi_k's numbers are used, cached or not: the files pi_k is built from must be the ones its
+        # run saved (the cache is keyed by the fingerprint the manifest recorded, not by what is on disk now).
+        er.chain.verify(k)
         missing = store.missing(k)
         if not missing and not generate:
             continue

@@ -1,8 +1,9 @@
 """`spoctl export`: one stage of a run as a standalone Hugging Face folder, verified before it appears.
 
 Order of work: every cheap check first (the run, the stage, `--out` and what `--force` may replace, the Hub token
-with `--push-to-hub`); then the sha256 of the model files about to be read; then the stage's checkpoint rebuilt by
-the engine (`ModelChain.load`, which verifies what it reads) scores the check pairs; then, inside a temporary
+with `--push-to-hub`); then the model files about to be read, checked against the run's record by the engine's
+model chain (`ModelChain.verify`) and their sha256 taken for the lineage; then the stage's checkpoint rebuilt by
+the chain scores the check pairs; then, inside a temporary
 sibling folder that is renamed into place only at the end (so a failed check or a crash leaves nothing): write the
 weights and tokenizer, reload them the way a user would, compare their log-probs with the checkpoint's, then
 write the model card and the lineage file (which hashes every other file). The optional Hub upload comes after
@@ -113,14 +114,18 @@ def export_model(cfg: ExportConfig, out: Output) -> dict[str, Any]:
     report = read_json(report_path) if report_path.is_file() else None
     out.info(f"exporting stage {src.index} ({src.dim}) of {src.run.root} as {kind} weights"
              + (f" ({dtype})" if dtype else "") + f" to {target}")
+    # Every model file the export will read is checked against what the run recorded (the engine's model chain):
+    # a model changed since its run stops the export here, before anything is loaded or written.
+    chain = ModelChain(src.base_spec, src.run, src.manifest, trust_remote_code=cfg.trust_remote_code)
+    chain.verify(src.index)
     inputs = input_hashes(src, reads_base=src.lora)
 
     trust = cfg.trust_remote_code
     with build.local_base(src, target.parent, trust_remote_code=trust) as base:
-        # The checkpoint first, through the engine's model chain (which checks each stage folder it reads): a
-        # model changed since its run stops the export before anything is written.
+        # A GGUF base is read from its unpacked float copy: the same weights, verified above as the original.
+        chain.base_spec = base
         pairs, source = check_pairs(src, tokenizer, cfg.check_pairs, out)
-        reference = _reference_logps(cfg, src, base, pairs, tokenizer.pad_token_id,
+        reference = _reference_logps(chain, src.index, pairs, tokenizer.pad_token_id,
                                      dtype if kind == "merged" else None)
         with atomic_directory(target, replace=True) as tmp:
             earlier: list[str] = []
@@ -155,14 +160,13 @@ def export_model(cfg: ExportConfig, out: Output) -> dict[str, Any]:
     return result
 
 
-def _reference_logps(cfg: ExportConfig, src: ExportSource, base: str, pairs: list[Any], pad: int,
+def _reference_logps(chain: ModelChain, k: int, pairs: list[Any], pad: int,
                      cast: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The checkpoint's summed log-probs on the check pairs, in float32 and (for a merged low-precision export)
-    with its parameters cast to the export dtype: (exact reference, float32 reference)."""
+    """The checkpoint pi_k's summed log-probs on the check pairs, in float32 and (for a merged low-precision
+    export) with its parameters cast to the export dtype: (exact reference, float32 reference)."""
     device = _device()
-    chain = ModelChain(base, src.run, src.manifest, trust_remote_code=cfg.trust_remote_code)
     with build.quiet_peft():
-        ref = chain.load(src.index).to(device)
+        ref = chain.load(k).to(device)
     ref32, _ = sequence_logps(ref, pairs, pad)
     exact = ref32
     if cast is not None and cast != "fp32":

@@ -73,16 +73,20 @@ def source_entry(info: dict[str, Any] | None) -> dict[str, Any] | None:
             "sha256": (info.get("hashes") or {}).get("source"), "format": info.get("format")}
 
 
-def model_files(folder: Path) -> dict[str, str]:
-    """sha256 of the files of a model folder that loading it reads (weights, configs), by file name."""
+def model_files(folder: Path, verified: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
+    """sha256 of the files of a model folder that loading it reads (weights, configs), by file name. `verified`:
+    the run's record of the folder ({name: {size, sha256}}) that ModelChain.verify has just checked every file
+    against -- those sha256 are the files' own, so they are not computed a second time."""
     files = sorted({f for pattern in _MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
-    return {f.name: sha256_file(f) for f in files}
+    known = verified or {}
+    return {f.name: known[f.name]["sha256"] if f.name in known else sha256_file(f) for f in files}
 
 
 def input_hashes(src: ExportSource, *, reads_base: bool) -> dict[str, dict[str, str] | None]:
     """The sha256 of every model file the export reads: the base model's (when its weights are read, i.e. LoRA
     runs; None for a Hub model) and each stage folder's, keyed by the folder relative to the run directory.
-    Hashed as the export starts, from the files themselves -- not copied from the run's manifest."""
+    Call after `ModelChain.verify`: a stage file the run recorded has just been checked against its recorded
+    sha256; every other file is hashed here, from the file itself."""
     out: dict[str, dict[str, str] | None] = {}
     if reads_base:
         base = resolve_model_source(src.base_spec)
@@ -94,5 +98,5 @@ def input_hashes(src: ExportSource, *, reads_base: bool) -> dict[str, dict[str, 
             out["base_model"] = None  # a Hub model: identified by its id and the run's weight fingerprint
     for k in (range(1, src.index + 1) if src.lora else [src.index]):
         folder = src.model_dir(k)
-        out[folder.relative_to(src.run.root).as_posix()] = model_files(folder)
+        out[folder.relative_to(src.run.root).as_posix()] = model_files(folder, src.manifest["stages"][k - 1].get("files"))
     return out
