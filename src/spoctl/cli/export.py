@@ -16,7 +16,7 @@ from .common import ConfigOpt, JsonOpt, PrintConfigOpt, QuietOpt, SetOpt, Verbos
     epilog="Examples:\n\n  spoctl export --run runs/hh --out exports/hh\n\n"
     "  spoctl export --run runs/hh --stage helpful --out exports/hh-stage1 --dtype fp32\n\n"
     "  spoctl export --run runs/hh --adapter-only --out exports/hh-adapters\n\n"
-    "  HF_TOKEN=... spoctl export --run runs/hh --out exports/hh --push-to-hub me/smollm2-hh"
+    "  spoctl export --run runs/hh --out exports/hh --push-to-hub me/smollm2-hh   # after `hf auth login`"
 )
 def export(
     run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run directory (from spoctl align)."),
@@ -25,8 +25,10 @@ def export(
     adapter_only: bool = typer.Option(False, "--adapter-only", help="LoRA runs: PEFT adapters instead of merged weights."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest safetensors shard (default 2GB)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 (default) | fp16 | fp32."),
-    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload to this Hub repo (token: HF_TOKEN)."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload to this Hub repo; the token"
+                                               " (HF_TOKEN, else `hf auth login`'s) is checked before exporting."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier export at --out (a folder holding"
+                               " spoctl_lineage.json); nothing else is ever replaced."),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     print_config: bool = PrintConfigOpt,

@@ -7,7 +7,7 @@ Delta(p, q) = log-ratio margin of losses.log_ratio_margin:
   vs_base          Delta(pi_k, pi_0): everything aligned so far against the base. Rows k x columns d is the
                    forgetting matrix: a later stage that undoes an earlier dimension lowers that column.
   stage_reward     beta_k * Delta(pi_k, pi_{k-1}): what stage k itself changed (its whole training target).
-  implicit_reward  Delta r_k of spo-method.md §4 (losses.implicit_reward_margins): stage k's reward with the
+  implicit_reward  Delta r_k of docs/method.md (losses.implicit_reward_margins): stage k's reward with the
                    earlier dimensions' part subtracted, i.e. the reward of dimension k alone.
   logp             log pi_k(y_w) - log pi_k(y_l): the model's own likelihood preference (length-biased; the only
                    one defined for the base).
