@@ -77,3 +77,17 @@ def test_qlora_is_refused_without_lora_and_for_a_gguf_base(world, tmp_path, smol
     code, out = align(prepared, tmp_path / "b", *QLORA, "--model", str(smollm2_gguf))
     assert code == 2 and "GGUF base cannot be loaded in 4 bits" in out, out
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_export_merges_qlora_adapters_into_a_float_model(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, _, prepared = world
+    assert align(prepared, tmp_path / "run", *QLORA)[0] == 0
+    r = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "exp"),
+                                 "--dtype", "fp32", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exp"), dtype=torch.float32)
+    assert not any("4bit" in type(m).__name__ for m in model.modules())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not (tmp_path / "exp" / "adapter_config.json").exists()

@@ -116,7 +116,9 @@ def export_model(cfg: ExportConfig, out: Output) -> dict[str, Any]:
              + (f" ({dtype})" if dtype else "") + f" to {target}")
     # Every model file the export will read is checked against what the run recorded (the engine's model chain):
     # a model changed since its run stops the export here, before anything is loaded or written.
-    chain = ModelChain(src.base_spec, src.run, src.manifest, trust_remote_code=cfg.trust_remote_code)
+    # Exports are float models: a QLoRA run's adapters merged into the float base, so the checkpoint they are
+    # checked against is the float chain of the same adapters (quantized=False), not the 4-bit one they trained on.
+    chain = ModelChain(src.base_spec, src.run, src.manifest, trust_remote_code=cfg.trust_remote_code, quantized=False)
     chain.verify(src.index)
     inputs = input_hashes(src, reads_base=src.lora)
 
