@@ -20,7 +20,7 @@ from spoctl.cli import app
 from spoctl.data.store import load_prepared
 from spoctl.engine.batching import TokenPair, collate_pairs
 from spoctl.engine.logprobs import SequenceScorer, score_batch
-from spoctl.fsutil import DirectoryLock
+from spoctl.locks import ExclusiveLock
 
 from tinyworld import make_model_dir, make_prepared
 
@@ -247,7 +247,7 @@ def test_run_directory_belongs_to_one_run(world, tmp_path):
 def test_two_writers_cannot_share_a_run_directory(world, tmp_path):
     _, _, prepared = world
     run = tmp_path / "locked"
-    with DirectoryLock(run):
+    with ExclusiveLock(run, "run directory"):
         code, out = run_cli(["align", "--dims", "helpful", "--data", str(prepared), "--out", str(run), *FAST])
     assert code == 2 and "another spoctl process" in out
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from prepare_helpers import cli_process, pairs, run_prepare, siblings, write_jsonl
-from spoctl.data import locks
+from spoctl import locks
 from spoctl.data.store import load_prepared
 from spoctl.errors import UsageError
 
@@ -107,7 +107,7 @@ def test_force_waits_for_no_one_while_an_align_reads(tmp_path, tiny_tokenizer_di
 WRITER = """
 import sys
 from pathlib import Path
-from spoctl.data.locks import lock_exclusive
+from spoctl.locks import lock_exclusive
 lock = lock_exclusive(Path(sys.argv[1]))
 print("writing", flush=True)
 sys.stdin.read()

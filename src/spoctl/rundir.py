@@ -28,7 +28,8 @@ from typing import Any
 
 from . import __version__
 from .errors import UsageError
-from .fsutil import DirectoryLock, is_litter, read_json, write_json_atomic, write_text_atomic
+from .fsutil import is_litter, read_json, write_json_atomic, write_text_atomic
+from .locks import ExclusiveLock
 
 RUN_MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -143,8 +144,8 @@ class RunDir:
         found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
         return max(found) if found else None
 
-    def lock(self) -> DirectoryLock:
-        return DirectoryLock(self.root, what="run directory")
+    def lock(self) -> ExclusiveLock:
+        return ExclusiveLock(self.root, "run directory")
 
     def check_usable(self) -> None:
         """Refuse, before writing anything (the lock file included), a --out that cannot become this run directory:

@@ -11,7 +11,6 @@
 - truncate: cutting over-long prompts at message boundaries
 - build:    step 2 of prepare: one dimension to tokenized, fitted, split rows
 - outdir:   checking and claiming --out, writing the new folder atomically, cleaning stale temporary folders
-- locks:    the reader/writer lock of a prepared-data folder
 - prepare:  the pipeline behind `spoctl prepare`
 - store:    the on-disk schema and `load_prepared`, the verified, locked reader `align`/`eval` use
 """

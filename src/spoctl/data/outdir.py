@@ -2,7 +2,7 @@
 
 `--force` replaces only what prepare itself produced: a folder whose manifest has prepare's format version and
 the prepared layout. Never a spoctl run directory, never a folder holding a SOURCE being read, never anything
-else, and never a folder an `align`/`eval` is reading (the exclusive lock of spoctl.data.locks).
+else, and never a folder an `align`/`eval` is reading (the exclusive lock of spoctl.locks).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 
 from ..errors import UsageError
 from ..fsutil import atomic_directory
-from .locks import FolderLock, lock_exclusive, try_lock_exclusive
+from ..locks import FolderLock, lock_exclusive, try_lock_exclusive
 from .store import PREPARED_MANIFEST, READABLE_VERSIONS, SPLITS
 
 # A temporary folder without a lock file is left alone this long (its writer may be about to create the lock).

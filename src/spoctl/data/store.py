@@ -2,7 +2,7 @@
 
 Layout:
     OUT/manifest.json
-    OUT/.lock          (readers share it; prepare --force needs it alone: spoctl.data.locks)
+    OUT/.lock          (readers share it; prepare --force needs it alone: spoctl.locks)
     OUT/<dim>/train/   (datasets.Dataset.save_to_disk, Arrow)
     OUT/<dim>/eval/
 
@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 
 from ..errors import UsageError
 from ..fsutil import sha256_file
-from .locks import FolderLock, lock_shared
+from ..locks import FolderLock, lock_shared
 
 FORMAT_VERSION = 2
 # Version 1 (no per-file records) is still read: its splits are checked by re-hashing their token ids instead.

@@ -1,6 +1,7 @@
-"""The lock file of a prepared-data folder (`OUT/.lock`): readers share it, `prepare` takes it alone.
+"""The lock file of a folder spoctl owns (`FOLDER/.lock`, an advisory `flock`, released when the process dies).
 
-`load_prepared` holds a shared `flock` for the life of the data it returns, so `prepare --force` (which needs the
+A run directory is locked exclusively by the process that writes it (`RunDir.lock`). A prepared-data folder is
+shared: readers share the lock and `prepare` takes it alone. `load_prepared` holds a shared `flock` for the life of the data it returns, so `prepare --force` (which needs the
 exclusive lock, without waiting) cannot replace a folder an `align` or `eval` is reading. `prepare` also holds the
 exclusive lock on its temporary folder while writing it; the lock file moves with the folder when it is renamed
 into place, and a temporary folder whose lock nobody holds was left by a crashed process.
@@ -18,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from ..errors import UsageError
+from .errors import UsageError
 
 LOCK_NAME = ".lock"
 # How long a reader waits for a prepare that is renaming its new folder into place (a moment, normally).
@@ -129,16 +130,41 @@ def lock_shared(folder: Path) -> FolderLock:
             os.close(fd)  # the folder was replaced while we waited: lock the new one
 
 
-def lock_exclusive(folder: Path, *, create: bool = True) -> FolderLock:
-    """prepare's lock: at once or not at all (refusing names who reads the folder)."""
+def lock_exclusive(folder: Path, *, create: bool = True, busy: str | None = None) -> FolderLock:
+    """The writer's lock: at once or not at all. Refusing names the holder; `busy` is the message for it, with
+    `{folder}` and `{holder}` filled in (the default is prepare's, which only readers can block)."""
     path = folder / LOCK_NAME
     fd = _attempt(path, fcntl.LOCK_EX, create=create)
     if fd == _BUSY:
-        raise UsageError(
-            f"{folder}: not replacing it, because {describe(holders(path))} is reading it (an align or eval);"
-            " wait for it to finish, or choose another --out"
-        )
+        busy = busy or ("{folder}: not replacing it, because {holder} is reading it (an align or eval); wait for it"
+                        " to finish, or choose another --out")
+        raise UsageError(busy.format(folder=folder, holder=describe(holders(path))))
     return FolderLock(folder, fd)
+
+
+class ExclusiveLock:
+    """`with ExclusiveLock(folder, "run directory"):` -- one process at a time writes the folder."""
+
+    def __init__(self, folder: Path | str, what: str):
+        self.folder, self.what = Path(folder), what
+        self._lock: FolderLock | None = None
+
+    def acquire(self) -> "ExclusiveLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_exclusive(self.folder, busy="{folder}: another spoctl process ({holder}) is using this "
+                                                      + self.what + "; wait for it to finish or choose another --out")
+        return self
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "ExclusiveLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def try_lock_exclusive(folder: Path) -> FolderLock | None:
