@@ -161,7 +161,7 @@ def run_length(work: Path, s: dict) -> list[dict]:
     for lo, hi in s["lengths"]:
         out = work / f"bench-{lo}-{hi}.json"
         cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--sides", "spoctl", "--min-len", str(lo),
-               "--max-len", str(hi), "--frozen-batch", "8", *s["bench"], "--out", str(out)]
+               "--max-len", str(hi), "--frozen-batch", "8", "--repeats", "1", *s["bench"], "--out", str(out)]
         log(f"length: {lo}-{hi} ...")
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
