@@ -378,6 +378,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--sides: unknown side(s) {', '.join(unknown)}; choose from spoctl, trl-precomputed, trl")
     argv = sys.argv[1:]
+    started = time.strftime("%Y-%m-%d %H:%M")
     runs = []
     for rnd in range(a.repeats):
         for side in sides:
@@ -391,8 +392,9 @@ def main() -> None:
     peak = run_side("peak", argv)["result"]["matmul_peak_tflops"] if a.device == "cuda" else None
     results, ratios = summarise(runs, peak)
     report = {
-        "args": {k: v for k, v in vars(a).items() if k != "side"},
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "args": {k: v for k, v in vars(a).items() if k not in ("side", "out")},
+        "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {"cpus": os.cpu_count(),
                     "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                     "torch_threads": runs[0]["result"]["threads"], "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
