@@ -359,6 +359,9 @@ def main() -> None:
     a = p.parse_args()
     if a.repeats < 1:
         p.error("--repeats must be at least 1")
+    unknown = sorted(set(a.sides.split(",")) - {"spoctl", "trl-precomputed", "trl"})
+    if unknown:
+        p.error(f"--sides: unknown side(s) {', '.join(unknown)}; choose from spoctl, trl-precomputed, trl")
     a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
 
     if a.side:
@@ -374,9 +377,6 @@ def main() -> None:
     if a.threads:
         os.environ["OMP_NUM_THREADS"] = str(a.threads)  # inherited by every side's subprocess
     sides = a.sides.split(",")
-    unknown = sorted(set(sides) - {"spoctl", "trl-precomputed", "trl"})
-    if unknown:
-        raise SystemExit(f"--sides: unknown side(s) {', '.join(unknown)}; choose from spoctl, trl-precomputed, trl")
     argv = sys.argv[1:]
     started = time.strftime("%Y-%m-%d %H:%M")
     runs = []
