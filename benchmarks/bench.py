@@ -96,6 +96,14 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def steady_step_seconds(times: list[float], a: argparse.Namespace) -> float:
+    """Median step time after the warm-up steps; a clear error when no step is left to time."""
+    if len(times) <= a.warmup:
+        raise SystemExit(f"only {len(times)} step(s) ran, none after --warmup {a.warmup}: raise --steps, or --pairs "
+                         f"(one epoch of --pairs {a.pairs} at --batch {a.batch} is {a.pairs // a.batch} step(s))")
+    return statistics.median(times[a.warmup:])
+
+
 def side_spoctl(a: argparse.Namespace) -> dict:
     import torch
     from accelerate import Accelerator
@@ -157,7 +165,7 @@ def side_spoctl(a: argparse.Namespace) -> dict:
     last[0] = time.perf_counter()
     train_stage(accelerator=acc, plan=plan, cfg=cfg, policy=model,
                 data=StageData(train=pairs, ref_train=ref, offset_train=offset), pad_token_id=vocab - 1, hooks=hooks)
-    step_s = statistics.median(times[a.warmup:])
+    step_s = steady_step_seconds(times, a)
     return {"side": "spoctl-spo-stage", "threads": torch.get_num_threads(), "params_M": round(n_params / 1e6, 1),
             "step_s": round(step_s, 4),
             "real_tok_s": round(a.batch * tokens_per_pair / step_s, 1),
@@ -205,7 +213,7 @@ def side_trl(a: argparse.Namespace, precompute: bool) -> dict:
     trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(rows),
                          processing_class=tok, callbacks=[Timer()])
     trainer.train()
-    step_s = statistics.median(times[a.warmup:])
+    step_s = steady_step_seconds(times, a)
     return {"side": "trl-dpo" + ("-precomputed-ref" if precompute else ""), "threads": torch.get_num_threads(),
             "params_M": round(n_params / 1e6, 1), "step_s": round(step_s, 4),
             "real_tok_s": round(a.batch * tokens_per_pair / step_s, 1), "peak_gib": round(peak_memory_gib(a.device), 3)}
@@ -359,6 +367,8 @@ def main() -> None:
     a = p.parse_args()
     if a.repeats < 1:
         p.error("--repeats must be at least 1")
+    if a.steps <= a.warmup:
+        p.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup}): only the steps after the warm-up are timed")
     unknown = sorted(set(a.sides.split(",")) - {"spoctl", "trl-precomputed", "trl"})
     if unknown:
         p.error(f"--sides: unknown side(s) {', '.join(unknown)}; choose from spoctl, trl-precomputed, trl")
