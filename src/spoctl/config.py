@@ -204,22 +204,35 @@ def check_columns(columns: dict[str, str] | None) -> dict[str, str] | None:
 
 
 # ----------------------------------------------------------------------------------------------- align
-LossType = Literal["sigmoid", "ipo", "hinge"]
-
-
 class LossConfig(StrictModel):
-    """The per-pair loss applied to the SPO margin h (docs/method.md)."""
+    """The per-pair loss applied to the SPO margin h (docs/method.md §5)."""
 
-    type: LossType = Field("sigmoid", description="sigmoid (DPO), ipo, or hinge; applied to the SPO margin h.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO (sigmoid only): the assumed "
-                                                                   "rate of flipped preference labels.")
+    type: str = Field("sigmoid", description="The loss of the SPO margin h, by its name in the loss registry "
+                                             "(`spoctl.losses.LOSSES`): sigmoid (DPO), ipo or hinge.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO: the assumed rate of flipped "
+                                                                   "preference labels (losses that take it only).")
     sft_weight: float = Field(0.0, ge=0.0, description="Weight of an SFT term: the per-token NLL of the chosen "
                                                        "response, added to each pair's loss.")
 
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        # The loss registry holds the functions (torch): read it only when a loss is being chosen, so that loading
+        # the configuration stays free of torch.
+        from .losses import LOSSES
+
+        if value not in LOSSES:
+            choices = "; ".join(f"{name}: {spec.description}" for name, spec in LOSSES.items())
+            raise ValueError(f"unknown loss type {value!r}{_suggest(value, LOSSES)}; the losses are: {choices}")
+        return value
+
     @model_validator(mode="after")
-    def _smoothing_is_sigmoid_only(self) -> "LossConfig":
-        if self.label_smoothing and self.type != "sigmoid":
-            raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {self.type!r}")
+    def _smoothing_only_where_taken(self) -> "LossConfig":
+        from .losses import LOSSES
+
+        if self.label_smoothing and not LOSSES[self.type].takes_label_smoothing:
+            takers = ", ".join(n for n, spec in LOSSES.items() if spec.takes_label_smoothing)
+            raise ValueError(f"label_smoothing applies to the {takers} loss only, not {self.type!r}")
         return self
 
 
