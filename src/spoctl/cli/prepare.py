@@ -7,15 +7,14 @@ from typing import Optional
 
 import typer
 
-from ..config import PrepareConfig, resolve_config
-from ..console import Output
+from ..config import PrepareConfig
 from ..errors import UsageError
-from .common import ConfigOpt, JsonOpt, PrintConfigOpt, QuietOpt, SetOpt, VerboseOpt, app, execute, parse_assignments
+from .common import CommonOptions, command, execute, parse_assignments
 
-@app.command(
-    epilog="Example:\n\n  spoctl prepare --data helpful=hh/helpful.jsonl.gz --data harmless=hh/harmless.jsonl.gz"
-    " --model HuggingFaceTB/SmolLM2-135M-Instruct --out prepared/"
-)
+@command(examples=[
+    "spoctl prepare --data helpful=hh/helpful.jsonl.gz --data harmless=hh/harmless.jsonl.gz"
+    " --model HuggingFaceTB/SmolLM2-135M-Instruct --out prepared/",
+])
 def prepare(
     data: Optional[list[str]] = typer.Option(None, "--data", "-d", help="DIM=SOURCE (repeatable): a local file or a Hub dataset id."),
     format: Optional[str] = typer.Option(None, "--format", "-f", help="auto | pairwise | hh-rlhf | pku-saferlhf | helpsteer."),
@@ -29,15 +28,11 @@ def prepare(
     seed: Optional[int] = typer.Option(None, help="Seed of the train/eval split."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     debug: bool = typer.Option(False, "--debug", help="Print a few rendered examples exactly as the model sees them."),
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-    print_config: bool = PrintConfigOpt,
-    json_: bool = JsonOpt,
-    quiet: bool = QuietOpt,
-    verbose: bool = VerboseOpt,
+    *,
+    opts: CommonOptions,
 ) -> None:
     """Turn raw preference data into per-dimension, tokenized, split datasets for `spoctl align`."""
-    out = Output(json_mode=json_, quiet=quiet, verbose=verbose)
+    out = opts.output
 
     def build() -> PrepareConfig:
         flags = {
@@ -53,8 +48,8 @@ def prepare(
             "seed": seed,
             "force": True if force else None,
         }
-        cfg = resolve_config(PrepareConfig, "prepare", config, set_, flags)
-        if not cfg.data and not print_config:
+        cfg = opts.resolve(PrepareConfig, "prepare", flags)
+        if not cfg.data and not opts.print_config:
             raise UsageError("no data given: pass --data DIM=SOURCE (repeatable) or set prepare.data in --config")
         return cfg
 
@@ -63,4 +58,4 @@ def prepare(
 
         return run_prepare(cfg, out, debug=debug)
 
-    execute(out, build, "prepare", print_config, act)
+    execute(opts, build, "prepare", act)
