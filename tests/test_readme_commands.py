@@ -317,6 +317,9 @@ def test_documented_commands_work_as_written(block: Block, not_run: Command | No
     shown = "\n".join(shrink(c.text) for c in runnable)
     assert proc.returncode == 0, (f"{block.id}: exit {proc.returncode} running, in {state['work']}:\n{shown}\n"
                                   f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}")
+    # normal use prints no library warnings (spoctl's own are `warning: ...`)
+    stray = re.findall(r"^.*\b[A-Z]\w*Warning: .*$", proc.stderr, re.M)
+    assert not stray, f"{block.id}: library warnings on stderr:\n" + "\n".join(stray)
 
 
 # ------------------------------------------------------------------------------------------------ the rules themselves

@@ -424,6 +424,10 @@ def quiet_library_output() -> None:
     # of `is_activation_checkpointing`: every `--lora` run and LoRA export printed this FutureWarning. Only this
     # message is silenced; other warnings still show.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # peft, saving adapters of a base model that has no config.json next to it (a .gguf file), cannot check whether
+    # the vocabulary was resized; spoctl's adapters never touch the embeddings, so its assumption holds.
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in .* will assume that the vocabulary"
+                                              r" was not modified", category=UserWarning)
     try:
         import datasets
 
