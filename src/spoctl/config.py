@@ -595,7 +595,7 @@ def validate(model_cls: type[M], data: dict[str, Any], section: str, source: str
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:
-        raise UsageError(format_validation_error(err, model_cls, section, source)) from None
+        raise ConfigError(format_validation_error(err, model_cls, section, source), err, section) from None
 
 
 def format_validation_error(err: ValidationError, model_cls: type[BaseModel], section: str, source: str | None) -> str:
@@ -652,3 +652,18 @@ def _suggest(name: str, choices: Any) -> str:
 def dump_config(cfg: BaseModel, section: str) -> str:
     """The resolved configuration as a YAML config file that reproduces it."""
     return yaml.safe_dump({section: cfg.model_dump(mode="json")}, sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------------------------- error machinery
+class ConfigError(UsageError):
+    """A configuration that does not validate. Keeps the pydantic errors, so a caller that knows where each key
+    came from (the CLI knows its flags) can say so; `str(err)` is the complete message on its own."""
+
+    def __init__(self, message: str, validation_error: ValidationError, section: str):
+        super().__init__(message)
+        self.validation_error = validation_error
+        self.section = section
+
+    def keys(self) -> list[str]:
+        """The failing keys, relative to the section, one per error ('' for the section itself)."""
+        return [".".join(str(p) for p in e["loc"] if not isinstance(p, int)) for e in self.validation_error.errors()]

@@ -7,11 +7,10 @@ from typing import Optional
 
 import typer
 
-from ..config import EvalConfig, check_gate_bound, resolve_config
-from ..console import Output
+from ..config import EvalConfig, check_gate_bound
 from ..errors import UsageError
 from ..evaluate.judges.registry import AUTO, help_text
-from .common import ConfigOpt, JsonOpt, PrintConfigOpt, QuietOpt, SetOpt, VerboseOpt, app, execute, fail_check, parse_assignments
+from .common import CommonOptions, command, execute, fail_check, parse_assignments
 
 
 def bare_judge_to_auto(argv: list[str]) -> list[str]:
@@ -38,12 +37,14 @@ def gate_bounds(items: list[str] | None, flag: str, example: str) -> dict[str, f
     return bounds
 
 
-@app.command(
+@command(
     "eval",
-    epilog="Examples:\n\n  spoctl eval runs/hh                                  # implicit-reward scorecard only\n\n"
-    "  spoctl eval runs/hh --judge                          # + judged win rates with the best judge available\n\n"
-    "  spoctl eval runs/hh --judge openai:gpt-4o-mini --judge-url https://api.openai.com/v1\n\n"
-    "  spoctl eval runs/hh --fail-under helpful=0.6 --max-regression helpful=0.05   # CI gate: exit 1 if broken",
+    examples=[
+        "spoctl eval runs/hh                                  # implicit-reward scorecard only",
+        "spoctl eval runs/hh --judge                          # + judged win rates with the best judge available",
+        "spoctl eval runs/hh --judge openai:gpt-4o-mini --judge-url https://api.openai.com/v1",
+        "spoctl eval runs/hh --fail-under helpful=0.6 --max-regression helpful=0.05   # CI gate: exit 1 if broken",
+    ],
 )
 def eval_(
     run_dir: Optional[Path] = typer.Argument(None, help="Run directory made by spoctl align (default: the latest"
@@ -71,18 +72,14 @@ def eval_(
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Gate an unfinished run on its completed"
                                           " stages (otherwise the gate fails, naming the missing stage)."),
     no_plot: bool = typer.Option(False, "--no-plot", help="Skip the PNG plot."),
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-    print_config: bool = PrintConfigOpt,
-    json_: bool = JsonOpt,
-    quiet: bool = QuietOpt,
-    verbose: bool = VerboseOpt,
+    *,
+    opts: CommonOptions,
 ) -> None:
     """Score every stage on every dimension (implicit rewards; judged win rates with --judge); gate CI on it.
 
     Exit codes: 0 ok, 1 a --fail-under/--max-regression bound is broken (or the gated run is not finished),
     2 usage error, missing run or unreachable judge (the partial report is kept in RUN_DIR/eval/)."""
-    out = Output(json_mode=json_, quiet=quiet, verbose=verbose)
+    out = opts.output
 
     def build() -> EvalConfig:
         from ..evaluate.judges import parse_judge_spec
@@ -108,14 +105,14 @@ def eval_(
             "gate.allow_incomplete": True if allow_incomplete else None,
             "plot": False if no_plot else None,
         }
-        return resolve_config(EvalConfig, "eval", config, set_, flags)
+        return opts.resolve(EvalConfig, "eval", flags)
 
     def act(cfg: EvalConfig) -> dict:
         from ..evaluate import evaluate
 
         return evaluate(cfg, out)
 
-    report = execute(out, build, "eval", print_config, act)
+    report = execute(opts, build, "eval", act)
     if report is not None:
         from ..evaluate.runner import gate_failure
 

@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..config import PrepareConfig, resolve_config
-from ..console import Output
+from ..config import PrepareConfig
 from ..data.formats import describe as format_choices
 from ..errors import UsageError
-from .common import ConfigOpt, JsonOpt, PrintConfigOpt, QuietOpt, SetOpt, VerboseOpt, app, execute, parse_assignments
-
-# Config keys that have a flag here: an error about a key the user set with its flag names the flag.
-FLAG_KEYS = {
-    "length.max_prompt_tokens": "--max-prompt-tokens",
-    "length.max_length": "--max-length",
-    "length.overflow": "--overflow",
-    "length.prompt_truncation": "--prompt-truncation",
-    "eval_fraction": "--eval-fraction",
-    "max_pairs": "--max-pairs",
-    "out": "--out",
-    "format": "--format",
-    "columns": "--columns",
-}
+from .common import CommonOptions, command, execute, parse_assignments
 
 
-@app.command(
-    epilog="Example:\n\n  spoctl prepare --data helpful=hh/helpful.jsonl.gz --data harmless=hh/harmless.jsonl.gz"
-    " --model HuggingFaceTB/SmolLM2-135M-Instruct --out prepared/"
-)
+@command(examples=[
+    "spoctl prepare --data helpful=hh/helpful.jsonl.gz --data harmless=hh/harmless.jsonl.gz"
+    " --model HuggingFaceTB/SmolLM2-135M-Instruct --out prepared/",
+])
 def prepare(
     data: Optional[list[str]] = typer.Option(
         None, "--data", "-d", help="DIM=SOURCE (repeatable): a local file, a dataset folder or a Hub dataset id, "
@@ -51,15 +35,11 @@ def prepare(
     seed: Optional[int] = typer.Option(None, help="Seed of the train/eval split."),
     force: bool = typer.Option(False, "--force", help="Replace an existing prepared-data directory (nothing else)."),
     debug: bool = typer.Option(False, "--debug", help="Print a few rendered examples exactly as the model sees them."),
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-    print_config: bool = PrintConfigOpt,
-    json_: bool = JsonOpt,
-    quiet: bool = QuietOpt,
-    verbose: bool = VerboseOpt,
+    *,
+    opts: CommonOptions,
 ) -> None:
     """Turn raw preference data into per-dimension, tokenized, split datasets for `spoctl align`."""
-    out = Output(json_mode=json_, quiet=quiet, verbose=verbose)
+    out = opts.output
 
     def build() -> PrepareConfig:
         flags = {
@@ -77,11 +57,8 @@ def prepare(
             "seed": seed,
             "force": True if force else None,
         }
-        try:
-            cfg = resolve_config(PrepareConfig, "prepare", config, set_, flags)
-        except UsageError as err:
-            raise UsageError(name_flags(str(err), [k for k, v in flags.items() if v is not None])) from None
-        if not cfg.data and not print_config:
+        cfg = opts.resolve(PrepareConfig, "prepare", flags)
+        if not cfg.data and not opts.print_config:
             raise UsageError("no data given: pass --data DIM=SOURCE (repeatable) or set prepare.data in --config")
         return cfg
 
@@ -90,7 +67,7 @@ def prepare(
 
         return run_prepare(cfg, out, debug=debug)
 
-    execute(out, build, "prepare", print_config, act)
+    execute(opts, build, "prepare", act)
 
 
 def parse_columns(text: str | None) -> dict[str, str] | None:
@@ -106,17 +83,3 @@ def parse_columns(text: str | None) -> dict[str, str] | None:
             raise UsageError(f"--columns: field {field!r} is given twice")
         mapping[field] = column
     return mapping
-
-
-def name_flags(message: str, given: list[str]) -> str:
-    """Say `--max-length` where the message says `prepare.length.max_length` (or just `max_length`) and the user
-    set that value with the flag: the error then names what the user typed."""
-    for key in given:
-        flag = FLAG_KEYS.get(key)
-        if flag is None:
-            continue
-        leaf = key.rsplit(".", 1)[-1]
-        message = message.replace(f"'prepare.{key}'", f"'{flag}'")
-        if "_" in leaf:  # a bare key name in a sentence (max_length); plain words like 'out' stay words
-            message = re.sub(rf"(?<![\w.'-]){re.escape(leaf)}(?![\w'])", flag, message)
-    return message
