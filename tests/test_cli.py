@@ -154,9 +154,11 @@ def test_json_input_error_carries_the_path(tmp_path, tiny_tokenizer_dir):
 
 
 def test_flags_are_named_in_configuration_errors():
-    res = runner.invoke(app, ["prepare", "--data", "helpful=x.jsonl", "--model", "m", "--max-length", "256"])
+    res = runner.invoke(app, ["prepare", "--data", "helpful=x.jsonl", "--model", "m", "--max-length", "256",
+                              "--set", "length.max_prompt_tokens=300"])
     assert res.exit_code == 2
     assert "--max-length 256: invalid value for 'prepare.length'" in res.stderr
+    assert "must be smaller than --max-length (256)" in res.stderr  # the rule's sentence says the flag too
     assert "related: --max-prompt-tokens, --overflow" in res.stderr  # what else the user can pass
     res = runner.invoke(app, ["eval", "runs/x", "--num-prompts", "0"])
     assert res.exit_code == 2 and "--num-prompts 0: invalid value for 'eval.generation.num_prompts'" in res.stderr
@@ -230,10 +232,10 @@ def test_unexpected_exception_keeps_the_traceback_and_asks_for_a_report(monkeypa
 def test_a_check_that_fails_in_json_mode_leaves_one_document(demo_home):
     res = runner.invoke(app, ["align", "--dims", "helpful", "--max-steps", "1", "--out", "runs/a", "-q"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["eval", "runs/a", "--json", "--no-plot", "--fail-under", "helpful=1.01"])
+    res = runner.invoke(app, ["eval", "runs/a", "--json", "--no-plot", "--fail-under", "helpful=1.0"])
     assert res.exit_code == 1
     report = json.loads(res.stdout)  # exactly one document: the report, whose gate says what failed
-    assert report["gate"]["passed"] is False
+    assert report["gate"]["passed"] is False, report["gate"]
     assert res.stderr.strip().splitlines()[-1].startswith("error: gate:")
 
 

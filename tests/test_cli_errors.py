@@ -100,7 +100,7 @@ def test_unreadable_data_file(tmp_path, permissions_apply, tiny_tokenizer_dir):
                   cwd=tmp_path, preexec=permissions_apply)
     finally:
         data.chmod(0o644)
-    assert_clean_error(res, "pairs.jsonl", "permission denied")
+    assert_clean_error(res, "pairs.jsonl", "cannot read the file: Permission denied")
     assert not (tmp_path / "p").exists()
 
 
@@ -121,7 +121,7 @@ def test_spoctl_home_is_a_file(tmp_path):
 
 def test_lock_that_is_a_folder(demo, tmp_path):
     (tmp_path / "run" / ".lock").mkdir(parents=True)
-    assert_clean_error(demo("--out", "run"), ".lock", "is a folder where a file is needed")
+    assert_clean_error(demo("--out", "run"), ".lock", "is a folder, where spoctl keeps its lock file")
 
 
 def test_empty_out(demo):

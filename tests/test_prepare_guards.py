@@ -262,7 +262,7 @@ def test_out_empty_string_is_refused_before_anything(tmp_path, tiny_tokenizer_di
 
     monkeypatch.chdir(tmp_path)
     res = runner.invoke(app, ["prepare", "--model", str(tiny_tokenizer_dir), "--data", f"d={src}", "--out", ""])
-    assert res.exit_code == 2 and "'--out'" in res.stderr and "is empty" in res.stderr
+    assert res.exit_code == 2 and "--out: invalid value for 'prepare.out'" in res.stderr and "is empty" in res.stderr
 
 
 def test_out_is_checked_before_sources_and_tokenizer(tmp_path, tiny_tokenizer_dir, monkeypatch):

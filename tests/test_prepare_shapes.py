@@ -201,7 +201,7 @@ def test_unmapped_data_says_how_to_map_it(tmp_path, tiny_tokenizer_dir):
     [
         ("prompt=question,chosen=good,rejected=nope",
          "record 1: no column 'nope' (mapped to 'rejected' by --columns rejected=nope); the record has: annotator, bad, good, id, question"),
-        ("promt=question", "invalid value for '--columns'"),
+        ("promt=question", "--columns: invalid value for 'prepare.columns': 'promt' (did you mean 'prompt'?)"),
         ("prompt=question,chosen", "--columns 'prompt=question,chosen': expected FIELD=COLUMN"),
         ("prompt=good,chosen=good", "column 'good' is mapped to two fields"),
     ],

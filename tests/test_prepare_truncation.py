@@ -158,10 +158,10 @@ def test_the_readme_quickstart_flags_work(tmp_path, tiny_tokenizer_dir):
          " lower --max-prompt-tokens (or leave it out: it defaults to half of --max-length) or raise --max-length"),
         (["--set", "length.max_prompt_tokens=300", "--max-length", "256"],
          "max_prompt_tokens (300) must be smaller than --max-length (256)"),
-        (["--max-length", "0"], "invalid value for '--max-length': got 0: Input should be greater than 1"),
-        (["--overflow", "cut"], "invalid value for '--overflow': got 'cut'"),
-        (["--prompt-truncation", "middle"], "invalid value for '--prompt-truncation'"),
-        (["--out", ""], "invalid value for '--out': got '': is empty"),
+        (["--max-length", "0"], "--max-length 0: invalid value for 'prepare.length.max_length': got 0: Input should be greater than 1"),
+        (["--overflow", "cut"], "--overflow cut: invalid value for 'prepare.length.overflow': got 'cut'"),
+        (["--prompt-truncation", "middle"], "--prompt-truncation middle: invalid value for 'prepare.length.prompt_truncation'"),
+        (["--out", ""], "--out: invalid value for 'prepare.out': got '': is empty"),
     ],
 )
 def test_errors_name_the_flag_the_user_typed(tmp_path, tiny_tokenizer_dir, args, expected):

@@ -397,13 +397,27 @@ def name_flags_in(err: ConfigError, flags: dict[str, Any], params: dict[str, tup
         named = [(k, flag_for_key(k, params)) for k in set_by]
         typed = [f"{f} {_shown(given[k])}".rstrip() for k, f in named if f]
         if typed:
-            line = f"{', '.join(typed)}: {line}"
+            line = f"{', '.join(typed)}: {_say_flags(line, named)}"
             related = sorted({f for k in flags if k.startswith(f"{key}.") and k not in set_by
                               for f in [flag_for_key(k, params)] if f})
             if related:
                 line += f" (related: {', '.join(related)})"
         out.append(line)
     return f"{head}: {out[0]}" if len(out) == 1 else f"{head}:\n  " + "\n  ".join(out)
+
+
+def _say_flags(line: str, named: list[tuple[str, str | None]]) -> str:
+    """In the sentence of a rule between keys ('max_prompt_tokens (300) must be smaller than max_length'), the
+    flag in place of each bare key name the user set with it; quoted keys ('prepare.length') and plain words
+    ('out') stay as they are."""
+    head, sep, sentence = line.partition("': ")
+    if not sep:
+        head, sentence = "", line
+    for key, flag in named:
+        leaf = key.rsplit(".", 1)[-1]
+        if flag and "_" in leaf:
+            sentence = re.sub(rf"(?<![\w.'-]){re.escape(leaf)}(?![\w'])", flag.split("/")[0], sentence)
+    return f"{head}{sep}{sentence}"
 
 
 def _shown(value: Any) -> str:

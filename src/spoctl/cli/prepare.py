@@ -24,7 +24,7 @@ def prepare(
     columns: Optional[str] = typer.Option(
         None, "--columns", help="FIELD=COLUMN,...: which columns hold the fields, e.g. prompt=question,chosen=good,rejected=bad."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Tokenizer and chat template: folder, .gguf file or Hub id."),
-    out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Prepared-data directory (default: prepared)."),
+    out_dir: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help="Prepared-data directory (default: prepared)."),
     max_length: Optional[int] = typer.Option(None, help="Longest prompt + response, in tokens (default 1024)."),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt, in tokens (default: half of --max-length)."),
     overflow: Optional[str] = typer.Option(None, help="Over-long pairs: truncate or drop."),
