@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..fsutil import hash_file_into, sha256_file
-from ..models import Quantization, load_causal_lm, resolve_model_source
+from ..models import Quantization, causal_lm_skeleton, load_causal_lm, resolve_model_source
 from ..rundir import RunDir
 
 LINEAGE_FILE = "spoctl_stage.json"
@@ -150,9 +150,19 @@ class ModelChain:
                 verify_files(folder, files, f"stage {i}'s model {folder}")
             self._verified.add(i)
 
-    def load(self, k: int, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """pi_k in eval mode, plain transformers model (LoRA adapters merged), verified against the manifest."""
-        self.verify(k)
+    def load(self, k: int, dtype: torch.dtype = torch.float32, *, empty: bool = False,
+             verify: bool = True) -> nn.Module:
+        """pi_k in eval mode, plain transformers model (LoRA adapters merged), verified against the manifest
+        (`verify=False`: by the caller, e.g. once on the main process for all). `empty`: the same model with its
+        parameters on the meta device, nothing read (the processes that receive their FSDP shards)."""
+        if empty:
+            folder = str(self.stage_model_dir(k)) if k > 0 and not self.lora else self.base_spec
+            model = causal_lm_skeleton(folder, dtype=dtype, trust_remote_code=self.trust_remote_code,
+                                       attention=self.attention)
+            model.eval()
+            return model
+        if verify:
+            self.verify(k)
         if k > 0 and not self.lora:
             # Full fine-tuning: stage k's folder holds complete weights; earlier stages are superseded.
             model = load_causal_lm(str(self.stage_model_dir(k)), dtype=dtype, trust_remote_code=self.trust_remote_code,
