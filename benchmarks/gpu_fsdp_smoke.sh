@@ -15,12 +15,8 @@ cd "$(dirname "$0")/.."
 out=${1:-/tmp/gpu-fsdp-smoke}
 precision=${PRECISION:-bf16}
 mkdir -p "$out"
-if [ "${WHEELS:-1}" = 1 ] && [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PY:-python3}
+source benchmarks/gpu_env.sh
+export PYTHONPATH="$PWD/tests:$PYTHONPATH"  # tinyworld builds the model and data
 [ "${DEVICE_CHECK:-1}" = 1 ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c "import torch, transformers, accelerate, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"
 

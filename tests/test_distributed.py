@@ -71,6 +71,20 @@ def test_an_accelerate_fsdp_config_selects_fsdp_with_its_settings():
     assert resolve_strategy(cfg(distributed="fsdp", gradient_checkpointing=True), FSDP_ENV).gradient_checkpointing
 
 
+def test_what_the_launcher_decided_becomes_the_runs_configuration():
+    import yaml
+
+    from spoctl.config import dump_config, validate
+
+    env = {**FSDP_ENV, "FSDP_ACTIVATION_CHECKPOINTING": "true", "FSDP_OFFLOAD_PARAMS": "true"}
+    strategy = resolve_strategy(cfg(), env)
+    applied = strategy.applied_to(cfg())
+    assert (applied.distributed, applied.gradient_checkpointing, applied.fsdp.cpu_offload) == ("fsdp", True, True)
+    # The run's config.yaml, used again under the same accelerate config, contradicts nothing.
+    again = validate(AlignConfig, yaml.safe_load(dump_config(applied, "align"))["align"], "align")
+    assert resolve_strategy(again, env) == strategy
+
+
 @pytest.mark.parametrize("settings,env,names", [
     ({"distributed": "ddp"}, FSDP_ENV, ["align.distributed is ddp", "distributed_type: FSDP"]),
     ({"fsdp": {"cpu_offload": False}}, {**FSDP_ENV, "FSDP_OFFLOAD_PARAMS": "true"},

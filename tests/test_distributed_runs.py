@@ -100,8 +100,9 @@ def lora_init(model_dir: Path, stage: int, seed: int = 0) -> dict[str, torch.Ten
 # ------------------------------------------------------------------------------------------------- FSDP vs one
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_fsdp_on_two_processes_trains_what_one_process_trains(world, tmp_path, kind):
-    """Two stages, FSDP2 over two processes (full fine-tuning launched with the shipped accelerate config, LoRA
-    through torchrun and the setting) against one plain process: the same weights and logged metrics to rounding."""
+    """Two stages, FSDP2 over two processes (full fine-tuning launched with the shipped accelerate config and with
+    activation checkpointing; LoRA through torchrun and the setting, with CPU offload) against one plain process:
+    the same weights and logged metrics to rounding."""
     root, model_dir, prepared = world
     extra = ["--lora", "--set", "lora.r=4"] if kind == "lora" else ["--full"]
     common = ["align", "--dims", "helpful,harmless", *ROUNDING_RUN, "--quiet", *extra]
@@ -112,13 +113,15 @@ def test_fsdp_on_two_processes_trains_what_one_process_trains(world, tmp_path, k
     if kind == "full":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "configs/accelerate/fsdp2.yaml"), "--num_processes", "2", "--main_process_port",
-               str(free_port()), "-m", "spoctl", *two]
+               str(free_port()), "-m", "spoctl", *two, "--set", "gradient_checkpointing=true"]
     else:
-        cmd = torchrun(2, *two, "--set", "distributed=fsdp")
+        cmd = torchrun(2, *two, "--set", "distributed=fsdp", "--set", "fsdp.cpu_offload=true")
     run(cmd)
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["distributed"]["name"] == "fsdp"
-    assert manifest["distributed"]["source"] == ("accelerate config" if kind == "full" else "align.distributed")
+    assert (manifest["distributed"]["source"], manifest["distributed"]["gradient_checkpointing"],
+            manifest["distributed"]["cpu_offload"]) == (("accelerate config", True, False) if kind == "full"
+                                                         else ("align.distributed", False, True))
     for n, stage in enumerate(("01-helpful", "02-harmless"), start=1):
         base = (load_file(str(model_dir / "model.safetensors")) if kind == "full" else lora_init(model_dir, n))
         if kind == "full" and n == 2:

@@ -141,18 +141,21 @@ def align(cfg: AlignConfig, out: Output) -> dict[str, Any]:
     # 1. Everything that can fail cheaply fails here, before a run directory exists.
     prepared, base_spec, tokenizer, plans = _check_inputs(cfg)
     try:  # the prepared data stays locked for reading (prepare --force waits) until the run is over
-        with _processes(cfg, plans) as dist:
+        # DDP or FSDP2, from the settings and the launcher's accelerate config; a contradiction fails here, before
+        # any process group. What the launcher decided is part of the configuration from here on.
+        strategy = resolve_strategy(cfg)
+        cfg = strategy.applied_to(cfg)
+        with _processes(cfg, plans, strategy) as dist:
             return _align(cfg, out, prepared, base_spec, tokenizer, plans, dist)
     finally:
         prepared.close()
 
 
 @contextlib.contextmanager
-def _processes(cfg: AlignConfig, plans: list[StagePlan]) -> Any:
-    """The Accelerator (process group, device, mixed precision) and the strategy (DDP or FSDP2) of this run."""
+def _processes(cfg: AlignConfig, plans: list[StagePlan], strategy: Any) -> Any:
+    """The Accelerator (process group, device, mixed precision) and the strategy (DDP or FSDP2) at run time."""
     from accelerate import Accelerator
 
-    strategy = resolve_strategy(cfg)  # a config that contradicts the launcher's fails before any process group
     precision = resolve_precision(cfg.precision)
     # project_dir: accelerate wants a logging folder for local trackers now; start_trackers points it into the run
     # directory once that is settled (a default run directory is a timestamp agreed on by every process).

@@ -68,9 +68,8 @@ def folder_files(folder: Path) -> dict[str, dict[str, Any]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def verify_files(folder: Path, recorded: dict[str, dict[str, Any]], what: str) -> None:
-    """Every file recorded when `folder` was written is still there, the same size, the same bytes: else a
-    UsageError naming the file. (Sizes first: a truncated or replaced file is named without hashing anything.)"""
+def size_problems(folder: Path, recorded: dict[str, dict[str, Any]]) -> list[str]:
+    """Files recorded when `folder` was written that are missing or have another size now (no hashing)."""
     problems = []
     for name, info in recorded.items():
         path = folder / name
@@ -78,9 +77,19 @@ def verify_files(folder: Path, recorded: dict[str, dict[str, Any]], what: str) -
             problems.append(f"{path} is missing")
         elif path.stat().st_size != info["size"]:
             problems.append(f"{path} has {path.stat().st_size} bytes, {info['size']} were written")
-    for name, info in recorded.items():
-        if not problems and sha256_file(folder / name) != info["sha256"]:
-            problems.append(f"{folder / name} was changed after it was written (its sha256 differs)")
+    return problems
+
+
+def hash_problems(folder: Path, recorded: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
+    """Those of `names` whose bytes are no longer the ones recorded."""
+    return [f"{folder / n} was changed after it was written (its sha256 differs)" for n in names
+            if sha256_file(folder / n) != recorded[n]["sha256"]]
+
+
+def verify_files(folder: Path, recorded: dict[str, dict[str, Any]], what: str) -> None:
+    """Every file recorded when `folder` was written is still there, the same size, the same bytes: else a
+    UsageError naming the file. (Sizes first: a truncated or replaced file is named without hashing anything.)"""
+    problems = size_problems(folder, recorded) or hash_problems(folder, recorded, list(recorded))
     if problems:
         raise UsageError(f"{what} is not the one this run saved: {'; '.join(problems)}. Restore it, or run the "
                          "stage again in a new run directory")

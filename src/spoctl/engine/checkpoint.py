@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..fsutil import atomic_directory, sha256_file
+from .chain import hash_problems, size_problems
 from .distributed import Processes
 
 STATE_DIR = "state"
@@ -134,21 +135,12 @@ def verify_checkpoint(folder: Path, procs: Processes) -> list[str]:
             return [f"{folder / CHECKSUMS_FILE} is missing (the checkpoint was not written by this spoctl)"], {}
         except (OSError, ValueError, KeyError, TypeError) as err:
             return [f"{folder / CHECKSUMS_FILE} is unreadable ({type(err).__name__})"], {}
-        problems = []
-        for name, info in files.items():
-            path = folder / name
-            if not path.is_file():
-                problems.append(f"{path} is missing")
-            elif path.stat().st_size != info["size"]:
-                problems.append(f"{path} has {path.stat().st_size} bytes, {info['size']} were written")
-        return problems, files
+        return size_problems(folder, files), files
 
     problems, files = procs.share(recorded)
     if problems:
         return problems
-    names = sorted(files)
-    mine = [f"{folder / n} was changed after it was written (its sha256 differs)"
-            for n in names[procs.rank::procs.world] if sha256_file(folder / n) != files[n]["sha256"]]
+    mine = hash_problems(folder, files, sorted(files)[procs.rank::procs.world])
     return [p for part in procs.gather(mine) for p in part]
 
 

@@ -146,6 +146,15 @@ class Strategy:
     def fsdp(self) -> bool:
         return self.name == "fsdp"
 
+    def applied_to(self, cfg: AlignConfig) -> AlignConfig:
+        """`cfg` with this strategy's settings written in: what an accelerate launch config decided becomes the
+        run's configuration (so training reads it, and config.yaml reproduces the run under any launcher)."""
+        fsdp = cfg.fsdp.model_copy(update={"cpu_offload": self.cpu_offload,
+                                           "reshard_after_forward": self.reshard_after_forward,
+                                           "wrap": list(self.wrap)})
+        return cfg.model_copy(update={"distributed": self.name, "fsdp": fsdp,
+                                      "gradient_checkpointing": self.gradient_checkpointing})
+
     def to_manifest(self) -> dict[str, Any]:
         d = asdict(self)
         d["wrap"] = list(self.wrap)
@@ -284,6 +293,11 @@ class Distributed:
         """FSDP: only the main process reads weights; the others build the model on the meta device and receive
         their shards from it, so a node holds one full copy in host memory, not one per process."""
         return self.fsdp
+
+    @property
+    def parameter_device(self) -> torch.device:
+        """Where the trained parameters (and so the optimizer's work) live: the host under FSDP CPU offload."""
+        return torch.device("cpu") if self.fsdp and self.strategy.cpu_offload else self.accelerator.device
 
     @property
     def collective_forward(self) -> bool:

@@ -120,7 +120,7 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         compile_backbone(policy)
     layout, window = resolve_layout(cfg.layout, policy), attention_window(policy)
     scorer, optimizer = dist.prepare_training(SequenceScorer(policy, chunk_size=cfg.logprob_chunk),
-                                              lambda model: make_optimizer(model, plan, cfg, accelerator.device))
+                                              lambda model: make_optimizer(model, plan, cfg, dist.parameter_device))
     # Taken after preparing: FSDP replaces the parameters with their shards.
     params = [p for p in scorer.parameters() if p.requires_grad]
     scheduler = make_scheduler(getattr(optimizer, "optimizer", optimizer), cfg.scheduler, total, warmup)
