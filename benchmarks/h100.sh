@@ -18,12 +18,7 @@ steps=${STEPS:-30}
 # device session (about 15 minutes). REPEATS=3 interleaves three rounds, as on the shared CPU.
 repeats=${REPEATS:-1}
 mkdir -p "$out"
-if [ "${WHEELS:-1}" = 1 ] && [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PY:-python3}
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 $PY -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
 for shape in $shapes; do

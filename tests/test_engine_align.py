@@ -19,6 +19,8 @@ from typer.testing import CliRunner
 from spoctl.cli import app
 from spoctl.data.store import load_prepared
 from spoctl.engine.batching import TokenPair, collate_pairs
+from spoctl.engine.checkpoint import verify_checkpoint
+from spoctl.engine.distributed import Processes
 from spoctl.engine.logprobs import SequenceScorer, score_batch
 from spoctl.locks import ExclusiveLock
 
@@ -212,9 +214,12 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_checkpoint(world, tmp_path)
     assert not (run / "stages/01-helpful/model").exists()
     ckpts = sorted((run / "stages/01-helpful/checkpoints").iterdir())
     assert ckpts and all(c.name.startswith("step-") for c in ckpts)
-    for c in ckpts:  # every checkpoint that exists is whole and finite
-        state = load_file(str(c / "trainable.safetensors"))
-        assert all(torch.isfinite(t).all() for t in state.values())
+    for c in ckpts:  # every checkpoint that exists is whole (as its checksums say) and finite
+        assert verify_checkpoint(c, Processes()) == []
+        files = sorted((c / "state").glob("*.safetensors"))
+        assert files
+        for f in files:
+            assert all(torch.isfinite(t).all() for t in load_file(str(f)).values())
 
 
 def test_errors_exit_2_with_actionable_messages(world, tmp_path):

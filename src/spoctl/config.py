@@ -248,6 +248,23 @@ class LoraConfig(StrictModel):
                                   "list of module names, e.g. [q_proj, v_proj].")
 
 
+class FsdpConfig(StrictModel):
+    """FSDP2 (`align.distributed: fsdp`): each transformer block is one unit whose parameters, gradients and optimizer
+    state are split over the processes and gathered only while the block runs. Mixed precision follows `precision`,
+    activation checkpointing follows `gradient_checkpointing`. An `accelerate launch` FSDP config sets the same
+    things (`fsdp_offload_params`, `fsdp_reshard_after_forward`, `fsdp_transformer_layer_cls_to_wrap`)."""
+
+    cpu_offload: bool = Field(False, description="Keep the sharded parameters, gradients and optimizer state in host "
+                                                 "memory; the optimizer step runs on the CPU. Fits larger models on "
+                                                 "the GPUs, at slower steps.")
+    reshard_after_forward: bool = Field(True, description="Free a block's gathered parameters after its forward and "
+                                                          "gather them again for its backward (ZeRO-3); false keeps "
+                                                          "them until the backward: more memory, less traffic.")
+    wrap: list[str] = Field(default_factory=list, description="Class names of the blocks that become one FSDP unit "
+                                                              "each, e.g. [LlamaDecoderLayer]; empty: the model's "
+                                                              "own (transformers' `_no_split_modules`).")
+
+
 class StageOverrides(StrictModel):
     """Per-stage settings (keyed by dimension under `align.stages`); anything left out uses the global value."""
 
@@ -327,6 +344,12 @@ class AlignConfig(StrictModel):
         "auto", description="Attention kernel the models load with. auto: transformers' default for the model "
                             "(SDPA where supported). flash_attention_*: needs the flash-attn package and a GPU; "
                             "with layout auto it makes batches packed (variable-length, no padding).")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="How several processes (torchrun, accelerate launch) train: ddp (each holds the whole "
+                           "model, gradients are averaged) or fsdp (FSDP2: parameters, gradients and optimizer state "
+                           "sharded over the processes; frozen models are sharded for their pass too). An `accelerate "
+                           "launch` FSDP config selects fsdp as well; contradicting it is an error.")
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="FSDP2 settings (distributed: fsdp).")
     compile: bool = Field(False, description="torch.compile the model's backbone (dynamic shapes): faster steps "
                                              "after a one-off compile per model. CUDA GPUs only.")
     report_to: list[str] = Field(default_factory=list, description="Experiment trackers to log to, through "

@@ -208,6 +208,29 @@ def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = Fa
     return as_plain_float_model(model) if src.kind == "gguf" else model
 
 
+def causal_lm_skeleton(spec: str, *, dtype: Any = None, trust_remote_code: bool = False, attention: str | None = None):
+    """The model `load_causal_lm` would load, with its parameters on the meta device: no weights read, no memory
+    taken. Under FSDP every process but the main one builds this and receives its shards from the main process.
+    Buffers the model computes itself (rotary frequencies) are real, and tied weights are tied, as after loading."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = check_model_loadable(spec)
+    path, kwargs = src.from_pretrained_args()
+    kwargs.update(_hub_kwargs(src, "config.json"))
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as err:
+        raise _load_error(spec, err) from None
+    extra = {"attn_implementation": attention} if attention and attention != "auto" else {}
+    with init_empty_weights():  # parameters on meta, buffers real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32,
+                                                 trust_remote_code=trust_remote_code, **extra)
+    model.tie_weights()  # init_empty_weights gives each parameter its own meta tensor, untying them
+    return model
+
+
 def as_plain_float_model(model: Any) -> Any:
     """Forget that weights came from a GGUF file. transformers keeps a GGUF 'quantizer' on the model even when it
     unpacked every weight to float at load time, and then refuses to save it (a full fine-tuning stage or an

@@ -7,7 +7,8 @@
       .lock                      held by the process writing this run
       stages/01-helpful/
         model/                   the stage's final model: HF folder (full weights) or PEFT adapter + lineage
-        checkpoints/step-000050/ resumable state within the stage (model, optimizer, scheduler, RNG, position)
+        checkpoints/step-000050/ resumable state within the stage (model, optimizer, scheduler, RNG, position;
+                                 one file per process, with checksums)
       cache/logps/               frozen log-probs when the prepared-data folder is not writable
       trackers/                  only with report_to: TensorBoard/Aim logs, MLflow's file store (mlruns/)
       demo-scores.json           only for the built-in demo (`spoctl demo`): rule-judged scores per stage
@@ -136,13 +137,18 @@ class RunDir:
     def checkpoint_dir(self, index: int, dim: str, step: int) -> Path:
         return self.checkpoints_dir(index, dim) / f"step-{step:06d}"
 
-    def latest_checkpoint(self, index: int, dim: str) -> tuple[int, Path] | None:
-        """The highest complete step checkpoint (temporary folders start with '.' and are ignored)."""
+    def checkpoints(self, index: int, dim: str) -> list[tuple[int, Path]]:
+        """The stage's step checkpoints, newest first (temporary folders start with '.' and are ignored)."""
         root = self.checkpoints_dir(index, dim)
         if not root.is_dir():
-            return None
+            return []
         found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-        return max(found) if found else None
+        return sorted(found, reverse=True)
+
+    def latest_checkpoint(self, index: int, dim: str) -> tuple[int, Path] | None:
+        """The highest step checkpoint."""
+        found = self.checkpoints(index, dim)
+        return found[0] if found else None
 
     def lock(self) -> ExclusiveLock:
         return ExclusiveLock(self.root, "run directory")
