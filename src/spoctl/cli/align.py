@@ -14,6 +14,7 @@ from .common import ConfigOpt, JsonOpt, PrintConfigOpt, QuietOpt, SetOpt, Verbos
 @app.command(
     epilog="Examples:\n\n  spoctl align --dims helpful,harmless --data prepared/ --model ./smollm2 --lora --out runs/hh\n\n"
     "  spoctl align --dims helpful,harmless --data prepared/ --alpha 0    # sequential DPO baseline\n\n"
+    "  spoctl align --dims helpful,harmless --data prepared/ --keep helpful=0.95   # harmless may cost 5% of helpful\n\n"
     "  spoctl align --dims helpful,harmless --data prepared/ --out runs/hh --resume"
 )
 def align(
@@ -25,6 +26,8 @@ def align(
     alpha: Optional[float] = typer.Option(None, "--alpha", help="SPO weight of earlier dimensions; 0 = sequential DPO."),
     weight: Optional[list[str]] = typer.Option(None, "--weight", help="All mode: DIM=W, weight of an earlier dimension (repeatable)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="KL strength of every stage."),
+    keep: Optional[list[str]] = typer.Option(None, "--keep", help="DIM=FRACTION: later stages must hold DIM's implicit"
+                                             " reward at >= FRACTION of its value after its own stage (repeatable)."),
     lora: Optional[bool] = typer.Option(None, "--lora/--full", help="Train LoRA adapters or all weights."),
     learning_rate: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Epochs per stage."),
@@ -52,6 +55,7 @@ def align(
             "alpha": alpha,
             "weights": parse_assignments(weight, "--weight", "helpful=0.5", float),
             "beta": beta,
+            "keep": parse_assignments(keep, "--keep", "helpful=0.95", float),
             "lora.enabled": lora,
             "learning_rate": learning_rate,
             "epochs": epochs,

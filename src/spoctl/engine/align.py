@@ -25,6 +25,7 @@ from ..rundir import RunDir, default_run_dir, now_iso
 from .batching import TokenPair, pairs_from_split
 from .chain import ModelChain, base_fingerprint, folder_files, stage_fingerprint, weights_fingerprint, write_lineage
 from .frozen import FrozenLogps, LogpsCache, compute_logps, logps_cache_dir
+from . import keep as keeping
 from .logprobs import attention_implementation, check_compile_supported, compile_backbone, resolve_layout
 from .plan import StagePlan, stage_plans
 from .progress import StageProgress
@@ -166,13 +167,18 @@ def align(cfg: AlignConfig, out: Output) -> dict[str, Any]:
         if lock:
             lock.release()
     summary = _summary(manifest, cfg.dims)
+    keeps = any(p.keep is not None for p in plans)
     if accelerator.is_main_process:
+        extra = ["kept: margin vs bound, multiplier", "keep s"] if keeps else []
         out.table("implicit-reward accuracy vs the base model, on each dimension's eval split; what each stage cost",
-                  ["stage", *cfg.dims, "frozen s", "train s"],
-                  [[f"{r['stage']} {r['dim']}", *(r[d] for d in cfg.dims), r["frozen_seconds"], r["train_seconds"]]
-                   for r in summary])
-    return {"run_dir": str(run.root), "manifest": str(run.manifest_path), "stages": manifest["stages"],
-            "summary": summary}
+                  ["stage", *cfg.dims, "frozen s", "train s", *extra],
+                  [[f"{r['stage']} {r['dim']}", *(r[d] for d in cfg.dims), r["frozen_seconds"], r["train_seconds"],
+                    *([keeping.table_cell(r.get("keep")), r.get("keep_seconds", "")] if keeps else [])] for r in summary])
+    result = {"run_dir": str(run.root), "manifest": str(run.manifest_path), "stages": manifest["stages"],
+              "summary": summary}
+    if keeps:  # constraints that ended violated, every stage's (empty: all held)
+        result["keep_violations"] = [v for st in manifest["stages"] for v in st.get("keep_violations", [])]
+    return result
 
 
 def _check_inputs(cfg: AlignConfig) -> tuple[Any, str, Any, list[StagePlan]]:
@@ -255,8 +261,12 @@ def _run_stage(ctx: RunContext, plan: StagePlan) -> None:
     _record_start(ctx, plan, entry, data)
     policy = _stage_policy(ctx, plan, entry)
     model, final, train_seconds = _train(ctx, plan, entry, policy, data)
-    _save_stage(ctx, plan, entry, model, final, {**frozen_cost, "train_seconds": round(train_seconds, 2)},
-                time.perf_counter() - started)
+    cost = {**frozen_cost, "train_seconds": round(train_seconds, 2)}
+    if data.keep is not None:  # --keep: what it cost, and whether each constraint held (manifest and console)
+        entry["keep"] = data.keep.summary()
+        entry["keep_violations"] = keeping.report(data.keep, plan, train_seconds, ctx.out.info, ctx.out.warn)
+        cost.update(data.keep.cost(train_seconds))
+    _save_stage(ctx, plan, entry, model, final, cost, time.perf_counter() - started)
 
 
 def _frozen_inputs(ctx: RunContext, plan: StagePlan) -> tuple[StageData, dict[str, Any]]:
@@ -278,6 +288,8 @@ def _frozen_inputs(ctx: RunContext, plan: StagePlan) -> tuple[StageData, dict[st
         if d == plan.dim:
             ev.ref, ev.offset = store.get(plan.reference, d, "eval"), plan.offset(on("eval"))
         data.evals[d] = ev
+    data.keep = keeping.start_keeping(plan, ctx.cfg, ctx.accelerator, ctx.tokenizer.pad_token_id, len(data.train),
+                                      data.offset_train, store.split_pairs, store.get, ctx.out.warn)
     cost = {"frozen_pass_seconds": round(time.perf_counter() - started, 2),
             "frozen_pairs_scored": store.pairs_scored - scored_before}
     return data, cost
@@ -392,5 +404,7 @@ def _summary(manifest: dict[str, Any], dims: list[str]) -> list[dict[str, Any]]:
         m, cost = st.get("metrics", {}), st.get("cost", {})
         rows.append({"stage": st["index"], "dim": st["dim"],
                      **{d: m.get(f"stage{st['index']}/{d}/eval_base_rewards/accuracies") for d in dims},
-                     "frozen_seconds": cost.get("frozen_pass_seconds"), "train_seconds": cost.get("train_seconds")})
+                     "frozen_seconds": cost.get("frozen_pass_seconds"), "train_seconds": cost.get("train_seconds"),
+                     **({"keep": {d: k["final"] | {"threshold": k["threshold"]} for d, k in st["keep"].items()},
+                         "keep_seconds": cost.get("keep_seconds")} if "keep" in st else {})})
     return rows

@@ -31,7 +31,7 @@ RUNTIME_KEYS = {"out", "resume", "report_to", "log_every", "save_every", "eval_e
                 "logprob_chunk", "layout", "compile", "gradient_checkpointing", "attention", "trust_remote_code"}
 # Set per stage (in each stage's plan) or by the data's content: not compared as shared settings.
 PER_STAGE_KEYS = {"dims", "data", "model", "stages", "beta", "alpha", "weights", "learning_rate", "epochs",
-                  "batch_size", "max_steps", "loss"}
+                  "batch_size", "max_steps", "loss", "keep", "keep_control"}
 # Plan fields that only set how long the stage trains: changing them continues from the latest checkpoint.
 SCHEDULE_KEYS = {"max_steps", "epochs"}
 

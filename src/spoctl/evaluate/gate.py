@@ -7,6 +7,9 @@ The score checked, per dimension and stage k = 1..K:
   fail_under DIM=V       the last stage's score must be >= V
   max_regression DIM=V   the last stage's score may be at most V below the best stage's score on DIM
                          (a later stage undoing an earlier one is exactly what this catches)
+  keep (gate.keep=true)  the run's own `--keep DIM=FRACTION` constraints: after every stage n that kept DIM, DIM's
+                         score must be at least FRACTION of its score after DIM's own stage (the bound align
+                         enforced on its constraint split's margin, read here on the gate's score)
 """
 
 from __future__ import annotations
@@ -16,8 +19,15 @@ from typing import Any
 from ..errors import UsageError
 
 
+def keep_constraints(stages: list[dict[str, Any]]) -> list[tuple[int, str, int, float]]:
+    """(stage n, kept dimension, its own stage, FRACTION) of every constraint the run's stages kept, from their
+    manifest entries (`keep_fractions`, written by align)."""
+    own = {st["dim"]: st["index"] for st in stages}
+    return [(st["index"], dim, own[dim], float(f)) for st in stages for dim, f in (st.get("keep_fractions") or {}).items()]
+
+
 def check(scores: dict[str, list[float]], fail_under: dict[str, float], max_regression: dict[str, float],
-          score_name: str) -> dict[str, Any]:
+          score_name: str, keep: list[tuple[int, str, int, float]] | None = None) -> dict[str, Any]:
     """`scores[dim]` = the score of stages 1..K. Returns {score, checks, passed, reason}; reason is one line."""
     for name, bounds in (("--fail-under", fail_under), ("--max-regression", max_regression)):
         for dim in bounds:
@@ -35,6 +45,15 @@ def check(scores: dict[str, list[float]], fail_under: dict[str, float], max_regr
         checks.append({"kind": "max_regression", "dim": dim, "bound": bound, "value": drop, "passed": drop <= bound,
                        "message": f"{dim}: {score_name} fell {drop:.4f} below its best (stage {best_stage}:"
                                   f" {best:.4f}) to {last:.4f}, more than {bound:g}"})
+    from ..engine.keep import threshold
+
+    for n, dim, own, fraction in keep or []:
+        if dim not in scores or n > len(scores[dim]):  # not evaluated, or stage n not finished
+            continue
+        value, bound = scores[dim][n - 1], threshold(scores[dim][own - 1], fraction)
+        checks.append({"kind": "keep", "dim": dim, "stage": n, "bound": bound, "value": value, "passed": value >= bound,
+                       "message": f"{dim}: {score_name} {value:.4f} after stage {n} is below its keep bound {bound:.4f}"
+                                  f" ({fraction:g} x {scores[dim][own - 1]:.4f} after stage {own})"})
     failed = [c for c in checks if not c["passed"]]
     return {"score": score_name, "checks": checks, "passed": not failed,
             "reason": "; ".join(c["message"] for c in failed) or None}

@@ -135,7 +135,8 @@ def evaluate(cfg: EvalConfig, out: Output) -> dict[str, Any]:
         scores = ({d: [r["dims"][d]["win_rate"] for r in report["win_rates"]] for d in er.dims} if judged_scores
                   else {d: gate_scores(report["scorecard"], d) for d in er.dims})
         report["gate"] = gate_mod.check(scores, cfg.gate.fail_under, cfg.gate.max_regression,
-                                        "judged win rate" if judged_scores else "accuracy of log(pi_k/pi_0)")
+                                        "judged win rate" if judged_scores else "accuracy of log(pi_k/pi_0)",
+                                        keep=gate_mod.keep_constraints(er.stages) if cfg.gate.keep else None)
         report["complete"] = True
     except SpoctlError as err:
         report["error"] = str(err)
