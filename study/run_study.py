@@ -254,6 +254,13 @@ def _panel(ax: Any, groups: dict, key: str, xname: str, title: str, styles: dict
     base = [r["models"][0] for rs in groups.values() for r in rs]
     ax.scatter([statistics.mean(x(b) for b in base)], [statistics.mean(b[key]["harmless"] for b in base)],
                marker="*", s=250, color="black", label="base model", zorder=3)
+    # Where each order stands after its first stage: what a keep run is asked to hold on the earlier dimension.
+    for order in ORDERS:
+        first = [r["models"][1] for (m, o), rs in groups.items() if o == order and m == "SPO alpha=0" for r in rs]
+        if first:
+            ax.scatter([statistics.mean(x(m) for m in first)], [statistics.mean(m[key]["harmless"] for m in first)],
+                       marker=markers[order], s=110, facecolor="none", edgecolor="black", linestyle="--",
+                       label=f"after stage 1, {' then '.join(order)}", zorder=3)
     for (method, order), rs in groups.items():
         xs = [x(r["models"][-1]) for r in rs]
         ys = [r["models"][-1][key]["harmless"] for r in rs]

@@ -236,11 +236,9 @@ def reweighted_offset(offset: Tensor, multipliers: Sequence[float], reward_margi
     """
     if len(multipliers) != len(reward_margins):
         raise ValueError(f"{len(multipliers)} multipliers for {len(reward_margins)} reward margins")
-    total = offset
-    for mu, margin in zip(multipliers, reward_margins):
-        if mu:
-            total = total + mu * margin
-    return total
+    if not any(multipliers):
+        return offset
+    return offset + spo_offset_all(multipliers, reward_margins)
 
 
 def replay_loss(
