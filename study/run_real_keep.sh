@@ -20,7 +20,7 @@ COMMON=(--data "$WORK/prepared" --lora --lr 5e-4 --batch-size 4 --max-steps 16 -
 if [ ! -f "$WORK/stage1/manifest.json" ] || ! grep -q '"completed"' "$WORK/stage1/manifest.json"; then
   $SPOCTL align --dims helpful "${COMMON[@]}" --out "$WORK/stage1" $([ -f "$WORK/stage1/manifest.json" ] && echo --resume)
 fi
-for run in dpo keep0.9; do
+for run in keep0.9 dpo; do
   [ -d "$WORK/$run" ] || cp -r "$WORK/stage1" "$WORK/$run"
   extra=()
   [ "$run" = keep0.9 ] && extra=(--keep helpful=0.9 --set keep_control.every=4)
@@ -30,7 +30,9 @@ done
 import json, sys
 from pathlib import Path
 work = Path(sys.argv[1])
-for run in ("dpo", "keep0.9"):
+for run in ("keep0.9", "dpo"):
+    if not (work / run / "metrics.jsonl").exists():
+        continue
     rows = [json.loads(l) for l in (work / run / "metrics.jsonl").read_text().splitlines()]
     ev = [(r["stage"], r["step"], r["stage%d/helpful/eval_base_rewards/margins" % r["stage"]],
            r["stage%d/helpful/eval_base_rewards/accuracies" % r["stage"]])
