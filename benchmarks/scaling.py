@@ -7,7 +7,7 @@
 Part `dims`: one `spoctl align` run of 4 dimensions per setting (`previous` mode, `all` mode, and alpha = 0, i.e.
 sequential DPO, as the baseline) on a random-init Llama saved as a local folder and prepared data built like
 tests/tinyworld.py builds it. Each stage's `cost` is read from the run's manifest and set beside the analytic count
-from the method (docs: spo-method.md §6): stage n needs min(n, 2) frozen models on its data in `previous` mode and
+from the method (docs/method.md §6): stage n needs min(n, 2) frozen models on its data in `previous` mode and
 n in `all` mode, so a run scores 2N-1 vs N(N+1)/2 passes over training data. The engine runs each frozen model
 once, at the first stage that needs it, over everything later stages need from it too; the expected pairs per
 stage follow that schedule and must equal the measured ones exactly (the script fails if not). Frozen seconds
@@ -161,7 +161,7 @@ def run_length(work: Path, s: dict) -> list[dict]:
     for lo, hi in s["lengths"]:
         out = work / f"bench-{lo}-{hi}.json"
         cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--sides", "spoctl", "--min-len", str(lo),
-               "--max-len", str(hi), "--frozen-batch", "8", *s["bench"], "--out", str(out)]
+               "--max-len", str(hi), "--frozen-batch", "8", "--repeats", "1", *s["bench"], "--out", str(out)]
         log(f"length: {lo}-{hi} ...")
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:

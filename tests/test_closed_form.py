@@ -1,4 +1,4 @@
-"""§7 closed-form check of the SPO loss on a tabular problem (spo-method.md).
+"""§7 closed-form check of the SPO loss on a tabular problem (docs/method.md §7).
 
 A policy is a [prompts x responses] table of log-probs (log-softmax of learnable logits). Stage n minimises the
 *exact expected* SPO loss: every ordered pair (y, y') of a prompt, weighted by the Bradley-Terry probability

@@ -42,7 +42,7 @@ def err(fmt, *rows) -> str:
     ],
 )
 def test_detect(record, fmt):
-    assert detect_format(record, Where("f.jsonl", "line", 1)) == fmt
+    assert detect_format(record, Where("f.jsonl", "line", 1)).format == fmt
 
 
 def test_detect_unknown_names_the_keys_and_the_fix():
@@ -101,7 +101,7 @@ def test_pairwise_implicit_identical_conversations_become_a_tie():
         ({"prompt": ["hi"], "chosen": "a", "rejected": "b"}, "field 'prompt[0]': expected a message object {role, content}, got a string"),
         ({"prompt": [], "chosen": "a", "rejected": "b"}, "field 'prompt': empty list of messages"),
         ({"prompt": [U("q")], "chosen": [A("")], "rejected": [A("b")]}, "field 'chosen[0].content': empty (whitespace-only) response"),
-        ({"chosen": "a", "rejected": "b"}, "field 'prompt': no 'prompt' field, and chosen is a string"),
+        ({"chosen": "a", "rejected": "b"}, "field 'prompt': no 'prompt' field, and chosen and rejected share no leading text"),
         ({"chosen": [U("q"), U("a")], "rejected": [U("q"), U("b")]}, "field 'chosen[1].role': the last message must be the assistant's"),
         ({"chosen": [A("a")], "rejected": [A("b")]}, "the conversations share no prompt"),
     ],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from spoctl.data import sources
+from spoctl import hub
 from spoctl.data.sources import read_records, resolve_source
 from spoctl.errors import InputError, UsageError
 
@@ -175,23 +175,25 @@ def test_unsupported_extension(tmp_path, name, shown):
     assert str(exc.value).startswith(f"{path}: unsupported file extension {shown}; use .jsonl, .json, .parquet, .csv")
 
 
-def test_directory_is_not_a_source(tmp_path):
-    with pytest.raises(InputError, match="is a directory"):
-        resolve_source(str(tmp_path), "d")
+def test_a_folder_is_a_dataset_repository_and_one_without_data_says_so(tmp_path):
+    assert resolve_source(str(tmp_path), "d").kind == "folder"
+    with pytest.raises(UsageError, match=f"could not load dataset {tmp_path}"):
+        read(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------- the Hub, offline
 def test_hub_unreachable_fails_fast_without_loading(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(sources, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "unreachable_reason", lambda: "huggingface.co:443: no route")
     import datasets
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("must not try to download"))
     with pytest.raises(UsageError) as exc:
         read_records(resolve_source("Anthropic/hh-rlhf", "helpful"))
     msg = str(exc.value)
-    assert "Hub dataset 'Anthropic/hh-rlhf'" in msg and "could not be reached" in msg and "local file" in msg
+    assert "Hub dataset 'Anthropic/hh-rlhf'" in msg and "could not be reached (huggingface.co:443: no route)" in msg
+    assert "local file" in msg
 
 
 def test_hub_load_errors_become_usage_errors(monkeypatch):
@@ -203,24 +205,32 @@ def test_hub_load_errors_become_usage_errors(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(UsageError, match="could not be reached"):
-        read_records(resolve_source("x/y", "d"))
+        read_records(resolve_source("x/y?split=train", "d"))
 
     def bad_split(*args, **kwargs):
         raise ValueError('Unknown split "test". Should be one of [\'train\'].')
 
     monkeypatch.setattr(datasets, "load_dataset", bad_split)
-    with pytest.raises(UsageError, match="could not load Hub dataset 'x/y' \\(split 'train'\\): ValueError: Unknown split"):
-        read_records(resolve_source("x/y", "d"))
+    with pytest.raises(UsageError, match="could not load dataset x/y\\[test\\]: ValueError: Unknown split"):
+        read_records(resolve_source("x/y?split=test", "d"))
 
 
 def test_hub_rows_are_records(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import datasets
 
-    monkeypatch.setattr(datasets, "load_dataset", lambda spec, split: datasets.Dataset.from_list(RECORDS))
-    records, digest = read_records(resolve_source("x/y", "d"), hub_split="test")
+    seen = {}
+
+    def load(path, **kwargs):
+        seen.update(kwargs, path=path)
+        return datasets.Dataset.from_list(RECORDS)
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    records, digest = read_records(resolve_source("x/y?data_dir=helpful-base&revision=v1", "d"), default_split="test")
     assert [r for _, r in records] == RECORDS
-    assert str(records[1][0]) == "x/y[test]: record 2"
+    assert str(records[1][0]) == "x/y?data_dir=helpful-base&revision=v1[test]: record 2"
+    assert seen == {"path": "x/y", "split": "test", "streaming": False, "name": None, "data_dir": "helpful-base",
+                    "data_files": None, "revision": "v1"}
     assert len(digest) == 64
 
 

@@ -133,3 +133,45 @@ def test_demo_command_prints_scores_per_stage(demo_home):
 def test_demo_refuses_foreign_dims(demo_home):
     res = CliRunner().invoke(app, ["demo", "--dims", "funny", "--no-eval"])
     assert res.exit_code == 2 and "no dimension 'funny'" in res.output
+
+
+# ------------------------------------------------------------------------------------------------ align with no data
+def test_align_without_data_says_it_is_the_demo_and_how_to_use_your_own(demo_home):
+    res = CliRunner().invoke(app, ["align", "--dims", "helpful", "--max-steps", "1", "--out", "runs/b"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("built-in demo: no --data and no --model given")
+    assert "To align your own data: spoctl prepare --data DIM=FILE --model MODEL --out prepared/" in res.stdout
+
+
+@pytest.mark.parametrize("args", [["--dims", "helpful,honest"], ["--dims", "helpful,honest", "--lora", "--out", "runs/x"]])
+def test_align_without_data_refuses_a_dimension_the_demo_lacks(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["align", *args])
+    assert res.exit_code == 2
+    assert "no --data given" in res.stderr and "no dimension 'honest'" in res.stderr
+    assert "--data prepared/" in res.stderr  # says how to align one's own data
+    assert not (tmp_path / "runs").exists()
+
+
+def _printed(*args: str) -> tuple[str, dict]:
+    import yaml
+
+    res = CliRunner().invoke(app, ["align", *args, "--print-config"])
+    assert res.exit_code == 0, res.output
+    return res.stdout, yaml.safe_load(res.stdout)["align"]
+
+
+def test_align_print_config_shows_what_will_run():
+    from spoctl.demo.run import DEMO_ALIGN
+
+    text, demo = _printed()
+    assert text.startswith("# built-in demo:")
+    assert (demo["beta"], demo["learning_rate"], demo["max_steps"]) == (DEMO_ALIGN["beta"], DEMO_ALIGN["learning_rate"],
+                                                                       DEMO_ALIGN["max_steps"])
+    assert demo["dims"] == list(task.DEMO_DIMS)
+    _, mine = _printed("--beta", "0.3", "--dims", "harmless")
+    assert mine["beta"] == 0.3 and mine["dims"] == ["harmless"] and mine["learning_rate"] == DEMO_ALIGN["learning_rate"]
+    # data or a model of the user's, from a flag, --set or a config file: their run, with the defaults
+    for args in (["--data", "prepared/"], ["--model", "./m"], ["--set", "data=prepared/"]):
+        text, own = _printed(*args)
+        assert not text.startswith("#") and (own["beta"], own["learning_rate"]) == (0.1, 5e-6), args

@@ -19,8 +19,10 @@ from typer.testing import CliRunner
 from spoctl.cli import app
 from spoctl.data.store import load_prepared
 from spoctl.engine.batching import TokenPair, collate_pairs
+from spoctl.engine.checkpoint import verify_checkpoint
+from spoctl.engine.distributed import Processes
 from spoctl.engine.logprobs import SequenceScorer, score_batch
-from spoctl.fsutil import DirectoryLock
+from spoctl.locks import ExclusiveLock
 
 from tinyworld import make_model_dir, make_prepared
 
@@ -212,9 +214,12 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_checkpoint(world, tmp_path)
     assert not (run / "stages/01-helpful/model").exists()
     ckpts = sorted((run / "stages/01-helpful/checkpoints").iterdir())
     assert ckpts and all(c.name.startswith("step-") for c in ckpts)
-    for c in ckpts:  # every checkpoint that exists is whole and finite
-        state = load_file(str(c / "trainable.safetensors"))
-        assert all(torch.isfinite(t).all() for t in state.values())
+    for c in ckpts:  # every checkpoint that exists is whole (as its checksums say) and finite
+        assert verify_checkpoint(c, Processes()) == []
+        files = sorted((c / "state").glob("*.safetensors"))
+        assert files
+        for f in files:
+            assert all(torch.isfinite(t).all() for t in load_file(str(f)).values())
 
 
 def test_errors_exit_2_with_actionable_messages(world, tmp_path):
@@ -247,7 +252,7 @@ def test_run_directory_belongs_to_one_run(world, tmp_path):
 def test_two_writers_cannot_share_a_run_directory(world, tmp_path):
     _, _, prepared = world
     run = tmp_path / "locked"
-    with DirectoryLock(run):
+    with ExclusiveLock(run, "run directory"):
         code, out = run_cli(["align", "--dims", "helpful", "--data", str(prepared), "--out", str(run), *FAST])
     assert code == 2 and "another spoctl process" in out
 

@@ -68,3 +68,32 @@ def test_eval_without_a_run_scores_the_latest_run_under_runs(demo_run, tmp_path,
     monkeypatch.chdir(tmp_path / "runs" / "older")
     res = CliRunner().invoke(app, ["eval"])
     assert res.exit_code == 2 and "no run under ./runs" in res.output
+
+
+def test_candidate_logps_equal_a_full_logits_computation(demo_run):
+    """The demo's expected score weighs candidates by log pi(candidate | prompt), which it computes with the
+    engine's chunked scorer: it must equal the plain sum of full-vocabulary log-softmax over the response tokens."""
+    from spoctl.demo import task
+    from spoctl.demo.model import prompt_ids
+    from spoctl.demo.score import candidate_logps
+    from spoctl.engine.chain import ModelChain
+    from spoctl.models import load_tokenizer
+
+    torch.set_num_threads(1)
+    run = RunDir(demo_run)
+    manifest = run.read_manifest()
+    model = ModelChain(manifest["base_model"], run, manifest).load(1)
+    tok = load_tokenizer(manifest["base_model"])
+    prompts = task.split_prompts(0)[1][:3]
+    cands = [["5.", "The answer is 5.", "Sorry, I can't help with that."], ["No."], ["A", "B"]]
+    got = candidate_logps(model, tok, prompts, cands)
+    for p, cs, lps in zip(prompts, cands, got):
+        assert len(lps) == len(cs)
+        for c, lp in zip(cs, lps):
+            pids = prompt_ids(tok, p)
+            rids = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = torch.tensor([pids + rids])
+            with torch.no_grad():
+                logp = model(input_ids=ids).logits.float().log_softmax(-1)[0]
+            want = float(sum(logp[len(pids) + j - 1, t] for j, t in enumerate(rids)))
+            assert lp == pytest.approx(want, rel=1e-4, abs=1e-3)

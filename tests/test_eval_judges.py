@@ -4,9 +4,11 @@ arithmetic."""
 
 from __future__ import annotations
 
+import base64
 import socket
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai import FakeOpenAI  # noqa: E402
 
 from spoctl.errors import UsageError  # noqa: E402
+from spoctl.fsutil import read_json  # noqa: E402
+from spoctl.evaluate.judges.endpoint import parse_endpoint, redact_url, scrub  # noqa: E402
 from spoctl.evaluate import gate  # noqa: E402
 from spoctl.evaluate.judges import auto_judge_name, parse_judge_spec  # noqa: E402
 from spoctl.evaluate.judges.base import JudgeUnavailable, Matchup  # noqa: E402
@@ -42,20 +46,22 @@ ITEMS = [Matchup("helpful", "p1", "a GOOD answer", "a bad answer"),
 
 # ---------------------------------------------------------------------------------------------- openai
 def test_openai_judge_retries_both_orders_and_cache(tmp_path, monkeypatch):
-    with FakeOpenAI(KEY, fail_first=(500, 429)) as server:
+    with FakeOpenAI(KEY) as server:
         judge = _judge(server.url, tmp_path / "cache", monkeypatch)
+        assert (server.calls, server.probes) == (1, 1)  # prepare checked the endpoint with one request
+        server.fail_queue = [500, 429]
         assert judge.compare(ITEMS) == [1.0, 0.0, 0.5]
         # 3 matchups x 2 orders answered; the 500 and the 429 were retried.
-        assert server.answered == 6 and server.calls == 8
+        assert server.answered == 6 and server.calls == 1 + 8
         assert judge.stats["retries"] == 2
         assert ("p1", "a GOOD answer", "a bad answer") in server.questions
         assert ("p1", "a bad answer", "a GOOD answer") in server.questions  # the swapped order was asked too
         assert server.models == {"judge-model"}
 
-        # A new judge on the same cache asks nothing.
+        # A new judge on the same cache checks the endpoint and asks nothing else.
         again = _judge(server.url, tmp_path / "cache", monkeypatch)
         assert again.compare(ITEMS) == [1.0, 0.0, 0.5]
-        assert server.calls == 8 and again.stats["cached"] == 6
+        assert server.calls == 1 + 8 + 1 and server.answered == 6 and again.stats["cached"] == 6
         # ... and the cache holds answers, never the key.
         for f in (tmp_path / "cache").rglob("*"):
             if f.is_file():
@@ -67,10 +73,11 @@ def test_openai_judge_backs_off_exponentially(monkeypatch):
 
     delays: list[float] = []
     monkeypatch.setattr(openai_mod.time, "sleep", delays.append)
-    with FakeOpenAI(KEY, fail_first=(500, 502, 429)) as server:
+    with FakeOpenAI(KEY) as server:
         judge = _judge(server.url, None, monkeypatch, concurrency=1)  # one worker: the first question takes all three
+        server.fail_queue = [500, 502, 429]
         assert judge.compare(ITEMS[:1]) == [1.0]
-        assert server.calls == 5
+        assert server.calls == 1 + 5
     assert delays == [0.01, 0.02, 0.04]
 
 
@@ -87,22 +94,29 @@ def test_openai_answers_are_parsed_strictly(monkeypatch):
     with FakeOpenAI(KEY, bad_replies=1) as server:  # one unparsable reply: retried
         judge = _judge(server.url, None, monkeypatch, concurrency=1)
         assert judge.compare(ITEMS[:1]) == [1.0]
-        assert server.calls == 3 and judge.stats["retries"] == 1
+        assert server.calls == 1 + 3 and judge.stats["retries"] == 1
     with FakeOpenAI(KEY, bad_replies=100) as server:  # never parsable: give up with a clear message
         judge = _judge(server.url, None, monkeypatch, max_retries=2, concurrency=1)
         with pytest.raises(JudgeUnavailable, match="unparsable answer"):
             judge.compare(ITEMS[:1])
 
 
-def test_openai_judge_wrong_key_fails_at_once_without_leaking(monkeypatch):
+def test_openai_judge_checks_the_endpoint_before_any_question(monkeypatch):
+    """prepare() (which eval calls before generating) fails at once on a wrong key, route or model server."""
     with FakeOpenAI("another-key") as server:
-        judge = _judge(server.url, None, monkeypatch, concurrency=1)
-        with pytest.raises(JudgeUnavailable, match="HTTP 401") as err:
-            judge.compare(ITEMS[:1])
-        # 401 is not retried (the swapped-order question may already have been sent: at most one call each).
-        assert judge.stats["retries"] == 0 and server.calls <= 2
-        assert KEY not in str(err.value)
-        assert KEY not in repr(judge.describe())
+        with pytest.raises(JudgeUnavailable, match="HTTP 401.*check the API key") as err:
+            _judge(server.url, None, monkeypatch, concurrency=1)
+        # 401 is not retried: one request, and the key is in no message.
+        assert server.calls == 1 and KEY not in str(err.value)
+    with FakeOpenAI(KEY) as server:
+        with pytest.raises(JudgeUnavailable, match="HTTP 404.*check --judge-url"):
+            _judge(server.url.removesuffix("/v1"), None, monkeypatch)
+        assert server.answered == 0
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(JudgeUnavailable, match="failed after 2 attempts: cannot reach"):
+        _judge(f"http://127.0.0.1:{port}/v1", None, monkeypatch, max_retries=1, concurrency=1)
 
 
 def test_openai_judge_needs_its_key(monkeypatch):
@@ -110,15 +124,59 @@ def test_openai_judge_needs_its_key(monkeypatch):
     judge = OpenAIJudge("m", url="http://127.0.0.1:9", api_key_env="SPOCTL_NO_SUCH_KEY")
     with pytest.raises(JudgeUnavailable, match=r"\$SPOCTL_NO_SUCH_KEY"):
         judge.prepare(["helpful"])
+    with pytest.raises(JudgeUnavailable, match="not an http"):
+        OpenAIJudge("m", url="ftp://example.com/v1")
 
 
-def test_openai_judge_unreachable(monkeypatch):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    judge = _judge(f"http://127.0.0.1:{port}/v1", None, monkeypatch, max_retries=1, concurrency=1)
-    with pytest.raises(JudgeUnavailable, match="failed after 2 attempts: cannot reach"):
-        judge.compare(ITEMS[:1])
+def test_openai_cache_key_is_the_endpoint_without_credentials(tmp_path, monkeypatch):
+    """The same model name on another server is another judge; the same server spelt differently is not."""
+    with FakeOpenAI(KEY) as one, FakeOpenAI(KEY) as two:
+        assert _judge(one.url, tmp_path, monkeypatch).compare(ITEMS) == [1.0, 0.0, 0.5]
+        assert one.answered == 6
+        assert _judge(two.url, tmp_path, monkeypatch).compare(ITEMS) == [1.0, 0.0, 0.5]
+        assert two.answered == 6  # another endpoint: nothing came from the first one's cache
+        same = f"HTTP://127.0.0.1:{one.port}/v1/?api_key=rotated-1"
+        assert _judge(same, tmp_path, monkeypatch).compare(ITEMS) == [1.0, 0.0, 0.5]
+        assert one.answered == 6  # scheme case, trailing slash and a credential in the query do not matter
+    entries = [read_json(f) for f in (tmp_path / "openai").rglob("*.json")]
+    assert {e["endpoint"] for e in entries} == {one.url, two.url}
+
+
+def test_openai_credentials_in_the_url_are_used_and_never_shown(tmp_path, monkeypatch):
+    user_secret, query_secret = "pa:ss/w0rd-SECRET", "q-SECRET-9"
+    monkeypatch.delenv("SPOCTL_UNSET_KEY", raising=False)
+    with FakeOpenAI(basic=("alice", user_secret), query_key=("api_key", query_secret)) as server:
+        url = (f"http://alice:{quote(user_secret, safe='')}@127.0.0.1:{server.port}/v1"
+               f"?api-version=7&api_key={query_secret}")
+        judge = OpenAIJudge("m", url=url, api_key_env="SPOCTL_UNSET_KEY", cache_dir=tmp_path, backoff_s=0)
+        judge.prepare(["helpful"])  # no key variable needed: the URL carries the credentials
+        assert judge.compare(ITEMS) == [1.0, 0.0, 0.5]
+        shown = repr(judge.describe())
+        assert judge.describe()["url"] == f"http://***@127.0.0.1:{server.port}/v1?api-version=7&api_key=***"
+        # A failure message names the endpoint, masked.
+        bad = OpenAIJudge("m", url=url.replace("/v1", "/nope"), api_key_env="SPOCTL_UNSET_KEY", max_retries=0)
+        with pytest.raises(JudgeUnavailable, match="HTTP 404") as err:
+            bad.prepare(["helpful"])
+    monkeypatch.setenv("SPOCTL_SET_KEY", KEY)
+    with pytest.raises(JudgeUnavailable, match="one Authorization header") as conflict:
+        OpenAIJudge("m", url=url, api_key_env="SPOCTL_SET_KEY").prepare(["helpful"])
+    cached = "".join(f.read_text() for f in tmp_path.rglob("*") if f.is_file())
+    for secret in (user_secret, quote(user_secret, safe=""), query_secret, "alice", KEY):
+        for text in (shown, str(err.value), str(conflict.value), cached):
+            assert secret not in text
+
+
+def test_endpoint_forms():
+    e = parse_endpoint("HTTPS://u%40x:p%2Fw@API.Example.com:443/v1/?api-version=2&api_key=k%2By&token=t")
+    assert e.request_base == "https://api.example.com:443/v1"
+    assert e.url("chat/completions") == "https://api.example.com:443/v1/chat/completions?api-version=2&api_key=k%2By&token=t"
+    assert e.identity == "https://api.example.com/v1?api-version=2"
+    assert e.redacted == "https://***@api.example.com:443/v1?api-version=2&api_key=***&token=***"
+    assert e.basic_auth == "Basic " + base64.b64encode(b"u@x:p/w").decode()
+    assert parse_endpoint("http://h:8080/v1").identity == "http://h:8080/v1"
+    assert redact_url("https://u:p@h/v1?key=abc&x=1") == "https://***@h/v1?key=***&x=1"
+    assert redact_url("u:p@h/v1") == "***"
+    assert scrub("a p/w and k+y", e.secrets) == "a *** and ***"
 
 
 # ---------------------------------------------------------------------------------------------- reward model
@@ -261,3 +319,63 @@ def test_gate_bounds():
                            ("=0.5", "expected DIM=VALUE")):
         with pytest.raises(UsageError, match=message):
             parse_assignments([wrong], "--fail-under", "helpful=0.6", float)
+
+
+# ---------------------------------------------------------------------------------------------- prompt sample
+def test_seeded_sample_does_not_depend_on_row_order():
+    from spoctl.evaluate.generate import seeded_sample
+
+    ids = [f"pair-{i}" for i in range(200)]
+    pick = [ids[i] for i in seeded_sample(ids, 20, seed=0)]
+    assert len(pick) == 20 and seeded_sample(ids, 20, seed=0) == sorted(seeded_sample(ids, 20, seed=0))
+    shuffled = list(reversed(ids))
+    assert sorted(shuffled[i] for i in seeded_sample(shuffled, 20, seed=0)) == sorted(pick)
+    assert pick != ids[:20]  # not the first rows of the file
+    assert set(pick) <= {ids[i] for i in seeded_sample(ids, 30, seed=0)}  # a larger sample keeps the smaller one
+    assert {ids[i] for i in seeded_sample(ids, 20, seed=1)} != set(pick)
+    assert seeded_sample(ids[:5], 20, seed=0) == [0, 1, 2, 3, 4]
+    # Rows sharing a key (the same prompt) count once.
+    keys = [i // 4 for i in range(200)]  # 50 prompts, 4 pairs each
+    chosen = seeded_sample(ids, 60, seed=0, keys=keys)
+    assert len(chosen) == 50 and len({keys[i] for i in chosen}) == 50
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def test_one_registry_names_every_judge():
+    """config's allowed values, the classes, the --judge help and the error messages all come from the registry."""
+    import typing
+
+    from spoctl.config import EvalConfig, JudgeName
+    from spoctl.evaluate.judges import JUDGES
+    from spoctl.evaluate.judges.registry import judge_class
+
+    assert set(typing.get_args(JudgeName)) == {"auto", *JUDGES}
+    for name, info in JUDGES.items():
+        assert judge_class(name).name == name and info.summary
+    from typer.testing import CliRunner
+
+    from spoctl.cli import app
+
+    def squeeze(text: str) -> str:  # the help is wrapped to the terminal, at spaces and after hyphens
+        return "".join(text.split())
+
+    help_text = squeeze(CliRunner().invoke(app, ["eval", "--help"]).output)
+    for info in JUDGES.values():
+        assert squeeze(f"{info.spec}: {info.summary}") in help_text
+    with pytest.raises(UsageError) as err:
+        from spoctl.config import validate
+
+        validate(EvalConfig, {"judge": {"name": "gpt"}}, "eval")
+    assert all(f"'{n}'" in str(err.value) for n in JUDGES)
+
+
+def test_config_imports_without_torch_and_describes_every_eval_and_export_field():
+    import subprocess
+
+    code = "import sys, spoctl.config; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    from spoctl.config import EvalConfig, ExportConfig, GateSettings, GenerationSettings, JudgeSettings
+
+    for cls in (EvalConfig, GenerationSettings, JudgeSettings, GateSettings, ExportConfig):
+        missing = [n for n, f in cls.model_fields.items() if not f.description]
+        assert not missing, (cls.__name__, missing)

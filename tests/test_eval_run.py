@@ -129,27 +129,79 @@ def test_report_files_table_and_json(world):
 
 
 # ---------------------------------------------------------------------------------------------- gate
-def test_gate_exit_codes(world):
+def test_gate_exit_codes(world, monkeypatch):
     run = copy_run(world, "run-gate")
     ok = invoke(str(run), "--quiet", "--no-plot", "--fail-under", "helpful=0", "--max-regression", "harmless=1")
     assert ok.exit_code == 0, ok.output
+    report = json.loads(RunDir(run).eval_report_path.read_text())
+    assert report["gate"]["passed"] is True and len(report["gate"]["checks"]) == 2
 
-    broken = invoke(str(run), "--quiet", "--no-plot", "--fail-under", "helpful=1.01")
+    # A bound above the last stage's real score fails (a dimension whose score is below 1 always exists here).
+    last = {d: report["scorecard"][-1]["dims"][d]["vs_base"]["accuracy"] for d in DIMS}
+    dim = min(last, key=last.get)
+    assert last[dim] < 1.0
+    broken = invoke(str(run), "--quiet", "--no-plot", "--fail-under", f"{dim}=1")
     assert broken.exit_code == 1
     lines = [l for l in broken.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: gate: helpful: accuracy of log(pi_k/pi_0)")
-    assert "below 1.01" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"error: gate: {dim}: accuracy of log(pi_k/pi_0)")
+    assert "below 1" in lines[0]
     report = json.loads(RunDir(run).eval_report_path.read_text())
     assert report["gate"]["passed"] is False and report["complete"] is True
 
-    # Regression: bound it below the real drop from the best stage to the last (if there is one).
-    scores = [r["dims"]["helpful"]["vs_base"]["accuracy"] for r in report["scorecard"] if r["k"]]
-    drop = max(scores) - scores[-1]
-    res = invoke(str(run), "--quiet", "--no-plot", "--max-regression", f"helpful={drop - 0.01 if drop else -0.01}")
-    assert res.exit_code == 1 and "below its best" in res.stderr
+    # Regression: the arithmetic is tested in test_eval_judges; here the wiring from scores to exit code 1.
+    import spoctl.evaluate.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "gate_scores", lambda rows, d: [0.8, 0.6])
+    res = invoke(str(run), "--quiet", "--no-plot", "--max-regression", "helpful=0.1")
+    assert res.exit_code == 1 and "helpful: accuracy of log(pi_k/pi_0) fell 0.2000 below its best" in res.stderr
+    assert invoke(str(run), "--quiet", "--no-plot", "--max-regression", "helpful=0.25").exit_code == 0
 
     assert invoke(str(run), "--fail-under", "nosuchdim=0.5").exit_code == 2
     assert invoke(str(run), "--fail-under", "helpful").exit_code == 2
+
+
+@pytest.mark.parametrize("flag,value", [("--fail-under", "1.01"), ("--fail-under", "nan"), ("--fail-under", "-0.1"),
+                                        ("--max-regression", "-0.01"), ("--max-regression", "inf")])
+def test_gate_bounds_outside_0_1_are_refused_by_flag(world, flag, value):
+    """A bound no score can break (or always breaks, or NaN, which compares false) is a mistake: exit 2 before
+    any work, naming the flag."""
+    run = copy_run(world, f"run-bounds{flag}{value}")
+    res = invoke(str(run), "--no-plot", flag, f"helpful={value}")
+    assert res.exit_code == 2
+    assert res.stderr.startswith(f"error: {flag} helpful=") and "number from 0 to 1" in res.stderr
+    assert not RunDir(run).eval_report_path.exists()
+
+
+def test_gate_bounds_in_the_config_file_are_checked_too(world, tmp_path):
+    cfg = tmp_path / "spoctl.yaml"
+    cfg.write_text("eval:\n  gate:\n    fail_under: {helpful: .nan}\n")
+    res = invoke(str(world["run"]), "--config", str(cfg), "--print-config")
+    assert res.exit_code == 2 and "eval.gate.fail_under.helpful" in res.stderr and "number from 0 to 1" in res.stderr
+
+
+def test_gate_on_an_unfinished_run_fails_unless_allowed(world):
+    """Decision (issue 11.7): gating a run whose last stage did not finish fails (exit 1) and names the stage;
+    --allow-incomplete gates the completed stages instead, and the report says so. Without a gate, an unfinished
+    run is evaluated with a warning (exit 0)."""
+    run = copy_run(world, "run-gate-unfinished")
+    rd = RunDir(run)
+    manifest = rd.read_manifest()
+    manifest["stages"][1]["status"] = "failed"
+    rd.write_manifest(manifest)
+    res = invoke(str(run), "--no-plot", "--quiet", "--fail-under", "helpful=0")
+    assert res.exit_code == 1
+    assert "the run is not finished (stage 2 (harmless) is failed)" in res.stderr
+    assert "--allow-incomplete" in res.stderr
+    report = json.loads(rd.eval_report_path.read_text())
+    assert report["gate"]["passed"] is False and report["gate"]["checks"][0]["missing_stage"] == 2
+    assert [r["k"] for r in report["scorecard"]] == [0, 1]
+
+    res = invoke(str(run), "--no-plot", "--fail-under", "helpful=0", "--allow-incomplete")
+    assert res.exit_code == 0, res.output
+    assert "completed stages of an unfinished run" in res.stdout
+    report = json.loads(rd.eval_report_path.read_text())
+    assert report["gate"]["passed"] is True and report["gate"]["incomplete_allowed"] is True
+    assert "The run is not finished" in rd.eval_markdown_path.read_text()
 
 
 def test_missing_or_unfinished_runs(world, tmp_path):
@@ -174,6 +226,44 @@ def test_missing_or_unfinished_runs(world, tmp_path):
     assert res.exit_code == 2 and "no stage has completed" in res.stderr
 
 
+def test_eval_from_another_working_directory(world, tmp_path, monkeypatch):
+    """Runs record the prepared data as an absolute path; older ones as align was given it. A relative path is
+    looked for beside the run directory, then in the current folder; failing both, the error says what to pass."""
+    run = copy_run(world, "run-elsewhere")  # beside world["prepared"] and world["model"]
+    rd = RunDir(run)
+    manifest = rd.read_manifest()
+    manifest["data"], manifest["base_model"] = "prepared", "./model"
+    rd.write_manifest(manifest)
+    monkeypatch.chdir(tmp_path)
+    res = invoke(str(run), "--no-plot", "--quiet")
+    assert res.exit_code == 0, res.output
+
+    manifest["data"] = "gone/prepared"
+    rd.write_manifest(manifest)
+    res = invoke(str(run), "--no-plot")
+    assert res.exit_code == 2
+    assert str(rd.manifest_path) in res.stderr and "'gone/prepared'" in res.stderr and "--data" in res.stderr
+    res = invoke(str(run), "--no-plot", "--quiet", "--data", str(world["prepared"]))
+    assert res.exit_code == 0, res.output
+
+
+def test_a_stage_model_changed_after_the_run_is_refused(world):
+    """The scorecard of a model must not come from the cache of the model that was there before: a stage
+    model whose weights changed after its run stops eval with exit 2, naming the file."""
+    from safetensors.torch import load_file, save_file
+
+    run = copy_run(world, "run-tampered")
+    assert invoke(str(run), "--no-plot", "--quiet").exit_code == 0  # every log-prob is now cached
+    weights = run / "stages" / "02-harmless" / "model" / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    res = invoke(str(run), "--no-plot")
+    assert res.exit_code == 2
+    assert "model.safetensors" in res.stderr and "02-harmless" in res.stderr
+
+
 # ---------------------------------------------------------------------------------------------- judged
 def test_openai_judge_end_to_end_keeps_the_key_secret(world):
     run = copy_run(world, "run-openai")
@@ -186,15 +276,17 @@ def test_openai_judge_end_to_end_keeps_the_key_secret(world):
         res = invoke(*args, "--json", env={"SPOCTL_EVAL_TEST_KEY": KEY})
         assert res.exit_code == 0, res.output
         report = json.loads(res.stdout)
-        # 2 stages x 2 dims x 3 prompts, both orders (identical questions asked once), + 2 dims x 2 human pairs x 2.
-        assert server.answered <= 2 * 2 * 3 * 2 + 2 * 2 * 2 and server.calls == server.answered + 1
-        calls = server.calls
+        # 2 stages x 2 dims x 3 prompts, both orders (identical questions asked once), + 2 dims x 2 human pairs x 2;
+        # one endpoint check first (which met the 503 and was retried).
+        assert server.answered <= 2 * 2 * 3 * 2 + 2 * 2 * 2 and server.probes == 1
+        assert server.calls == server.answered + 1 + 1
+        calls, answered = server.calls, server.answered
         samples = rd.eval_samples_path.read_text()
 
         # A re-run with the same seed generates the same responses, so every judgment comes from the cache.
         again = invoke(*args, env={"SPOCTL_EVAL_TEST_KEY": KEY})
         assert again.exit_code == 0, again.output
-        assert server.calls == calls
+        assert server.answered == answered and server.calls == calls + 1  # only the endpoint check
         assert rd.eval_samples_path.read_text() == samples
 
     wr = {r["k"]: r for r in report["win_rates"]}
@@ -219,7 +311,7 @@ def test_openai_judge_end_to_end_keeps_the_key_secret(world):
             assert KEY.encode() not in f.read_bytes(), f
 
 
-def test_unreachable_judge_exits_2_and_keeps_the_scorecard(world):
+def test_unreachable_judge_exits_2_before_generating(world):
     run = copy_run(world, "run-unreachable")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -231,8 +323,60 @@ def test_unreachable_judge_exits_2_and_keeps_the_scorecard(world):
     assert "cannot reach" in res.stderr
     report = json.loads(RunDir(run).eval_report_path.read_text())
     assert report["complete"] is False and "cannot reach" in report["error"]
+    assert not RunDir(run).eval_samples_path.exists()  # the endpoint was checked before any generation
+
+
+def test_judge_failing_half_way_keeps_the_scorecard_and_samples(world):
+    run = copy_run(world, "run-half-way")
+    with FakeOpenAI(KEY, bad_replies=1000) as server:  # the endpoint check passes; no verdict ever parses
+        res = invoke(str(run), "--judge", "openai:m", "--judge-url", server.url, "--judge-key-env",
+                     "SPOCTL_EVAL_TEST_KEY", "--num-prompts", "1", "--max-new-tokens", "2", "--set",
+                     "judge.max_retries=0", "--no-plot", env={"SPOCTL_EVAL_TEST_KEY": KEY})
+    assert res.exit_code == 2 and "unparsable answer" in res.stderr
+    report = json.loads(RunDir(run).eval_report_path.read_text())
+    assert report["complete"] is False and "unparsable answer" in report["error"]
     assert len(report["scorecard"]) == 3  # what was evaluated before the judge failed is kept
     assert RunDir(run).eval_samples_path.exists()
+
+
+def test_credentials_in_the_judge_url_are_never_printed_or_saved(world):
+    """user:password@ and ?api_key= in --judge-url work, and appear in no output and no file the run holds."""
+    run = copy_run(world, "run-url-secrets")
+    user_secret, query_secret = "hunter2-USERINFO-SECRET", "QUERY-SECRET-77"
+    with FakeOpenAI(basic=("bob", user_secret), query_key=("api_key", query_secret)) as server:
+        url = f"http://bob:{user_secret}@127.0.0.1:{server.port}/v1?api_key={query_secret}"
+        args = [str(run), "--judge", "openai:tiny-judge", "--judge-url", url, "--judge-key-env",
+                "SPOCTL_UNSET_KEY", "--num-prompts", "1", "--max-new-tokens", "3",
+                "--set", "judge.calibration_pairs=1", "--no-plot", "--verbose"]
+        outputs = [invoke(*args, env={"SPOCTL_UNSET_KEY": None}), invoke(*args, "--json", env={"SPOCTL_UNSET_KEY": None})]
+        assert all(r.exit_code == 0 for r in outputs), outputs[0].output
+        assert server.answered > 0
+        outputs.append(invoke(*args, "--print-config"))
+        outputs.append(invoke(*args, "--print-config", "--json"))
+        # A failure names the endpoint (masked) in the message and in the partial report.
+        bad = url.replace("/v1", "/wrong")
+        failed = invoke(*[bad if a == url else a for a in args], env={"SPOCTL_UNSET_KEY": None})
+        assert failed.exit_code == 2 and "HTTP 404" in failed.stderr
+        assert f"http://***@127.0.0.1:{server.port}/wrong" in failed.stderr
+        outputs.append(failed)
+    assert "api_key=***" in outputs[2].stdout
+    report = json.loads(outputs[1].stdout)
+    assert report["judge"]["url"] == f"http://***@127.0.0.1:{server.port}/v1?api_key=***"
+    files = [f for f in run.rglob("*") if f.is_file()]
+    assert any("judge-cache" in str(f) for f in files)
+    for secret in (user_secret, query_secret):
+        for r in outputs:
+            assert secret not in r.output and secret not in r.stdout
+        for f in files:
+            assert secret.encode() not in f.read_bytes(), f
+
+
+def test_rules_judge_refuses_a_run_that_is_not_the_demo(world):
+    run = copy_run(world, "run-rules")
+    res = invoke(str(run), "--judge", "rules", "--no-plot")
+    assert res.exit_code == 2
+    assert "--judge rules scores the built-in demo task only" in res.stderr and "--judge embedding" in res.stderr
+    assert not RunDir(run).eval_samples_path.exists()  # refused before any generation
 
 
 def test_reward_model_judge_end_to_end(world):
@@ -258,3 +402,20 @@ def test_reward_model_judge_end_to_end(world):
     # A missing per-dimension model is a usage error, before any generation.
     res = invoke(str(run), "--judge", "reward-model", "--judge-model", f"helpful={rm}", "--no-plot")
     assert res.exit_code == 2 and "--judge-model harmless=PATH" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def test_prompts_are_a_seeded_sample_of_distinct_prompts(world):
+    from spoctl.evaluate.generate import prompt_rows
+    from spoctl.evaluate.runinfo import open_run
+
+    er = open_run(EvalConfig(run=world["run"]), Output(quiet=True))
+    ds = er.prepared.split("helpful", "eval")
+    rows = prompt_rows(er, "helpful", 5, seed=0)
+    assert len(rows) == 5 and [r["index"] for r in rows] == sorted(r["index"] for r in rows)
+    for r in rows:  # each row is the eval split's row at `index`
+        assert r["pair_id"] == ds[r["index"]]["pair_id"]
+        assert r["prompt_input_ids"] == ds[r["index"]]["prompt_input_ids"]
+    assert len({tuple(r["prompt_input_ids"]) for r in rows}) == 5
+    assert [r["pair_id"] for r in prompt_rows(er, "helpful", 5, seed=0)] == [r["pair_id"] for r in rows]
+    assert len(prompt_rows(er, "helpful", 100, seed=0)) == len(ds)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from spoctl.cli import app
+from fake_openai import JsonHandler, LocalServer
 from tinyworld import make_model_dir, make_prepared
 
 DIMS = ["helpful", "harmless"]
@@ -155,13 +157,19 @@ def test_model_card_states_base_dims_betas_weights_and_data(world, exports):
     meta = yaml.safe_load(text.split("---\n")[1])
     assert meta["library_name"] == "transformers" and "spoctl" in meta["tags"] and "lora" in meta["tags"]
     assert "base_model" not in meta  # a local base: not a Hub id, named in the text instead
-    assert str(world["base"]) in text
+    manifest = json.loads((world["lora"] / "manifest.json").read_text())
+    assert f"- **Base model:** `base` (a local model; weights fingerprint `{manifest['base_fingerprint'][:16]}`)" in text
     assert "`helpful` → `harmless`" in text
     rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert rows[0].startswith("| 1 | helpful | 0.1 | — | 24 | 8 |")
     assert rows[1].startswith("| 2 | harmless | 0.25 | helpful: 0.3 | 24 | 8 |")
-    assert "| helpful | `synthetic` | pairwise | 24 | 8 |" in text
+    assert "| helpful | `synthetic` | — | pairwise | 24 | 8 |" in text
     assert "## Evaluation" not in text  # no eval report in this run
+    # huggingface_hub reads the card back: its metadata is what the Hub will show.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(exports["lora"] / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     # Stage 1 of the run: one dimension, the rest named as not included; a given Hub id becomes base_model.
     s1 = (exports["stage1"] / "README.md").read_text()
     assert yaml.safe_load(s1.split("---\n")[1])["base_model"] == "acme/tiny-base"
@@ -169,6 +177,40 @@ def test_model_card_states_base_dims_betas_weights_and_data(world, exports):
     ad = (exports["adapter"] / "README.md").read_text()
     assert yaml.safe_load(ad.split("---\n")[1])["library_name"] == "peft"
     assert "earlier_adapters/01-helpful" in ad and "names no base model" in ad
+    assert 'from_pretrained("BASE_MODEL")  # base, the run\'s base model' in ad
+
+
+def test_no_file_of_an_export_names_a_path_of_this_machine(world, exports):
+    """The card, the lineage file, adapter configs, tokenizer files: nothing may hold an absolute local path."""
+    local = {str(world["root"]), str(world["root"].resolve()), str(Path.cwd()), str(Path.home()), sys.prefix}
+    checked = 0
+    for folder in exports.values():
+        for f in folder.rglob("*"):
+            if f.is_file():
+                data = f.read_bytes()
+                for path in local:
+                    assert path.encode() not in data, (f, path)
+                checked += 1
+    assert checked > 30
+    lin = json.loads((exports["adapter"] / "spoctl_lineage.json").read_text())
+    assert lin["run"]["name"] == "lora" and lin["base_model"]["name"] == "base"
+    assert lin["data"]["prepared_dir"] == "prepared"
+    assert lin["data"]["sources"]["helpful"] == {"name": "synthetic", "hub_id": "synthetic", "sha256": None,
+                                                 "format": "pairwise"}
+
+
+def test_portable_names():
+    from spoctl.export.provenance import portable_path, source_entry
+
+    assert portable_path("/home/me/data/hh/train.jsonl.gz") == "train.jsonl.gz"
+    assert portable_path("../elsewhere/x.jsonl") == "x.jsonl"
+    assert portable_path("~/x.jsonl") == "x.jsonl"
+    assert portable_path("data/hh/train.jsonl") == "data/hh/train.jsonl"  # relative, as the user typed it
+    local = source_entry({"source": "/abs/hh/train.jsonl.gz", "source_kind": "file", "format": "hh-rlhf",
+                          "hashes": {"source": "ab" * 32}})
+    assert local == {"name": "train.jsonl.gz", "hub_id": None, "sha256": "ab" * 32, "format": "hh-rlhf"}
+    hub = source_entry({"source": "Anthropic/hh-rlhf", "source_kind": "hub", "format": "hh-rlhf", "hashes": {}})
+    assert hub["name"] == hub["hub_id"] == "Anthropic/hh-rlhf"
 
 
 def test_lineage_hashes(world, exports):
@@ -185,37 +227,87 @@ def test_lineage_hashes(world, exports):
         assert lin["base_model"]["fingerprint"] == manifest["base_fingerprint"]
         assert lin["exported_stage"] == {"index": 2, "dim": "harmless"}
         assert lin["check"]["passed"] and lin["check"]["source"] == "prepared:harmless/eval"
+        # What the export read, hashed from the files: the base model and both stages' adapters (a LoRA chain).
+        assert set(lin["inputs"]) == {"base_model", "stages/01-helpful/model", "stages/02-harmless/model"}
+        for key, files in lin["inputs"].items():
+            src = world["base"] if key == "base_model" else world["lora"] / key
+            assert files == {f: hashlib.sha256((src / f).read_bytes()).hexdigest() for f in files}
+            want = {"model.safetensors", "config.json"} if key == "base_model" else {"adapter_model.safetensors"}
+            assert want <= set(files), key
+    full = json.loads((exports["full"] / "spoctl_lineage.json").read_text())
+    assert set(full["inputs"]) == {"stages/02-harmless/model"}  # full weights: only the stage itself is read
+    assert "model.safetensors" in full["inputs"]["stages/02-harmless/model"]
     adapter = json.loads((exports["adapter"] / "spoctl_lineage.json").read_text())
     assert adapter["export"]["apply_order"] == ["earlier_adapters/01-helpful", "."]
     assert json.loads((exports["adapter"] / "adapter_config.json").read_text())["base_model_name_or_path"] is None
     first = json.loads((exports["adapter"] / "earlier_adapters/01-helpful/adapter_config.json").read_text())
-    assert first["base_model_name_or_path"] == str(world["base"])
+    assert first["base_model_name_or_path"] == "base"  # the base's name, not this machine's path to it
 
 
 def leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if p.name.startswith(".")]
 
 
-def test_refuses_non_empty_out_without_force_and_replaces_with_it(world, tmp_path):
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_refuses_non_empty_out_without_force_and_replaces_an_export_with_it(world, exports, tmp_path):
     out = tmp_path / "model"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    shutil.copytree(exports["full"], out)
+    (out / "notes.txt").write_text("mine")
     r = cli("export", "--run", world["full"], "--out", out, "--stage", "1", "--dtype", "fp32")
     assert r.exit_code == 2 and "--force" in r.output
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "notes.txt").exists()
+    # An earlier export (it holds spoctl_lineage.json) is what --force replaces.
     ok(cli("export", "--run", world["full"], "--out", out, "--stage", "1", "--dtype", "fp32", "--force", "--quiet"))
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert not (out / "notes.txt").exists() and (out / "config.json").exists()
+    assert json.loads((out / "spoctl_lineage.json").read_text())["exported_stage"]["index"] == 1
     assert leftovers(tmp_path) == []
-    # An empty folder is fine without --force; the run directory itself never is, even with it.
+    # An empty folder is fine without --force.
     empty = tmp_path / "empty"
     empty.mkdir()
     ok(cli("export", "--run", world["full"], "--out", empty, "--stage", "1", "--dtype", "fp32", "--quiet"))
-    r = cli("export", "--run", world["full"], "--out", world["full"], "--force")
-    assert r.exit_code == 2 and "run directory" in r.output
-    assert (world["full"] / "manifest.json").exists()
 
 
-def test_numerical_check_catches_a_wrong_merge(world, tmp_path, monkeypatch):
+def test_force_replaces_nothing_but_an_earlier_export(world, exports, tmp_path):
+    """Issue 11.2: with --force, every folder that export did not produce is refused (exit 2) and left as it was."""
+    other_run = tmp_path / "other-run"
+    shutil.copytree(world["lora"], other_run)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "thesis.tex").write_text("years of work")
+    fake_lineage = tmp_path / "fake-lineage"
+    fake_lineage.mkdir()
+    (fake_lineage / "spoctl_lineage.json").write_text("not ours")
+    export_with_run = tmp_path / "export-with-run"
+    shutil.copytree(exports["full"], export_with_run)
+    shutil.copytree(world["full"], export_with_run / "my-run")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = {
+        "another run": (other_run, "not a folder `spoctl export` wrote"),
+        "the run being read": (world["full"], "would overwrite the run directory"),
+        "the base model": (world["base"], "would overwrite the base model"),
+        "the prepared data": (world["prepared"], "would overwrite the prepared data"),
+        "a folder holding the run": (world["root"], "would overwrite the run directory"),
+        "a stage folder of the run": (world["full"] / "stages" / "01-helpful", "inside the run's stage folders"),
+        "an ordinary folder": (plain, "not a folder `spoctl export` wrote"),
+        "a broken lineage file": (fake_lineage, "not a folder `spoctl export` wrote"),
+        "an export holding a run": (export_with_run, "holds a spoctl run or prepared data"),
+        "a file": (a_file, "is not a folder"),
+    }
+    before = {name: tree(p) if p.is_dir() else p.read_bytes() for name, (p, _) in cases.items()}
+    for name, (target, message) in cases.items():
+        r = cli("export", "--run", world["full"], "--out", target, "--stage", "1", "--dtype", "fp32", "--force")
+        assert r.exit_code == 2, (name, r.output)
+        assert message in r.output, (name, r.output)
+        after = tree(target) if target.is_dir() else target.read_bytes()
+        assert after == before[name], name
+    assert leftovers(tmp_path) == [] and leftovers(world["root"]) == []
+
+
+def test_numerical_check_catches_a_wrong_merge(world, exports, tmp_path, monkeypatch):
     """Skipping the last adapter while merging must fail the export and leave nothing behind (nor touch an old
     export being replaced with --force)."""
     import spoctl.export.build as build
@@ -228,26 +320,152 @@ def test_numerical_check_catches_a_wrong_merge(world, tmp_path, monkeypatch):
     assert r.exit_code == 1 and "numerical check failed" in r.output
     assert not out.exists() and leftovers(tmp_path) == []
     old = tmp_path / "old"
-    old.mkdir()
-    (old / "marker").write_text("previous export")
+    shutil.copytree(exports["lora"], old)
+    before = tree(old)
     r = cli("export", "--run", world["lora"], "--out", old, "--dtype", "fp32", "--force")
-    assert r.exit_code == 1 and [p.name for p in old.iterdir()] == ["marker"]
+    assert r.exit_code == 1 and tree(old) == before
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"},
-                                 {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_secret_test_token"}],
-                         ids=["offline", "unreachable"])
-def test_push_to_hub_failure_keeps_the_local_export(world, tmp_path, env):
-    env = {"HF_HUB_OFFLINE": "0", **env}
-    out = tmp_path / "pushed"
-    r = cli("export", "--run", world["lora"], "--stage", "1", "--out", out, "--dtype", "fp32",
-            "--push-to-hub", "someone/tiny-spo", env=env)
+@pytest.mark.parametrize("run_name,weights", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors")])
+def test_a_stage_model_changed_after_its_run_is_not_exported(world, tmp_path, run_name, weights):
+    """A stage model edited behind spoctl's back must not be exported with the run's (now false) fingerprint."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(world[run_name], run)
+    path = run / "stages" / "02-harmless" / "model" / weights
+    tensors = load_file(str(path))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    r = cli("export", "--run", run, "--out", tmp_path / "out", "--dtype", "fp32")
     assert r.exit_code == 2, r.output
+    assert weights in r.output and "02-harmless" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+class FakeHub(LocalServer):
+    """Just enough of the Hub's HTTP API on 127.0.0.1: whoami-v2 answers for one token (with a role), and
+    creating a repository fails with a 500, so an upload fails after the token check passed."""
+
+    def __init__(self, token: str, role: str = "write"):
+        self.token, self.role = token, role
+        self.requests: list[tuple[str, str | None]] = []  # (path, Authorization header) of every request
+        hub = self
+
+        class Handler(JsonHandler):
+            def do_GET(self) -> None:
+                hub.requests.append((self.path, self.headers.get("Authorization")))
+                if self.path != "/api/whoami-v2":
+                    return self._send(404, {"error": "no such route"})
+                if self.headers.get("Authorization") != f"Bearer {hub.token}":
+                    return self._send(401, {"error": "Invalid credentials in Authorization header"})
+                return self._send(200, {"type": "user", "name": "someone",
+                                        "auth": {"type": "access_token", "accessToken": {"role": hub.role}}})
+
+            def do_POST(self) -> None:
+                hub.requests.append((self.path, self.headers.get("Authorization")))
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                return self._send(500, {"error": "storage is down"})
+
+        super().__init__(Handler)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def seen(self) -> list[tuple[str, str | None]]:
+        """The requests about this upload (huggingface_hub also fetches a registry of AI-agent names, daily)."""
+        return [r for r in self.requests if r[0] != "/api/agent-harnesses"]
+
+
+HUB_TOKEN = "hf_secret_test_token_0123456789"
+
+
+@pytest.fixture
+def no_stored_token(tmp_path, monkeypatch):
+    """In this process: no token file (huggingface_hub reads its path once, at import) and online."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-hf-home" / "token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["offline", "no token", "unreachable", "refused", "read-only"])
+def test_push_to_hub_checks_the_token_before_exporting(world, tmp_path, no_stored_token, case):
+    """Every way the upload cannot happen is found before the export starts: exit 2, nothing written."""
+    out = tmp_path / "pushed"
+    env = {"HF_HUB_OFFLINE": "0", "HF_TOKEN": HUB_TOKEN}
+    with FakeHub("another-token" if case == "refused" else HUB_TOKEN,
+                 role="read" if case == "read-only" else "write") as hub:
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}" if case == "unreachable" else hub.url
+        if case == "offline":
+            env["HF_HUB_OFFLINE"] = "1"
+        if case == "no token":
+            env["HF_TOKEN"] = None
+        r = cli("export", "--run", world["lora"], "--stage", "1", "--out", out, "--dtype", "fp32",
+                "--push-to-hub", "someone/tiny-spo", env=env)
+    assert r.exit_code == 2, r.output
+    expected = {"offline": "offline (HF_HUB_OFFLINE is set)", "no token": "no Hugging Face token",
+                "unreachable": "cannot check the token with the Hub", "refused": "refused the token (HTTP 401)",
+                "read-only": "the token is read-only"}[case]
+    assert expected in r.output and "nothing was exported" in r.output
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert HUB_TOKEN not in r.output
+    assert all(path == "/api/whoami-v2" for path, _ in hub.seen)  # nothing but the check was sent
+
+
+def test_upload_failure_keeps_the_local_export(world, tmp_path, no_stored_token):
+    out = tmp_path / "pushed"
+    with FakeHub(HUB_TOKEN) as hub:
+        r = cli("export", "--run", world["lora"], "--stage", "1", "--out", out, "--dtype", "fp32",
+                "--push-to-hub", "someone/tiny-spo", env={"HF_HUB_OFFLINE": "0", "HF_TOKEN": HUB_TOKEN,
+                                                          "HF_ENDPOINT": hub.url})
+    assert r.exit_code == 2, r.output
+    assert "the token of someone can upload" in r.output and "upload failed" in r.output
     assert "local export" in r.output and str(out) in r.output
-    assert "hf_secret_test_token" not in r.output
+    assert hub.seen[0] == ("/api/whoami-v2", f"Bearer {HUB_TOKEN}") and len(hub.seen) > 1
     assert (out / "config.json").exists() and (out / "spoctl_lineage.json").exists()
-    assert "hf_secret_test_token" not in "".join(p.read_text(errors="ignore") for p in out.glob("*.json"))
+    assert HUB_TOKEN not in r.output
+    assert all(HUB_TOKEN.encode() not in f.read_bytes() for f in out.rglob("*") if f.is_file())
+
+
+def test_push_to_hub_uses_the_token_hf_auth_login_stored(world, tmp_path):
+    """A real `spoctl export` process with HF_HOME holding a stored token (what `hf auth login` writes) and no
+    HF_TOKEN: the token is found, checked with the Hub before exporting, used, and never shown; with an empty
+    HF_HOME the command fails before writing anything."""
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    (home / "token").write_text(HUB_TOKEN)
+    base_env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HOME")}
+    base_env.update(HF_HUB_OFFLINE="0", TRANSFORMERS_VERBOSITY="error")
+
+    def export(out: Path, hf_home: Path, endpoint: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "spoctl", "export", "--run", str(world["lora"]), "--stage", "1",
+                               "--out", str(out), "--dtype", "fp32", "--push-to-hub", "someone/tiny-spo"],
+                              env={**base_env, "HF_HOME": str(hf_home), "HF_ENDPOINT": endpoint},
+                              capture_output=True, text=True, timeout=600)
+
+    with FakeHub(HUB_TOKEN) as hub:
+        empty = tmp_path / "empty-home"
+        empty.mkdir()
+        res = export(tmp_path / "none", empty, hub.url)
+        assert res.returncode == 2 and "no Hugging Face token" in res.stderr
+        assert not (tmp_path / "none").exists() and hub.seen == []
+
+        res = export(tmp_path / "out", home, hub.url)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert hub.seen[0] == ("/api/whoami-v2", f"Bearer {HUB_TOKEN}")
+    assert "upload failed" in res.stderr and (tmp_path / "out" / "spoctl_lineage.json").exists()
+    assert HUB_TOKEN not in res.stdout + res.stderr
+    assert all(HUB_TOKEN.encode() not in f.read_bytes() for f in (tmp_path / "out").rglob("*") if f.is_file())
 
 
 def test_run_and_stage_errors(world, tmp_path):
@@ -329,7 +547,9 @@ def test_smollm2_lora_round_trip(smollm2_gguf, shared_dir, tmp_path):
     assert safetensors_dtypes(out) == {"BF16"}
     card = (out / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card, card
-    assert f"| `{rows}` | hh-rlhf | 6 | 2 |" in card, card
+    digest = hashlib.sha256(rows.read_bytes()).hexdigest()
+    assert f"| helpful | `helpful.jsonl` | `{digest[:16]}…` | hh-rlhf | 6 | 2 |" in card, card
+    assert str(tmp_path) not in card and str(tmp_path) not in (out / "spoctl_lineage.json").read_text()
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the unpacked GGUF base is gone
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     script = textwrap.dedent("""

@@ -1,4 +1,4 @@
-"""Closed-form unit tests of src/spoctl/losses.py (notation: ../shared/docs/spo-method.md)."""
+"""Closed-form unit tests of src/spoctl/losses.py (notation and derivations: docs/method.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def t(*xs: float) -> torch.Tensor:
 
 
 def plain_dpo(beta, pc, pr, rc, rr):
-    """DPO written as TRL writes it, independently of losses.py: logits and the sigmoid loss."""
+    """DPO written as TRL 0.x's `dpo_loss` writes it, independently of losses.py: logits and the sigmoid loss.
+
+    (TRL 1.x groups the margin as (pc - rc) - (pr - rr): the same number up to float rounding.)"""
     pi_logratios = pc - pr
     ref_logratios = rc - rr
     logits = beta * (pi_logratios - ref_logratios)
@@ -184,8 +186,23 @@ def test_ipo_loss():
 
 
 def test_unknown_loss_type():
-    with pytest.raises(ValueError, match="unknown loss_type"):
+    with pytest.raises(ValueError, match="unknown loss_type") as err:
         L.preference_loss(t(0.0), 0.1, "robust")
+    assert all(name in str(err.value) for name in L.LOSS_TYPES)  # the message lists what is accepted
+
+
+def test_loss_registry_is_the_one_list():
+    assert L.LOSS_TYPES == tuple(L.LOSSES) == ("sigmoid", "ipo", "hinge")
+    h = t(-2.0, -0.25, 0.0, 0.5, 3.0)
+    for name, spec in L.LOSSES.items():
+        assert spec.description.strip() and "\n" not in spec.description
+        # preference_loss is a dispatch, nothing more: the registered function gives the same bits
+        assert torch.equal(L.preference_loss(h, 0.3, name), spec.fn(h, 0.3))
+    assert [n for n, s in L.LOSSES.items() if s.takes_label_smoothing] == ["sigmoid"]
+    smoothed = L.LOSSES["sigmoid"].fn(h, 0.3, label_smoothing=0.2)
+    assert torch.equal(L.preference_loss(h, 0.3, "sigmoid", 0.2), smoothed)
+    with pytest.raises(ValueError, match="sigmoid loss only, not 'ipo'"):
+        L.preference_loss(h, 0.3, "ipo", label_smoothing=0.2)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])

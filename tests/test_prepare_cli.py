@@ -50,20 +50,21 @@ def test_prepare_pairwise_layout_manifest_and_columns(tmp_path, tiny_tokenizer_d
     res = prepare(tmp_path, tiny_tokenizer_dir, "--data", f"helpful={src}")
     assert res.exit_code == 0, res.output
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["helpful", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "helpful", "manifest.json"]
     assert sorted(p.name for p in (out / "helpful").iterdir()) == ["eval", "train"]
     assert "helpful" in res.stdout and "kept" in res.stdout  # the summary table
 
     data = load_prepared(out)
     m = data.manifest
-    assert m["format_version"] == 1 and m["spoctl_version"] and m["columns"] == list(COLUMNS)
+    assert m["format_version"] == 2 and m["spoctl_version"] and m["columns"] == list(COLUMNS)
     assert m["model"] == str(tiny_tokenizer_dir.resolve()) == data.model
     assert m["tokenizer"]["has_chat_template"] and len(m["tokenizer"]["sha256"]) == 64
     assert m["config"]["data"] == {"helpful": str(src)} and m["config"]["seed"] == 0
     info = m["dimensions"]["helpful"]
     assert info["source"] == str(src) and info["format"] == "pairwise" and info["data_key"] == "helpful"
     assert info["counts"] == {"read": 32, "candidates": 32, "kept": 30, "train": 27, "eval": 3,
-                              "dropped": {"duplicate": 1, "tie": 1}, "truncated": 0}
+                              "dropped": {"duplicate": 1, "tie": 1}, "truncated": 0,
+                              "truncation": {"prompts": 0, "turns_dropped": 0, "messages_cut": 0, "responses": 0}}
     assert set(info["tokens"]) == {"prompt", "chosen", "rejected", "total"}
     assert set(info["tokens"]["total"]) == {"min", "mean", "median", "p95", "max"}
     import hashlib
@@ -330,7 +331,9 @@ def test_a_failure_while_writing_keeps_the_old_output_and_leaves_no_temp_dir(tmp
 
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", disk_full)
     res = prepare(tmp_path, tiny_tokenizer_dir, "--data", f"e={src}", "--force")
-    assert res.exit_code != 0
+    assert res.exit_code == 2
+    assert "writing the prepared data failed: No space left on device; nothing was written" in res.stderr
+    assert "the previous prepared data is untouched" in res.stderr
     assert leftovers(tmp_path) == ["out"]
     assert (tmp_path / "out" / "manifest.json").read_text() == before
 

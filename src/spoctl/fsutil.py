@@ -1,10 +1,8 @@
-"""Atomic writes and directory locks: a crash never leaves a half-written file or folder that looks complete."""
+"""Atomic writes and crash litter: a crash never leaves a half-written file or folder that looks complete."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -139,45 +137,3 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-class DirectoryLock:
-    """An exclusive, advisory lock on a folder (flock on `<dir>/.lock`); released when the process dies."""
-
-    def __init__(self, directory: Path | str, what: str = "directory"):
-        self.path = Path(directory) / ".lock"
-        self.what = what
-        self._fd: int | None = None
-
-    def acquire(self) -> "DirectoryLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno in (errno.EAGAIN, errno.EACCES):
-                holder = ""
-                with contextlib.suppress(OSError):
-                    holder = self.path.read_text().strip()
-                raise UsageError(
-                    f"{self.path.parent}: another spoctl process is using this {self.what}"
-                    f"{f' (pid {holder})' if holder else ''}; wait for it to finish or choose another --out"
-                ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> "DirectoryLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

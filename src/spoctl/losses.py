@@ -1,7 +1,8 @@
 """The SPO tensor math, as small pure functions (no models, no I/O).
 
-Notation follows ../shared/docs/spo-method.md. Every per-pair input is a 1-D tensor of *summed completion
-log-probs*, shape [B]: `x_chosen[b] = log x(y_w|x)`, `x_rejected[b] = log x(y_l|x)` for pair b.
+The derivation, with each formula next to the function here that computes it, is docs/method.md; the § numbers
+in the docstrings are its sections. Every per-pair input is a 1-D tensor of *summed completion log-probs*,
+shape [B]: `x_chosen[b] = log x(y_w|x)`, `x_rejected[b] = log x(y_l|x)` for pair b.
 
 Stages are numbered 1..N in the doc; Python lists here are 0-based, so **list index j is stage j+1**:
 
@@ -11,24 +12,31 @@ Stages are numbered 1..N in the doc; Python lists here are 0-based, so **list in
     margins[j]  = Delta r_{j+1}                             (implicit reward margin of dimension j+1)
 
 Nothing here modifies its inputs in place, and everything works in the dtype it is given.
+
+Against TRL (details in docs/method.md §5.3): with no offset, `sigmoid` and `hinge` are TRL 1.x's
+DPO losses on summed log-probs, equal to float rounding; TRL 1.x groups the margin as (pi_w - ref_w) -
+(pi_l - ref_l), this module as (pi_w - pi_l) - (ref_w - ref_l) (TRL 0.x's `dpo_loss` order), so the last bits
+can differ. `ipo` uses summed log-probs, where TRL 1.x divides each response's log-ratio by its token count.
+`label_smoothing` is conservative DPO on the sigmoid loss (TRL 0.x's `sigmoid`); TRL 1.x's sigmoid has no
+smoothing, and its `robust` loss is a different formula.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-
 
 def log_ratio_margin(p_chosen: Tensor, p_rejected: Tensor, q_chosen: Tensor, q_rejected: Tensor) -> Tensor:
     """Delta(p, q) = [log p(y_w) - log q(y_w)] - [log p(y_l) - log q(y_l)], per pair.
 
-    Evaluated as (p_w - p_l) - (q_w - q_l), the same association order as TRL's DPO logits, so that DPO
-    computed through these functions matches TRL-style DPO bit for bit.
+    Evaluated as (p_w - p_l) - (q_w - q_l): `pi_logratios - ref_logratios`, the order of TRL 0.x's `dpo_loss`,
+    which DPO through these functions therefore matches bit for bit. TRL 1.x evaluates (p_w - q_w) - (p_l - q_l):
+    the same number up to float rounding, not always the same bits.
     """
     return (p_chosen - p_rejected) - (q_chosen - q_rejected)
 
@@ -64,7 +72,7 @@ def implicit_reward_margins(
 
 
 def spo_offset_all(weights_n: Sequence[float], reward_margins: Sequence[Tensor], like: Tensor | None = None) -> Tensor:
-    """Exact ("all") mode offset of stage n: sum_{i<n} lambda_i^(n) * Delta r_i.
+    """Exact ("all") mode offset of stage n: sum_{i<n} lambda_i^(n) * Delta r_i (§6.1).
 
     `weights_n[j]` = lambda_{j+1}^(n), `reward_margins[j]` = Delta r_{j+1} (from `implicit_reward_margins`).
     With no earlier dimension (stage 1) it is zero: `zeros_like(like)` if given, else a 0-d zero that
@@ -88,7 +96,7 @@ def spo_offset_previous(
     prevprev_chosen: Tensor,
     prevprev_rejected: Tensor,
 ) -> Tensor:
-    """Tractable ("previous") mode offset of stage n: alpha * beta_{n-1} * Delta(pi_{n-1}, pi_{n-2}) (§6).
+    """Tractable ("previous") mode offset of stage n: alpha * beta_{n-1} * Delta(pi_{n-1}, pi_{n-2}) (§6.2).
 
     Equals `spo_offset_all` with `previous_mode_weights(alpha, n)`, provided stage n-1 used the weights it
     is recorded with. alpha == 0 returns an exact zero tensor (whatever the inputs hold, NaN included), so
@@ -100,7 +108,7 @@ def spo_offset_previous(
 
 
 def previous_mode_weights(alpha: float | Sequence[float], n: int) -> list[float]:
-    """The lambda vector [lambda_1^(n), ..., lambda_{n-1}^(n)] that previous mode implies at stage n (§6).
+    """The lambda vector [lambda_1^(n), ..., lambda_{n-1}^(n)] that previous mode implies at stage n (§6.2).
 
     lambda_{n-1}^(n) = alpha_n and lambda_i^(n) = alpha_n * lambda_i^(n-1), i.e. lambda^(n) = alpha_n *
     (lambda^(n-1) ++ [1]). A float alpha is used at every stage (then lambda_i^(n) = alpha^(n-i)); a sequence
@@ -134,35 +142,79 @@ def spo_logits(
     return h if offset is None else h - offset.detach()
 
 
-def preference_loss(h: Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> Tensor:
-    """Per-pair loss [B] of the SPO margin h (from `spo_logits`); the TRL variants with beta*Delta -> h.
+def sigmoid_loss(h: Tensor, beta: float, *, label_smoothing: float = 0.0) -> Tensor:
+    """-(1 - eps) * logsigmoid(h) - eps * logsigmoid(-h), per pair (eps = label_smoothing; 0 is DPO's loss).
 
-    sigmoid: -(1 - eps) * logsigmoid(h) - eps * logsigmoid(-h)     (eps = label_smoothing; conservative DPO)
-    hinge:   relu(1 - h)                                           (TRL: relu(1 - beta * Delta))
-    ipo:     (h / beta - 1 / (2 * beta))**2                        (TRL: (Delta - 1/(2 beta))**2; the IPO
-             target applies to h/beta = Delta(pi_theta, pi_{n-1}) - offset/beta)
+    eps > 0 is conservative DPO: each label is taken to be flipped with probability eps, so the loss is least at
+    sigmoid(h) = 1 - eps instead of at h = +inf. `beta` is unused (h already carries it); it is a parameter so
+    every loss in `LOSSES` is called the same way.
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    loss = -F.logsigmoid(h)
+    # Skip the eps term when eps == 0 so the result is -logsigmoid(h) exactly, as in plain DPO.
+    return loss if label_smoothing == 0 else (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-h)
+
+
+def hinge_loss(h: Tensor, beta: float) -> Tensor:
+    """relu(1 - h), per pair: TRL's hinge relu(1 - beta * Delta) with the SPO margin h in place of beta * Delta.
+
+    `beta` is unused (h already carries it), as in `sigmoid_loss`.
+    """
+    return torch.relu(1 - h)
+
+
+def ipo_loss(h: Tensor, beta: float) -> Tensor:
+    """(h / beta - 1 / (2 * beta))**2, per pair: IPO's (Delta - 1/(2 beta))**2 with h / beta in place of Delta.
+
+    h / beta = Delta(pi_theta, pi_{n-1}) - offset / beta, on *summed* log-probs. TRL 1.x divides each
+    response's log-ratio by its completion token count first, so its IPO and this one differ whenever a
+    response is longer than one token, and call for different betas.
+    """
+    return (h / beta - 1 / (2 * beta)) ** 2
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One preference loss of the SPO margin h: its per-pair function and what it is, in one line."""
+
+    fn: Callable[..., Tensor]  # (h, beta) -> per-pair loss [B]; also label_smoothing= when takes_label_smoothing
+    description: str
+    takes_label_smoothing: bool = False
+
+
+# The one list of loss types: config, CLI help and errors read their names and descriptions from here.
+LOSSES: dict[str, LossSpec] = {
+    "sigmoid": LossSpec(sigmoid_loss, "DPO's logistic loss -log sigmoid(h); with label_smoothing, conservative DPO",
+                        takes_label_smoothing=True),
+    "ipo": LossSpec(ipo_loss, "IPO: (h/beta - 1/(2 beta))^2 on summed log-probs, pulls h to 1/2 instead of +inf"),
+    "hinge": LossSpec(hinge_loss, "hinge (SLiC): relu(1 - h), no gradient once h >= 1"),
+}
+LOSS_TYPES = tuple(LOSSES)
+
+
+def preference_loss(h: Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> Tensor:
+    """Per-pair loss [B] of the SPO margin h (from `spo_logits`) under `LOSSES[loss_type]`.
 
     label_smoothing only has a meaning for sigmoid; asking for it with another type is an error.
     """
-    if loss_type == "sigmoid":
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        loss = -F.logsigmoid(h)
-        # Skip the eps term when eps == 0 so the result is -logsigmoid(h) exactly, as in plain DPO.
-        return loss if label_smoothing == 0 else (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-h)
+    spec = LOSSES.get(loss_type)
+    if spec is None:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+    if spec.takes_label_smoothing:
+        return spec.fn(h, beta, label_smoothing=label_smoothing)
     if label_smoothing != 0:
-        raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {loss_type!r}")
-    if loss_type == "hinge":
-        return torch.relu(1 - h)
-    if loss_type == "ipo":
-        return (h / beta - 1 / (2 * beta)) ** 2
-    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+        takers = ", ".join(name for name, other in LOSSES.items() if other.takes_label_smoothing)
+        raise ValueError(f"label_smoothing applies to the {takers} loss only, not {loss_type!r}")
+    return spec.fn(h, beta)
 
 
 def sft_loss(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     """Per-pair SFT term [B]: the per-token NLL of the chosen response, -log pi_theta(y_w|x) / |y_w|.
 
-    Lengths are completion token counts; clamped to >= 1 so an empty completion gives 0, not NaN.
+    Lengths are completion token counts; clamped to >= 1 so an empty completion gives 0, not NaN. Each pair's
+    NLL is averaged over its own tokens, so the batch mean weights pairs equally; TRL 1.x's `sft` loss averages
+    over all chosen tokens of the batch, weighting long responses more (the same when lengths are equal).
     """
     return -policy_chosen_logps / chosen_lengths.clamp(min=1).to(policy_chosen_logps.dtype)
 

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import hub
 from .errors import UsageError
+from .naming import is_hub_id
 
 
 @dataclass(frozen=True)
@@ -42,16 +44,49 @@ def resolve_model_source(spec: str) -> ModelSource:
         if not (p / "config.json").exists() and not (p / "tokenizer_config.json").exists():
             raise UsageError(f"{spec}: not a Hugging Face model folder (no config.json or tokenizer_config.json)")
         return ModelSource(spec, "folder", str(p.resolve()))
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    if spec.startswith((".", "/", "~")) or not is_hub_id(spec):
         raise UsageError(f"{spec}: no such file or folder")
     return ModelSource(spec, "hub", spec)
 
 
+def _hub_kwargs(src: ModelSource, probe_file: str) -> dict[str, Any]:
+    """Decide, before transformers starts its retries, how a Hub model is fetched.
+
+    Offline mode: the local cache only (transformers' own rule). Hub unreachable: the local cache when the model
+    is there, else one clear error at once instead of ~50 s of retries.
+    """
+    if src.kind != "hub" or hub.offline_mode():
+        return {}
+    reason = hub.unreachable_reason()
+    if reason is None:
+        return {}
+    if _cached(src.path, probe_file):
+        return {"local_files_only": True}
+    raise UsageError(
+        f"could not load model '{src.spec}': the Hugging Face Hub could not be reached ({reason}) and the model is"
+        " not in the local Hugging Face cache. Give a local folder or .gguf file with --model, or download it"
+        " first where the Hub is reachable (e.g. `hf download " + src.spec + "`)"
+    )
+
+
+def _cached(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:  # an odd id or a damaged cache: treat as not cached, the error then says what to do
+        return False
+
+
 def _load_error(spec: str, err: Exception) -> UsageError:
+    text = str(err).lower()
     hint = ""
-    if "offline" in str(err).lower() or "connect" in str(err).lower() or "resolve" in str(err).lower():
+    if hub.offline_mode() and resolve_model_source(spec).kind == "hub":
+        hint = " (HF_HUB_OFFLINE is set and the model is not in the local Hugging Face cache: unset it, or give a local folder or .gguf file)"
+    elif "offline" in text or "connect" in text or "resolve" in text:
         hint = " (the Hugging Face Hub could not be reached: give a local folder or .gguf file instead)"
-    return UsageError(f"could not load model '{spec}': {type(err).__name__}: {str(err).splitlines()[0]}{hint}")
+    first = str(err).splitlines()[0] if str(err) else ""
+    return UsageError(f"could not load model '{spec}': {type(err).__name__}: {first}{hint}")
 
 
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
@@ -59,6 +94,7 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
 
     src = resolve_model_source(spec)
     path, kwargs = src.from_pretrained_args()
+    kwargs.update(_hub_kwargs(src, "tokenizer_config.json"))
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as err:  # transformers raises OSError, ValueError, HF errors...
@@ -106,7 +142,43 @@ def check_model_loadable(spec: str, *, trust_remote_code: bool = False) -> Model
     return src
 
 
-def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = False, attention: str | None = None):
+@dataclass(frozen=True)
+class Quantization:
+    """How a base model is loaded for QLoRA: bitsandbytes 4-bit weights, computed in `compute_dtype`."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "fp32"
+
+    def tag(self) -> str:
+        """What distinguishes this model's numbers from the float model's (part of cache keys)."""
+        return f"bnb-4bit-{self.quant_type}{'-dq' if self.double_quant else ''}-{self.compute_dtype}"
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"bits": 4, "quant_type": self.quant_type, "double_quant": self.double_quant,
+                "compute_dtype": self.compute_dtype}
+
+    @classmethod
+    def from_manifest(cls, info: dict[str, Any] | None) -> "Quantization | None":
+        if not info:
+            return None
+        return cls(info["quant_type"], bool(info["double_quant"]), info["compute_dtype"])
+
+
+def check_quantization_available(spec: str) -> None:
+    """QLoRA needs bitsandbytes, and a base whose float weights can be quantized (not a GGUF file, whose weights
+    transformers unpacks from its own quantization)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("quantize 4bit needs the bitsandbytes package: pip install bitsandbytes")
+    if resolve_model_source(spec).kind == "gguf":
+        raise UsageError(f"{spec}: a GGUF base cannot be loaded in 4 bits by bitsandbytes; give the model's "
+                         "safetensors folder or Hub id, or train without --quantize")
+
+
+def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = False, attention: str | None = None,
+                   quantization: Quantization | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -114,8 +186,19 @@ def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = Fa
     path, kwargs = src.from_pretrained_args()
     if src.kind != "gguf":
         kwargs["use_safetensors"] = True
+    kwargs.update(_hub_kwargs(src, "config.json"))
     if attention and attention != "auto":
         kwargs["attn_implementation"] = attention
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        from .precision import dtype_of
+
+        check_quantization_available(spec)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quantization.quant_type,
+            bnb_4bit_use_double_quant=quantization.double_quant,
+            bnb_4bit_compute_dtype=dtype_of(quantization.compute_dtype))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, **kwargs
@@ -123,6 +206,29 @@ def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = Fa
     except Exception as err:
         raise _load_error(spec, err) from None
     return as_plain_float_model(model) if src.kind == "gguf" else model
+
+
+def causal_lm_skeleton(spec: str, *, dtype: Any = None, trust_remote_code: bool = False, attention: str | None = None):
+    """The model `load_causal_lm` would load, with its parameters on the meta device: no weights read, no memory
+    taken. Under FSDP every process but the main one builds this and receives its shards from the main process.
+    Buffers the model computes itself (rotary frequencies) are real, and tied weights are tied, as after loading."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = check_model_loadable(spec)
+    path, kwargs = src.from_pretrained_args()
+    kwargs.update(_hub_kwargs(src, "config.json"))
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as err:
+        raise _load_error(spec, err) from None
+    extra = {"attn_implementation": attention} if attention and attention != "auto" else {}
+    with init_empty_weights():  # parameters on meta, buffers real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32,
+                                                 trust_remote_code=trust_remote_code, **extra)
+    model.tie_weights()  # init_empty_weights gives each parameter its own meta tensor, untying them
+    return model
 
 
 def as_plain_float_model(model: Any) -> Any:

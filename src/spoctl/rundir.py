@@ -7,7 +7,8 @@
       .lock                      held by the process writing this run
       stages/01-helpful/
         model/                   the stage's final model: HF folder (full weights) or PEFT adapter + lineage
-        checkpoints/step-000050/ resumable state within the stage (model, optimizer, scheduler, RNG, position)
+        checkpoints/step-000050/ resumable state within the stage (model, optimizer, scheduler, RNG, position;
+                                 one file per process, with checksums)
       cache/logps/               frozen log-probs when the prepared-data folder is not writable
       trackers/                  only with report_to: TensorBoard/Aim logs, MLflow's file store (mlruns/)
       demo-scores.json           only for the built-in demo (`spoctl demo`): rule-judged scores per stage
@@ -28,7 +29,8 @@ from typing import Any
 
 from . import __version__
 from .errors import UsageError
-from .fsutil import DirectoryLock, is_litter, read_json, write_json_atomic, write_text_atomic
+from .fsutil import is_litter, read_json, write_json_atomic, write_text_atomic
+from .locks import ExclusiveLock
 
 RUN_MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -135,16 +137,21 @@ class RunDir:
     def checkpoint_dir(self, index: int, dim: str, step: int) -> Path:
         return self.checkpoints_dir(index, dim) / f"step-{step:06d}"
 
-    def latest_checkpoint(self, index: int, dim: str) -> tuple[int, Path] | None:
-        """The highest complete step checkpoint (temporary folders start with '.' and are ignored)."""
+    def checkpoints(self, index: int, dim: str) -> list[tuple[int, Path]]:
+        """The stage's step checkpoints, newest first (temporary folders start with '.' and are ignored)."""
         root = self.checkpoints_dir(index, dim)
         if not root.is_dir():
-            return None
+            return []
         found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-        return max(found) if found else None
+        return sorted(found, reverse=True)
 
-    def lock(self) -> DirectoryLock:
-        return DirectoryLock(self.root, what="run directory")
+    def latest_checkpoint(self, index: int, dim: str) -> tuple[int, Path] | None:
+        """The highest step checkpoint."""
+        found = self.checkpoints(index, dim)
+        return found[0] if found else None
+
+    def lock(self) -> ExclusiveLock:
+        return ExclusiveLock(self.root, "run directory")
 
     def check_usable(self) -> None:
         """Refuse, before writing anything (the lock file included), a --out that cannot become this run directory:

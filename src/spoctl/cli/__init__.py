@@ -13,9 +13,9 @@ def main() -> None:
     """Console-script entry point."""
     import sys
 
-    from .common import quiet_library_output
     from .eval import bare_judge_to_auto
 
-    quiet_library_output()
     sys.argv[1:] = bare_judge_to_auto(sys.argv[1:])  # `eval --judge` with no name means `--judge auto`
-    app()
+    # One program name however it is started (`python -m spoctl`, torchrun): usage lines, and the shell-completion
+    # script, which must register `spoctl` and not `python -m spoctl`.
+    app(prog_name="spoctl")

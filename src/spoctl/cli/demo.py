@@ -8,16 +8,17 @@ from typing import Any, Optional
 
 import typer
 
-from ..config import AlignConfig, resolve_config
-from ..console import Output
-from .common import ConfigOpt, JsonOpt, PrintConfigOpt, QuietOpt, SetOpt, VerboseOpt, execute, app
+from ..config import AlignConfig
+from .common import CommonOptions, comma_list, command, execute
 
 
-@app.command(
-    epilog="Examples:\n\n  spoctl demo\n\n  spoctl demo --dims harmless,helpful --alpha 0    # other order, sequential DPO"
-)
+@command(examples=[
+    "spoctl demo",
+    "spoctl demo --dims harmless,helpful --alpha 0    # other order, sequential DPO",
+])
 def demo(
-    dims: Optional[str] = typer.Option(None, "--dims", help="Demo dimensions in stage order (default: helpful,harmless,concise)."),
+    dims: Optional[str] = typer.Option(None, "--dims", metavar="DIM,DIM,...",
+                                       help="Demo dimensions in stage order (default: helpful,harmless,concise)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<timestamp>)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="SPO weight of earlier dimensions; 0 = sequential DPO."),
     beta: Optional[float] = typer.Option(None, "--beta", help="KL strength of every stage."),
@@ -26,19 +27,15 @@ def demo(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of batch order."),
     task_seed: int = typer.Option(0, "--task-seed", help="Seed of the demo task and its base model."),
     with_eval: bool = typer.Option(True, "--eval/--no-eval", help="Also run `spoctl eval` with the rules judge."),
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-    print_config: bool = PrintConfigOpt,
-    json_: bool = JsonOpt,
-    quiet: bool = QuietOpt,
-    verbose: bool = VerboseOpt,
+    *,
+    opts: CommonOptions,
 ) -> None:
     """Run the built-in demo: align, then score every stage with the demo's exact rules (docs/demo.md)."""
-    out = Output(json_mode=json_, quiet=quiet, verbose=verbose)
+    from ..demo.run import demo_config, run_demo_and_score
 
     def build() -> AlignConfig:
         flags = {
-            "dims": [d.strip() for d in dims.split(",") if d.strip()] if dims else None,
+            "dims": comma_list(dims),
             "out": str(out_dir) if out_dir else None,
             "alpha": alpha,
             "beta": beta,
@@ -46,14 +43,10 @@ def demo(
             "max_steps": max_steps,
             "seed": seed,
         }
-        from ..demo.run import demo_config
-
         # The demo's own settings under what the user set, so --print-config shows what will run.
-        return demo_config(resolve_config(AlignConfig, "align", config, set_, flags))
+        return demo_config(opts.resolve(AlignConfig, "align", flags))
 
     def act(cfg: AlignConfig) -> dict[str, Any]:
-        from ..demo.run import run_demo_and_score
+        return run_demo_and_score(opts.output, cfg, task_seed=task_seed, with_eval=with_eval)
 
-        return run_demo_and_score(out, cfg, task_seed=task_seed, with_eval=with_eval)
-
-    execute(out, build, "align", print_config, act)
+    execute(opts, build, "align", act)

@@ -7,11 +7,10 @@ from typing import Optional
 
 import typer
 
-from ..config import EvalConfig, resolve_config
-from ..console import Output
-from .common import ConfigOpt, JsonOpt, PrintConfigOpt, QuietOpt, SetOpt, VerboseOpt, app, execute, fail_check, parse_assignments
-
-AUTO = "auto"
+from ..config import EvalConfig, check_gate_bound
+from ..errors import UsageError
+from ..evaluate.judges.registry import AUTO, help_text
+from .common import CommonOptions, command, execute, fail_check, parse_assignments
 
 
 def bare_judge_to_auto(argv: list[str]) -> list[str]:
@@ -27,12 +26,25 @@ def bare_judge_to_auto(argv: list[str]) -> list[str]:
     return fixed
 
 
-@app.command(
+def gate_bounds(items: list[str] | None, flag: str, example: str) -> dict[str, float] | None:
+    """`--fail-under helpful=0.6 ...` -> {dim: bound}; a bound outside [0, 1] (or NaN) is refused by its flag."""
+    bounds = parse_assignments(items, flag, example, float)
+    for dim, value in (bounds or {}).items():
+        try:
+            check_gate_bound(value)
+        except ValueError as err:
+            raise UsageError(f"{flag} {dim}={value}: {err}, e.g. {flag} {example}") from None
+    return bounds
+
+
+@command(
     "eval",
-    epilog="Examples:\n\n  spoctl eval runs/hh                                  # implicit-reward scorecard only\n\n"
-    "  spoctl eval runs/hh --judge                          # + judged win rates with the best judge available\n\n"
-    "  spoctl eval runs/hh --judge openai:gpt-4o-mini --judge-url https://api.openai.com/v1\n\n"
-    "  spoctl eval runs/hh --fail-under helpful=0.6 --max-regression helpful=0.05   # CI gate: exit 1 if broken",
+    examples=[
+        "spoctl eval runs/hh                                  # implicit-reward scorecard only",
+        "spoctl eval runs/hh --judge                          # + judged win rates with the best judge available",
+        "spoctl eval runs/hh --judge openai:gpt-4o-mini --judge-url https://api.openai.com/v1",
+        "spoctl eval runs/hh --fail-under helpful=0.6 --max-regression helpful=0.05   # CI gate: exit 1 if broken",
+    ],
 )
 def eval_(
     run_dir: Optional[Path] = typer.Argument(None, help="Run directory made by spoctl align (default: the latest"
@@ -40,35 +52,34 @@ def eval_(
     run_opt: Optional[Path] = typer.Option(None, "--run", "-r", help="The run directory, as an option."),
     dims: Optional[str] = typer.Option(None, "--dims", help="Dimensions to evaluate, comma-separated (default: all)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Prepared data (default: the run's)."),
-    judge: Optional[str] = typer.Option(None, "--judge", help="rules | reward-model | embedding | openai:MODEL;"
-                                        " bare --judge (or auto) picks the best available."),
+    judge: Optional[str] = typer.Option(None, "--judge", help=help_text()),
     judge_model: Optional[list[str]] = typer.Option(None, "--judge-model", help="reward-model: DIM=PATH (repeatable)."),
-    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="openai: base URL of the chat-completions API."),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="openai: base URL of the chat-completions API"
+                                            " (credentials in it are used, never printed or saved)."),
     judge_key_env: Optional[str] = typer.Option(None, "--judge-key-env", help="openai: env var with the API key."),
     judge_concurrency: Optional[int] = typer.Option(None, "--judge-concurrency", help="openai: requests at once."),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts",
-                                              help="Held-out prompts per dimension to generate for."),
+                                              help="Held-out prompts per dimension to generate for (a seeded"
+                                              " sample of the eval split's distinct prompts)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest generated response."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (0: greedy)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
-    fail_under: Optional[list[str]] = typer.Option(None, "--fail-under", help="Gate: DIM=VALUE, exit 1 if the last"
-                                                   " stage scores lower (repeatable)."),
-    max_regression: Optional[list[str]] = typer.Option(None, "--max-regression", help="Gate: DIM=VALUE, exit 1 if"
-                                                       " the last stage is more than VALUE below the best stage."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the prompt sample and of sampling."),
+    fail_under: Optional[list[str]] = typer.Option(None, "--fail-under", help="Gate: DIM=VALUE (0-1), exit 1 if the"
+                                                   " last stage scores lower (repeatable)."),
+    max_regression: Optional[list[str]] = typer.Option(None, "--max-regression", help="Gate: DIM=VALUE (0-1), exit 1"
+                                                       " if the last stage is more than VALUE below the best stage."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Gate an unfinished run on its completed"
+                                          " stages (otherwise the gate fails, naming the missing stage)."),
     no_plot: bool = typer.Option(False, "--no-plot", help="Skip the PNG plot."),
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-    print_config: bool = PrintConfigOpt,
-    json_: bool = JsonOpt,
-    quiet: bool = QuietOpt,
-    verbose: bool = VerboseOpt,
+    *,
+    opts: CommonOptions,
 ) -> None:
     """Score every stage on every dimension (implicit rewards; judged win rates with --judge); gate CI on it.
 
-    Exit codes: 0 ok, 1 a --fail-under/--max-regression bound is broken, 2 usage error, missing run or
-    unreachable judge (the partial report is kept in RUN_DIR/eval/)."""
-    out = Output(json_mode=json_, quiet=quiet, verbose=verbose)
+    Exit codes: 0 ok, 1 a --fail-under/--max-regression bound is broken (or the gated run is not finished),
+    2 usage error, missing run or unreachable judge (the partial report is kept in RUN_DIR/eval/)."""
+    out = opts.output
 
     def build() -> EvalConfig:
         from ..evaluate.judges import parse_judge_spec
@@ -89,18 +100,19 @@ def eval_(
             "generation.temperature": temperature,
             "generation.top_p": top_p,
             "generation.seed": seed,
-            "gate.fail_under": parse_assignments(fail_under, "--fail-under", "helpful=0.6", float),
-            "gate.max_regression": parse_assignments(max_regression, "--max-regression", "helpful=0.05", float),
+            "gate.fail_under": gate_bounds(fail_under, "--fail-under", "helpful=0.6"),
+            "gate.max_regression": gate_bounds(max_regression, "--max-regression", "helpful=0.05"),
+            "gate.allow_incomplete": True if allow_incomplete else None,
             "plot": False if no_plot else None,
         }
-        return resolve_config(EvalConfig, "eval", config, set_, flags)
+        return opts.resolve(EvalConfig, "eval", flags)
 
     def act(cfg: EvalConfig) -> dict:
         from ..evaluate import evaluate
 
         return evaluate(cfg, out)
 
-    report = execute(out, build, "eval", print_config, act)
+    report = execute(opts, build, "eval", act)
     if report is not None:
         from ..evaluate.runner import gate_failure
 

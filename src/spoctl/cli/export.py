@@ -7,17 +7,16 @@ from typing import Optional
 
 import typer
 
-from ..config import ExportConfig, resolve_config
-from ..console import Output
-from .common import ConfigOpt, JsonOpt, PrintConfigOpt, QuietOpt, SetOpt, VerboseOpt, app, execute
+from ..config import ExportConfig
+from .common import CommonOptions, command, execute
 
 
-@app.command(
-    epilog="Examples:\n\n  spoctl export --run runs/hh --out exports/hh\n\n"
-    "  spoctl export --run runs/hh --stage helpful --out exports/hh-stage1 --dtype fp32\n\n"
-    "  spoctl export --run runs/hh --adapter-only --out exports/hh-adapters\n\n"
-    "  HF_TOKEN=... spoctl export --run runs/hh --out exports/hh --push-to-hub me/smollm2-hh"
-)
+@command(examples=[
+    "spoctl export --run runs/hh --out exports/hh",
+    "spoctl export --run runs/hh --stage helpful --out exports/hh-stage1 --dtype fp32",
+    "spoctl export --run runs/hh --adapter-only --out exports/hh-adapters",
+    "spoctl export --run runs/hh --out exports/hh --push-to-hub me/smollm2-hh   # after `hf auth login`",
+])
 def export(
     run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run directory (from spoctl align)."),
     stage: Optional[str] = typer.Option(None, "--stage", help="last (default), a stage number, or a dimension."),
@@ -25,17 +24,15 @@ def export(
     adapter_only: bool = typer.Option(False, "--adapter-only", help="LoRA runs: PEFT adapters instead of merged weights."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest safetensors shard (default 2GB)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 (default) | fp16 | fp32."),
-    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload to this Hub repo (token: HF_TOKEN)."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-    print_config: bool = PrintConfigOpt,
-    json_: bool = JsonOpt,
-    quiet: bool = QuietOpt,
-    verbose: bool = VerboseOpt,
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload to this Hub repo; the token"
+                                               " (HF_TOKEN, else `hf auth login`'s) is checked before exporting."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier export at --out (a folder holding"
+                               " spoctl_lineage.json); nothing else is ever replaced."),
+    *,
+    opts: CommonOptions,
 ) -> None:
     """Write one stage of a run as a standalone Hugging Face model folder, checked against the checkpoint."""
-    out = Output(json_mode=json_, quiet=quiet, verbose=verbose)
+    out = opts.output
 
     def build() -> ExportConfig:
         flags = {
@@ -48,11 +45,11 @@ def export(
             "push_to_hub": push_to_hub,
             "force": True if force else None,
         }
-        return resolve_config(ExportConfig, "export", config, set_, flags)
+        return opts.resolve(ExportConfig, "export", flags)
 
     def act(cfg: ExportConfig) -> dict:
         from ..export import export_model
 
         return export_model(cfg, out)
 
-    execute(out, build, "export", print_config, act)
+    execute(opts, build, "export", act)

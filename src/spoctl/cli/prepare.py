@@ -2,59 +2,63 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..config import PrepareConfig, resolve_config
-from ..console import Output
+from ..config import PrepareConfig
+from ..data.formats import describe as format_choices
 from ..errors import UsageError
-from .common import ConfigOpt, JsonOpt, PrintConfigOpt, QuietOpt, SetOpt, VerboseOpt, app, execute, parse_assignments
+from .common import CommonOptions, command, execute, parse_assignments
 
-@app.command(
-    epilog="Example:\n\n  spoctl prepare --data helpful=hh/helpful.jsonl.gz --data harmless=hh/harmless.jsonl.gz"
-    " --model HuggingFaceTB/SmolLM2-135M-Instruct --out prepared/"
-)
+
+@command(examples=[
+    "spoctl prepare --data helpful=hh/helpful.jsonl.gz --data harmless=hh/harmless.jsonl.gz"
+    " --model HuggingFaceTB/SmolLM2-135M-Instruct --out prepared/",
+])
 def prepare(
-    data: Optional[list[str]] = typer.Option(None, "--data", "-d", help="DIM=SOURCE (repeatable): a local file or a Hub dataset id."),
-    format: Optional[str] = typer.Option(None, "--format", "-f", help="auto | pairwise | hh-rlhf | pku-saferlhf | helpsteer."),
+    data: Optional[list[str]] = typer.Option(
+        None, "--data", "-d", help="DIM=SOURCE (repeatable): a local file, a dataset folder or a Hub dataset id, "
+                                   "optionally with ?split=test&data_dir=...&dim=... (docs/data-formats.md)."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help=format_choices() + "."),
+    columns: Optional[str] = typer.Option(
+        None, "--columns", help="FIELD=COLUMN,...: which columns hold the fields, e.g. prompt=question,chosen=good,rejected=bad."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Tokenizer and chat template: folder, .gguf file or Hub id."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Prepared-data directory (default: prepared)."),
-    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt, in tokens."),
-    max_length: Optional[int] = typer.Option(None, help="Longest prompt + response, in tokens."),
+    out_dir: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help="Prepared-data directory (default: prepared)."),
+    max_length: Optional[int] = typer.Option(None, help="Longest prompt + response, in tokens (default 1024)."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt, in tokens (default: half of --max-length)."),
     overflow: Optional[str] = typer.Option(None, help="Over-long pairs: truncate or drop."),
+    prompt_truncation: Optional[str] = typer.Option(
+        None, help="How long prompts are cut: keep-system-and-recent (whole old turns first) or keep-end."),
     eval_fraction: Optional[float] = typer.Option(None, help="Share of each dimension held out for evaluation."),
     max_pairs: Optional[int] = typer.Option(None, help="Keep at most this many pairs per dimension."),
     seed: Optional[int] = typer.Option(None, help="Seed of the train/eval split."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing prepared-data directory (nothing else)."),
     debug: bool = typer.Option(False, "--debug", help="Print a few rendered examples exactly as the model sees them."),
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-    print_config: bool = PrintConfigOpt,
-    json_: bool = JsonOpt,
-    quiet: bool = QuietOpt,
-    verbose: bool = VerboseOpt,
+    *,
+    opts: CommonOptions,
 ) -> None:
     """Turn raw preference data into per-dimension, tokenized, split datasets for `spoctl align`."""
-    out = Output(json_mode=json_, quiet=quiet, verbose=verbose)
+    out = opts.output
 
     def build() -> PrepareConfig:
         flags = {
             "data": parse_assignments(data, "--data", "helpful=hh/helpful.jsonl.gz"),
             "format": format,
+            "columns": parse_columns(columns),
             "model": model,
-            "out": str(out_dir) if out_dir else None,
+            "out": out_dir,
             "length.max_prompt_tokens": max_prompt_tokens,
             "length.max_length": max_length,
             "length.overflow": overflow,
+            "length.prompt_truncation": prompt_truncation,
             "eval_fraction": eval_fraction,
             "max_pairs": max_pairs,
             "seed": seed,
             "force": True if force else None,
         }
-        cfg = resolve_config(PrepareConfig, "prepare", config, set_, flags)
-        if not cfg.data and not print_config:
+        cfg = opts.resolve(PrepareConfig, "prepare", flags)
+        if not cfg.data and not opts.print_config:
             raise UsageError("no data given: pass --data DIM=SOURCE (repeatable) or set prepare.data in --config")
         return cfg
 
@@ -63,4 +67,19 @@ def prepare(
 
         return run_prepare(cfg, out, debug=debug)
 
-    execute(out, build, "prepare", print_config, act)
+    execute(opts, build, "prepare", act)
+
+
+def parse_columns(text: str | None) -> dict[str, str] | None:
+    """'prompt=question,chosen=good' -> {'prompt': 'question', 'chosen': 'good'}."""
+    if text is None:
+        return None
+    mapping: dict[str, str] = {}
+    for item in text.split(","):
+        field, sep, column = (part.strip() for part in item.partition("="))
+        if not sep or not field or not column:
+            raise UsageError(f"--columns {text!r}: expected FIELD=COLUMN,..., e.g. --columns prompt=question,chosen=good,rejected=bad")
+        if field in mapping:
+            raise UsageError(f"--columns: field {field!r} is given twice")
+        mapping[field] = column
+    return mapping

@@ -7,15 +7,31 @@ tokens the model must produce: the response text followed by the end-of-turn tok
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..config import LengthPolicy
 from ..errors import UsageError
 from .formats import Message, TextPair
+from .records import Where
 
 # Plain-text rendering for tokenizers without a chat template: the HH-RLHF transcript convention.
 PLAIN_ROLES = {"user": "Human", "assistant": "Assistant", "system": None}
-BATCH = 256  # pairs per tokenizer call: big enough for the Rust tokenizer's batching, small for memory
+# Texts per tokenizer call: many for the Rust tokenizer's batching, but never more than BATCH_CHARS characters,
+# because the tokenizer's memory grows with the characters of a call (a 5 MB text alone took 2 GB).
+BATCH = 256
+BATCH_CHARS = 2_000_000
+
+
+def batches(texts: Sequence[str]) -> Iterator[tuple[int, int]]:
+    """(start, end) ranges of `texts`, each at most BATCH texts and BATCH_CHARS characters (at least one text)."""
+    start = 0
+    while start < len(texts):
+        end, chars = start, 0
+        while end < len(texts) and end - start < BATCH and (end == start or chars + len(texts[end]) <= BATCH_CHARS):
+            chars += len(texts[end])
+            end += 1
+        yield start, end
+        start = end
 
 
 class Renderer:
@@ -37,45 +53,56 @@ class Renderer:
         return list(prompt)
 
     # ------------------------------------------------------------------------------------------ prompts
-    def prompt_texts(self, pairs: Sequence[TextPair]) -> list[str]:
-        """The prompt of each pair as text, ending where the assistant's answer begins."""
+    def conversation_texts(self, convs: Sequence[list[Message]], wheres: Sequence[Where]) -> list[str]:
+        """Each conversation as prompt text, ending where the assistant's answer begins."""
         if not self.has_template:
-            return [plain_prompt(self.messages(p.prompt)) for p in pairs]
-        convs = [self.messages(p.prompt) for p in pairs]
+            return [plain_prompt(c) for c in convs]
         try:
-            return list(self.tok.apply_chat_template(convs, add_generation_prompt=True, tokenize=False))
+            return list(self.tok.apply_chat_template(list(convs), add_generation_prompt=True, tokenize=False))
         except Exception:
             # Some templates refuse some conversations (e.g. strict user/assistant alternation): find which one.
             texts = []
-            for pair, conv in zip(pairs, convs):
+            for conv, where in zip(convs, wheres):
                 try:
                     texts.append(self.tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False))
                 except Exception as err:
-                    raise pair.where.error(
+                    raise where.error(
                         f"the chat template of '{self.model_spec}' cannot render this prompt: {type(err).__name__}: {err}",
                         field="prompt",
                     ) from None
             return texts
 
-    def prompt_ids(self, pairs: Sequence[TextPair]) -> list[list[int]]:
-        """Token ids of each prompt. Templates carry their own special tokens (BOS etc.); plain text gets the tokenizer's."""
+    def conversation_ids(self, convs: Sequence[list[Message]], wheres: Sequence[Where]) -> list[list[int]]:
+        """Token ids of each conversation rendered as a prompt (system prompt already in the messages).
+
+        Templates carry their own special tokens (BOS etc.); plain text gets the tokenizer's.
+        """
         out: list[list[int]] = []
-        for start in range(0, len(pairs), BATCH):
-            texts = self.prompt_texts(pairs[start : start + BATCH])
+        for start in range(0, len(convs), BATCH):
+            texts = self.conversation_texts(convs[start : start + BATCH], wheres[start : start + BATCH])
             # Same as apply_chat_template(tokenize=True), which also tokenizes with add_special_tokens=False.
-            enc = self.tok(texts, add_special_tokens=not self.has_template)
-            out.extend([list(ids) for ids in enc["input_ids"]])
+            out.extend(self._encode(texts, add_special_tokens=not self.has_template))
         return out
+
+    def prompt_ids(self, pairs: Sequence[TextPair]) -> list[list[int]]:
+        """Token ids of each pair's prompt, with the configured system prompt."""
+        return self.conversation_ids([self.messages(p.prompt) for p in pairs], [p.where for p in pairs])
 
     # ------------------------------------------------------------------------------------------ responses
     def completion_ids(self, responses: Sequence[str]) -> list[list[int]]:
         """Response tokens plus the end token. Without a template the response follows 'Assistant:' after a space."""
-        out: list[list[int]] = []
         lead = "" if self.has_template else " "
-        for start in range(0, len(responses), BATCH):
-            texts = [lead + r for r in responses[start : start + BATCH]]
-            enc = self.tok(texts, add_special_tokens=False)
-            out.extend([list(ids) + [self.eos_id] for ids in enc["input_ids"]])
+        return [ids + [self.eos_id] for ids in self._encode([lead + r for r in responses], add_special_tokens=False)]
+
+    def text_ids(self, text: str) -> list[int]:
+        """Plain token ids of a text (no special tokens)."""
+        return self._encode([text], add_special_tokens=False)[0]
+
+    def _encode(self, texts: Sequence[str], *, add_special_tokens: bool) -> list[list[int]]:
+        out: list[list[int]] = []
+        for start, end in batches(texts):
+            enc = self.tok(list(texts[start:end]), add_special_tokens=add_special_tokens, return_attention_mask=False)
+            out.extend([list(ids) for ids in enc["input_ids"]])
         return out
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -107,8 +134,8 @@ class Fitted:
 def fit_length(prompt: list[int], chosen: list[int], rejected: list[int], policy: LengthPolicy) -> Fitted:
     """Apply max_prompt_tokens and max_length (prompt + the longer response).
 
-    Truncation keeps the END of the prompt (the most recent turns and the generation prompt the answer follows)
-    and the START of each response.
+    A prompt still over max_prompt_tokens here loses its START (the `keep-end` policy; `keep-system-and-recent`
+    has already cut whole turns in spoctl.data.truncate), each response loses its END.
     """
     too_long_prompt = len(prompt) > policy.max_prompt_tokens
     if policy.overflow == "drop":

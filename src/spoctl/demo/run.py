@@ -49,6 +49,37 @@ DEMO_ALIGN = {
 EVAL_FRACTION = 0.1
 
 
+# What `spoctl align` says when it runs the demo, so nobody trains the demo while meaning their own data.
+DEMO_VIA_ALIGN = (
+    "built-in demo: no --data and no --model given, so `spoctl align` runs the demo (a tiny model on a synthetic"
+    " task, docs/demo.md) with the demo's settings.\n"
+    "To align your own data: spoctl prepare --data DIM=FILE --model MODEL --out prepared/,"
+    " then spoctl align --dims DIM,... --data prepared/"
+)
+
+
+def runs_demo(cfg: AlignConfig) -> bool:
+    """`spoctl align` runs the demo exactly when the configuration names no data and no model of the user's
+    (`align.data` / `align.model`, from --data / --model, --set or the config file)."""
+    return cfg.data is None and cfg.model is None
+
+
+def demo_for_align(cfg: AlignConfig) -> AlignConfig:
+    """`spoctl align`'s configuration as it will run: unchanged for the user's own data; for the demo, the demo's
+    settings under what the user set, after checking that the demo has every requested dimension."""
+    if not runs_demo(cfg):
+        return cfg
+    missing = [d for d in cfg.dims if d not in task.DEMO_DIMS]
+    if missing:
+        raise UsageError(
+            f"no --data given, so `spoctl align` would run the built-in demo, which has no dimension"
+            f" {', '.join(map(repr, missing))} (its dimensions: {', '.join(task.DEMO_DIMS)}). To align your own data,"
+            f" prepare it and pass it with --data: spoctl prepare --data {missing[0]}=FILE ... --model MODEL --out"
+            f" prepared/, then spoctl align --dims {','.join(cfg.dims)} --data prepared/"
+        )
+    return demo_config(cfg)
+
+
 def demo_config(cfg: AlignConfig | None = None, **overrides: Any) -> AlignConfig:
     """The demo's align settings under the fields the user set explicitly in `cfg`, then `overrides`."""
     user = cfg.model_dump(mode="json", include=cfg.model_fields_set) if cfg is not None else {}

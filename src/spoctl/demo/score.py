@@ -13,24 +13,18 @@ GEN_BATCH = 64
 
 
 def generate(model: Any, tok: Any, prompts: Sequence[str], *, max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
-    """Greedy answers (deterministic), one per prompt, decoded without special tokens."""
-    import torch
-
+    """Greedy answers (deterministic), one per prompt, decoded without special tokens: eval's left-pad-and-generate
+    on the demo's rendered prompts."""
+    from ..config import GenerationSettings
+    from ..evaluate.generate import generate_batch
     from .model import prompt_ids
 
     model.eval()
+    greedy = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=GEN_BATCH)
     texts: list[str] = []
     for start in range(0, len(prompts), GEN_BATCH):
         rows = [prompt_ids(tok, p) for p in prompts[start : start + GEN_BATCH]]
-        width = max(len(r) for r in rows)
-        # Left padding: every prompt ends where generation begins.
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        with torch.no_grad():
-            outs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        for row in outs[:, width:]:
-            texts.append(tok.decode(row.tolist(), skip_special_tokens=True).strip())
+        texts += generate_batch(model, tok, rows, greedy, seed=0)
     return texts
 
 
@@ -46,30 +40,29 @@ def score_model(model: Any, tok: Any, dims: Sequence[str], prompts: Sequence[str
 
 
 def candidate_logps(model: Any, tok: Any, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> list[list[float]]:
-    """log pi(response | prompt) of each candidate response (end-of-turn token included), per prompt."""
+    """log pi(response | prompt) of each candidate response (end-of-turn token included), per prompt: the engine's
+    chunked scorer (`engine.frozen.compute_logps`), the candidates of a prompt scored two at a time as the
+    (chosen, rejected) sides of one pair."""
     import torch
 
+    from ..engine.batching import TokenPair
+    from ..engine.frozen import compute_logps
     from .model import prompt_ids
 
-    seqs, spans = [], []
+    pairs, slots = [], []  # slots[i]: (pair, side) of the i-th candidate, in order
     for p, cands in zip(prompts, responses):
         pids = prompt_ids(tok, p)
-        for c in cands:
-            rids = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            seqs.append(pids + rids)
-            spans.append((len(pids), len(pids) + len(rids)))
-    totals: list[float] = []
+        ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in cands]
+        for j in range(0, len(ids), 2):
+            # An odd candidate out is paired with itself: its second side is scored and ignored.
+            second = ids[j + 1] if j + 1 < len(ids) else ids[j]
+            slots += [(len(pairs), 0)] + ([(len(pairs), 1)] if j + 1 < len(ids) else [])
+            pairs.append(TokenPair(pids, ids[j], second))
     model.eval()
-    for start in range(0, len(seqs), GEN_BATCH):
-        rows, sp = seqs[start : start + GEN_BATCH], spans[start : start + GEN_BATCH]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        for i, (a, b) in enumerate(sp):
-            # The token at position t is predicted by the logits at t - 1.
-            totals.append(float(logp[i, a - 1 : b - 1].gather(-1, ids[i, a:b, None]).sum()))
+    logps = compute_logps(model, pairs, batch_size=GEN_BATCH, pad_token_id=tok.pad_token_id, chunk_size=256,
+                          device=next(model.parameters()).device)
+    sides = torch.stack([logps.chosen, logps.rejected], dim=1).tolist()
+    totals = [sides[i][side] for i, side in slots]
     out, k = [], 0
     for cands in responses:
         out.append(totals[k : k + len(cands)])

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..fsutil import hash_file_into, sha256_file
-from ..models import load_causal_lm, resolve_model_source
+from ..models import Quantization, causal_lm_skeleton, load_causal_lm, resolve_model_source
 from ..rundir import RunDir
 
 LINEAGE_FILE = "spoctl_stage.json"
@@ -68,9 +68,8 @@ def folder_files(folder: Path) -> dict[str, dict[str, Any]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def verify_files(folder: Path, recorded: dict[str, dict[str, Any]], what: str) -> None:
-    """Every file recorded when `folder` was written is still there, the same size, the same bytes: else a
-    UsageError naming the file. (Sizes first: a truncated or replaced file is named without hashing anything.)"""
+def size_problems(folder: Path, recorded: dict[str, dict[str, Any]]) -> list[str]:
+    """Files recorded when `folder` was written that are missing or have another size now (no hashing)."""
     problems = []
     for name, info in recorded.items():
         path = folder / name
@@ -78,9 +77,19 @@ def verify_files(folder: Path, recorded: dict[str, dict[str, Any]], what: str) -
             problems.append(f"{path} is missing")
         elif path.stat().st_size != info["size"]:
             problems.append(f"{path} has {path.stat().st_size} bytes, {info['size']} were written")
-    for name, info in recorded.items():
-        if not problems and sha256_file(folder / name) != info["sha256"]:
-            problems.append(f"{folder / name} was changed after it was written (its sha256 differs)")
+    return problems
+
+
+def hash_problems(folder: Path, recorded: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
+    """Those of `names` whose bytes are no longer the ones recorded."""
+    return [f"{folder / n} was changed after it was written (its sha256 differs)" for n in names
+            if sha256_file(folder / n) != recorded[n]["sha256"]]
+
+
+def verify_files(folder: Path, recorded: dict[str, dict[str, Any]], what: str) -> None:
+    """Every file recorded when `folder` was written is still there, the same size, the same bytes: else a
+    UsageError naming the file. (Sizes first: a truncated or replaced file is named without hashing anything.)"""
+    problems = size_problems(folder, recorded) or hash_problems(folder, recorded, list(recorded))
     if problems:
         raise UsageError(f"{what} is not the one this run saved: {'; '.join(problems)}. Restore it, or run the "
                          "stage again in a new run directory")
@@ -90,12 +99,15 @@ class ModelChain:
     """Loads pi_k for a run. `stage_dirs[k-1]` is the model folder of stage k."""
 
     def __init__(self, base_spec: str, run: RunDir, manifest: dict[str, Any], *, trust_remote_code: bool = False,
-                 attention: str | None = None):
+                 attention: str | None = None, quantized: bool = True):
         self.base_spec = base_spec
         self.run = run
         self.manifest = manifest
         self.trust_remote_code = trust_remote_code
         self.attention = attention
+        # A QLoRA run's models are its 4-bit base with the adapters merged in (re-quantized), as they trained;
+        # `quantized=False` gives the float models the same adapters make on the float base (what export writes).
+        self.quantization = Quantization.from_manifest(manifest.get("quantize")) if quantized else None
         self._verified: set[int] = set()
 
     @property
@@ -115,9 +127,10 @@ class ModelChain:
     def fingerprint(self, k: int) -> str:
         if k == 0:
             fp = self.manifest.get("base_fingerprint")
-            if fp:
-                return fp
-            raise RuntimeError("the manifest has no base fingerprint")
+            if not fp:
+                raise RuntimeError("the manifest has no base fingerprint")
+            # The 4-bit base computes other numbers than the float one: its log-probs must not share a cache key.
+            return fp if self.quantization is None else f"{fp}-{self.quantization.tag()}"
         st = self.manifest["stages"][k - 1]
         if st.get("status") != "completed" or "fingerprint" not in st:
             raise RuntimeError(f"stage {k} has not completed; pi_{k} does not exist yet")
@@ -146,16 +159,26 @@ class ModelChain:
                 verify_files(folder, files, f"stage {i}'s model {folder}")
             self._verified.add(i)
 
-    def load(self, k: int, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """pi_k in eval mode, plain transformers model (LoRA adapters merged), verified against the manifest."""
-        self.verify(k)
+    def load(self, k: int, dtype: torch.dtype = torch.float32, *, empty: bool = False,
+             verify: bool = True) -> nn.Module:
+        """pi_k in eval mode, plain transformers model (LoRA adapters merged), verified against the manifest
+        (`verify=False`: by the caller, e.g. once on the main process for all). `empty`: the same model with its
+        parameters on the meta device, nothing read (the processes that receive their FSDP shards)."""
+        if empty:
+            folder = str(self.stage_model_dir(k)) if k > 0 and not self.lora else self.base_spec
+            model = causal_lm_skeleton(folder, dtype=dtype, trust_remote_code=self.trust_remote_code,
+                                       attention=self.attention)
+            model.eval()
+            return model
+        if verify:
+            self.verify(k)
         if k > 0 and not self.lora:
             # Full fine-tuning: stage k's folder holds complete weights; earlier stages are superseded.
             model = load_causal_lm(str(self.stage_model_dir(k)), dtype=dtype, trust_remote_code=self.trust_remote_code,
                                    attention=self.attention)
         else:
             model = load_causal_lm(self.base_spec, dtype=dtype, trust_remote_code=self.trust_remote_code,
-                                   attention=self.attention)
+                                   attention=self.attention, quantization=self.quantization)
             for i in range(1, k + 1):
                 model = merge_adapter(model, self.stage_model_dir(i))
         model.eval()

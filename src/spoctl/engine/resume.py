@@ -2,7 +2,7 @@
 
 A run's *identity* is what its numbers depend on: the base model's fingerprint, the settings every stage shares,
 and per stage its dimension, the content hashes of that dimension's data and its plan. Speed and bookkeeping
-settings (layout, kernels, batch size of the frozen pass, logging, checkpoint interval, trackers) change at most
+settings (layout, kernels, batch size of the frozen pass, logging, checkpoint interval, trackers, DDP or FSDP) change at most
 float rounding and are not part of it.
 
 `--resume` may change anything that does not change what *finished* stages computed:
@@ -28,7 +28,8 @@ from .plan import StagePlan
 
 # Not part of a run's identity: they change speed, memory, logging or where things go, not the numbers.
 RUNTIME_KEYS = {"out", "resume", "report_to", "log_every", "save_every", "eval_every", "frozen_batch_size",
-                "logprob_chunk", "layout", "compile", "gradient_checkpointing", "attention", "trust_remote_code"}
+                "logprob_chunk", "layout", "compile", "gradient_checkpointing", "attention", "trust_remote_code",
+                "distributed", "fsdp"}
 # Set per stage (in each stage's plan) or by the data's content: not compared as shared settings.
 PER_STAGE_KEYS = {"dims", "data", "model", "stages", "beta", "alpha", "weights", "learning_rate", "epochs",
                   "batch_size", "max_steps", "loss", "keep", "keep_control"}

@@ -21,7 +21,8 @@ from ..config import AlignConfig
 from ..errors import TrainingError
 from .batching import TokenPair, collate_pairs, epoch_order, local_micro_batches
 from .checkpoint import load_checkpoint, save_checkpoint
-from .frozen import FrozenLogps, compute_logps
+from .distributed import Distributed
+from .frozen import FrozenLogps, score_pairs
 from .logprobs import (SequenceScorer, attention_window, batch_layout, compile_backbone, resolve_layout,
                        score_batch)
 from .plan import StagePlan
@@ -82,18 +83,25 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total: int, warm
 
 
 def wrap_lora(model: nn.Module, cfg: AlignConfig) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     lc = cfg.lora
+    if getattr(model, "is_loaded_in_4bit", False):
+        # QLoRA: norms and the head in float32, inputs that carry gradients into the frozen 4-bit layers.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     return get_peft_model(model, LoraConfig(
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules, task_type="CAUSAL_LM",
     ))
 
 
 def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: nn.Module, data: StageData,
-                pad_token_id: int, hooks: StageHooks) -> tuple[nn.Module, dict[str, float]]:
-    """Train pi_n from pi_{n-1} (`policy`, already loaded and LoRA-wrapped if asked). Returns the trained model
-    (unwrapped) and the final evaluation metrics."""
+                pad_token_id: int, hooks: StageHooks,
+                dist: Distributed | None = None) -> tuple[nn.Module, dict[str, float]]:
+    """Train pi_n from pi_{n-1} (`policy`, already loaded and LoRA-wrapped if asked; under FSDP, on processes
+    other than the main one, its skeleton on the meta device). Returns the trained model (unwrapped; under FSDP
+    still sharded, see `Distributed.full_state`) and the final evaluation metrics. `dist`: DDP when not given."""
+    dist = dist or Distributed(accelerator)
     prefix = f"stage{plan.index}/{plan.dim}"
     rank, world = accelerator.process_index, accelerator.num_processes
     lengths = [p.sort_length for p in data.train]
@@ -111,22 +119,25 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
     policy.train()
     if cfg.compile:
         compile_backbone(policy)
-    scorer = SequenceScorer(policy, chunk_size=cfg.logprob_chunk)
     layout, window = resolve_layout(cfg.layout, policy), attention_window(policy)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = make_optimizer(policy, plan, cfg, accelerator.device)
-    scheduler = make_scheduler(optimizer, cfg.scheduler, total, warmup)
-    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    scorer, optimizer = dist.prepare_training(SequenceScorer(policy, chunk_size=cfg.logprob_chunk),
+                                              lambda model: make_optimizer(model, plan, cfg, dist.parameter_device))
+    # Taken after preparing: FSDP replaces the parameters with their shards.
+    params = [p for p in scorer.parameters() if p.requires_grad]
+    scheduler = make_scheduler(getattr(optimizer, "optimizer", optimizer), cfg.scheduler, total, warmup)
 
     start = 0
     found = hooks.latest_checkpoint()
     if found is not None:
-        meta = load_checkpoint(found[1], model=accelerator.unwrap_model(scorer).model, optimizer=optimizer,
-                               scheduler=scheduler)
+        meta = load_checkpoint(found[1], procs=dist.procs, scorer=dist.evaluation_scorer(scorer),
+                               optimizer=optimizer, scheduler=scheduler)
         start = int(meta["step"])
         if data.keep is not None:
             data.keep.load_state(meta.get("keep"))
-        accelerator.print(f"{prefix}: resuming from step {start} ({found[1]})")
+        accelerator.print(f"{prefix}: resuming from step {start} ({found[1]})"
+                          + (f"; it was written by {meta['processes']} processes, resharded to {dist.procs.world}:"
+                             " the result equals an uninterrupted run to float rounding, not bit for bit"
+                             if meta.get("processes", dist.procs.world) != dist.procs.world else ""))
 
     order_cache: dict[int, list[list[int]]] = {}
     t0, tokens_seen = time.perf_counter(), 0
@@ -144,7 +155,7 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         keep_tokens = data.keep.replay(step, scorer) if data.keep is not None else 0.0
         for j, idx in enumerate(micro):
             last = j == len(micro) - 1
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(scorer)
+            sync = contextlib.nullcontext() if last else dist.no_sync(scorer)
             with sync, accelerator.autocast():
                 pairs = [data.train[i] for i in idx]
                 batch = collate_pairs(pairs, pad_token_id, batch_layout(layout, pairs, window)).to(accelerator.device)
@@ -175,7 +186,7 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         totals = dict(zip(keys, reduced.tolist()))
         # The norm is computed even without clipping (max_norm=inf): an overflowing gradient can come with a
         # finite loss, and one Adam step on it would poison every weight.
-        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+        grad_norm = dist.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         bad = [(what, v) for what, v in (("loss", totals["loss"]), ("gradient norm", grad_norm)) if not math.isfinite(v)]
         if bad:
             optimizer.zero_grad(set_to_none=True)
@@ -209,34 +220,34 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
             hooks.log({"step": done, **metrics})
         hooks.progress(done, total, metrics)
         if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
-            hooks.log({"step": done, **eval_metrics(accelerator, scorer, plan, data, pad_token_id, cfg)})
+            hooks.log({"step": done, **eval_metrics(accelerator, scorer, plan, data, pad_token_id, cfg, dist)})
         if cfg.save_every and done % cfg.save_every == 0 and done != total:
-            if accelerator.is_main_process:
-                save_checkpoint(hooks.checkpoint_dir(done), model=accelerator.unwrap_model(scorer).model,
-                                optimizer=optimizer, scheduler=scheduler, meta={"step": done, "stage": plan.index,
-                                                                               "dim": plan.dim, "total": total,
-                                                                               **({"keep": data.keep.state()}
-                                                                                  if data.keep is not None else {})})
-            accelerator.wait_for_everyone()
+            save_checkpoint(hooks.checkpoint_dir(done), procs=dist.procs, scorer=dist.evaluation_scorer(scorer),
+                            optimizer=optimizer, scheduler=scheduler,
+                            meta={"step": done, "stage": plan.index, "dim": plan.dim, "total": total,
+                                  "strategy": dist.strategy.name,
+                                  **({"keep": data.keep.state()} if data.keep is not None else {})})
 
-    final = eval_metrics(accelerator, scorer, plan, data, pad_token_id, cfg)
+    final = eval_metrics(accelerator, scorer, plan, data, pad_token_id, cfg, dist)
     hooks.log({"step": total, **final})
-    model = accelerator.unwrap_model(scorer).model
-    return model, final
+    return dist.trained_model(scorer), final
 
 
 def eval_metrics(accelerator: Any, scorer: nn.Module, plan: StagePlan, data: StageData, pad_token_id: int,
-                 cfg: AlignConfig) -> dict[str, float]:
+                 cfg: AlignConfig, dist: Distributed | None = None) -> dict[str, float]:
     """Eval metrics: TRL's set against the reference on the stage's own dimension, and for every dimension
-    evaluated the implicit reward of everything aligned so far, log(pi_theta / pi_0), so forgetting shows."""
-    model = accelerator.unwrap_model(scorer).model
-    was_training = model.training
-    model.eval()
+    evaluated the implicit reward of everything aligned so far, log(pi_theta / pi_0), so forgetting shows.
+    Every process scores a share of each eval split and gets all the log-probs (`frozen.score_pairs`)."""
+    dist = dist or Distributed(accelerator)
+    scorer = dist.evaluation_scorer(scorer)
+    was_training = scorer.training
+    scorer.eval()
     out: dict[str, float] = {}
     with accelerator.autocast():
         for dim, ev in data.evals.items():
-            pol = compute_logps(model, ev.pairs, batch_size=cfg.frozen_batch_size, pad_token_id=pad_token_id,
-                                chunk_size=cfg.logprob_chunk, device=accelerator.device, layout=cfg.layout)
+            pol = score_pairs(scorer, ev.pairs, batch_size=cfg.frozen_batch_size, pad_token_id=pad_token_id,
+                              device=accelerator.device, layout=cfg.layout, procs=dist.procs,
+                              collective=dist.collective_forward)
             prefix = f"stage{plan.index}/{dim}"
             if ev.ref is not None:
                 m = losses.reward_metrics(plan.beta, pol.chosen, pol.rejected, ev.ref.chosen, ev.ref.rejected, ev.offset)
@@ -245,5 +256,5 @@ def eval_metrics(accelerator: Any, scorer: nn.Module, plan: StagePlan, data: Sta
             out[f"{prefix}/eval_base_rewards/accuracies"] = float((base_margin > 0).float().mean())
             out[f"{prefix}/eval_base_rewards/margins"] = float(base_margin.mean())
     if was_training:
-        model.train()
+        scorer.train()
     return out

@@ -10,6 +10,10 @@ The score checked, per dimension and stage k = 1..K:
   keep (gate.keep=true)  the run's own `--keep DIM=FRACTION` constraints: after every stage n that kept DIM, DIM's
                          score must be at least FRACTION of its score after DIM's own stage (the bound align
                          enforced on its constraint split's margin, read here on the gate's score)
+
+Both bounds lie in [0, 1] (config.check_gate_bound). A gate on a run whose last stage did not finish fails: "the
+last stage" would silently be an earlier one, and a CI job that gates a crashed run must not pass. With
+`allow_incomplete` the completed stages are gated, and the result says so.
 """
 
 from __future__ import annotations
@@ -26,14 +30,30 @@ def keep_constraints(stages: list[dict[str, Any]]) -> list[tuple[int, str, int, 
     return [(st["index"], dim, own[dim], float(f)) for st in stages for dim, f in (st.get("keep_fractions") or {}).items()]
 
 
+def incomplete_check(unfinished: list[dict[str, Any]], k_done: int, allow: bool) -> dict[str, Any]:
+    """The check that the run finished. `unfinished`: manifest entries of the stages that were not evaluated."""
+    first = unfinished[0]
+    what = ", ".join(f"stage {st['index']} ({st['dim']}) is {st.get('status', 'pending')}" for st in unfinished)
+    message = (f"the run is not finished ({what}): the gate would check stage {k_done} instead of the run's last"
+               f" stage; finish it (spoctl align ... --resume), or pass --allow-incomplete to gate the completed"
+               f" stages")
+    return {"kind": "complete", "dim": None, "bound": None, "value": None, "passed": allow,
+            "missing_stage": first["index"], "message": message}
+
+
 def check(scores: dict[str, list[float]], fail_under: dict[str, float], max_regression: dict[str, float],
-          score_name: str, keep: list[tuple[int, str, int, float]] | None = None) -> dict[str, Any]:
-    """`scores[dim]` = the score of stages 1..K. Returns {score, checks, passed, reason}; reason is one line."""
+          score_name: str, *, keep: list[tuple[int, str, int, float]] | None = None,
+          unfinished: list[dict[str, Any]] | None = None, allow_incomplete: bool = False) -> dict[str, Any]:
+    """`scores[dim]` = the score of stages 1..K; `keep`: the run's constraints (`keep_constraints`), checked when
+    gate.keep is set. Returns {score, checks, passed, reason}; reason is one line."""
     for name, bounds in (("--fail-under", fail_under), ("--max-regression", max_regression)):
         for dim in bounds:
             if dim not in scores:
                 raise UsageError(f"{name} {dim}=...: '{dim}' was not evaluated (evaluated: {', '.join(scores)})")
     checks: list[dict[str, Any]] = []
+    if unfinished and (fail_under or max_regression or keep):
+        k_done = len(next(iter(scores.values()), []))
+        checks.append(incomplete_check(unfinished, k_done, allow_incomplete))
     for dim, bound in fail_under.items():
         last = scores[dim][-1]
         checks.append({"kind": "fail_under", "dim": dim, "bound": bound, "value": last, "passed": last >= bound,
@@ -56,4 +76,5 @@ def check(scores: dict[str, list[float]], fail_under: dict[str, float], max_regr
                                   f" ({fraction:g} x {scores[dim][own - 1]:.4f} after stage {own})"})
     failed = [c for c in checks if not c["passed"]]
     return {"score": score_name, "checks": checks, "passed": not failed,
+            "incomplete_allowed": bool(unfinished) and allow_incomplete and bool(checks),
             "reason": "; ".join(c["message"] for c in failed) or None}

@@ -1,5 +1,11 @@
 """Responses of the base model and of each stage's model to each dimension's held-out prompts.
 
+Which prompts: a seeded sample of `num_prompts` distinct prompts of the dimension's eval split (all of them when
+it has fewer). `spoctl prepare` holds out prompts by a seeded hash, but keeps the rows in source order, and many
+sources are ordered (by topic, by date, by how they were collected): the first N rows would describe the start of
+the file, not the split. The sample ranks each row by a hash of the seed and its pair id, so it does not depend on
+row order, and a larger N keeps every prompt a smaller one chose.
+
 Prompts are the eval split's `prompt_input_ids` (already rendered with the chat template and ending with the
 generation prompt), left-padded into batches. Sampling is seeded per (dimension, batch) -- not per model -- so
 every model draws with the same random stream and the only difference between their responses is the model;
@@ -8,8 +14,9 @@ the same settings give the same responses on the same hardware.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -18,17 +25,38 @@ from .judges.base import last_user_text, parse_messages
 from .runinfo import EvalRun
 
 
-def prompt_rows(er: EvalRun, dim: str, n: int) -> list[dict[str, Any]]:
-    """The first `n` eval rows of `dim` (the split is already shuffled by `spoctl prepare`)."""
+def seeded_sample(ids: Sequence[str], n: int, seed: int, *, keys: Sequence[Any] | None = None) -> list[int]:
+    """Indices (ascending) of `n` rows chosen by the rank of sha256(seed, id): a seeded sample that does not
+    depend on row order. With `keys`, rows sharing a key count once (the best-ranked one is kept)."""
+    ranked = sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}\0{ids[i]}".encode()).hexdigest())
+    chosen, seen = [], set()
+    for i in ranked:
+        if len(chosen) >= n:
+            break
+        key = None if keys is None else keys[i]
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        chosen.append(i)
+    return sorted(chosen)
+
+
+def prompt_rows(er: EvalRun, dim: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """`n` distinct prompts of `dim`'s eval split (see the module docstring), in the split's order; `index` is
+    the row's index in the split."""
     ds = er.prepared.split(dim, "eval")
-    ds = ds.select(range(min(n, len(ds))))
+    keys = [tuple(p) for p in ds["prompt_input_ids"]]
+    index = seeded_sample(ds["pair_id"], n, seed, keys=keys)
+    rows = ds.select(index)
     return [{"index": i, "pair_id": r["pair_id"], "prompt_input_ids": r["prompt_input_ids"],
              "prompt": last_user_text(r["prompt_messages"], r["prompt"]),
              "messages": parse_messages(r["prompt_messages"]),
-             "chosen": r["chosen"], "rejected": r["rejected"]} for i, r in enumerate(ds)]
+             "chosen": r["chosen"], "rejected": r["rejected"]} for i, r in zip(index, rows)]
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask with every row right-aligned, so that each prompt ends where generation
+    begins."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -40,10 +68,13 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 @torch.inference_mode()
 def generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], gen: GenerationSettings, seed: int,
-                   device: torch.device) -> list[str]:
+                   device: torch.device | None = None) -> list[str]:
+    """One response per prompt (token ids), decoded up to the first end-of-sequence token, special tokens
+    dropped. `temperature` 0 decodes greedily (and `seed` then changes nothing)."""
     from transformers import GenerationConfig
 
-    ids, mask = _left_pad(prompts, tokenizer.pad_token_id)
+    device = device if device is not None else next(model.parameters()).device
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     sample = gen.temperature > 0
     config = GenerationConfig(max_new_tokens=gen.max_new_tokens, do_sample=sample,
                               temperature=gen.temperature if sample else None, top_p=gen.top_p if sample else None,
@@ -58,6 +89,11 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], gen: Ge
     return texts
 
 
+def batch_seed(seed: int, dim: str, start: int) -> int:
+    # zlib.crc32, not hash(): Python salts str hashes per process, which would break reproducibility.
+    return seed * 1_000_003 + zlib.crc32(dim.encode()) + start
+
+
 def generate_for_model(er: EvalRun, model: Any, k: int, rows: dict[str, list[dict[str, Any]]],
                        gen: GenerationSettings, device: torch.device) -> list[dict[str, Any]]:
     """pi_k's responses to `rows[dim]` (from `prompt_rows`), one sample dict per prompt:
@@ -66,9 +102,8 @@ def generate_for_model(er: EvalRun, model: Any, k: int, rows: dict[str, list[dic
     for d, dim_rows in rows.items():
         for start in range(0, len(dim_rows), gen.batch_size):
             batch = dim_rows[start:start + gen.batch_size]
-            # zlib.crc32, not hash(): Python salts str hashes per process, which would break reproducibility.
-            seed = gen.seed * 1_000_003 + zlib.crc32(d.encode()) + start
-            texts = generate_batch(model, er.tokenizer, [r["prompt_input_ids"] for r in batch], gen, seed, device)
+            texts = generate_batch(model, er.tokenizer, [r["prompt_input_ids"] for r in batch], gen,
+                                   batch_seed(gen.seed, d, start), device)
             for r, text in zip(batch, texts):
                 samples.append({"k": k, "model": er.generator(k), "dim": d, "index": r["index"],
                                 "pair_id": r["pair_id"], "prompt": r["prompt"], "messages": list(r["messages"]),

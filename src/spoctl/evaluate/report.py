@@ -71,7 +71,9 @@ def print_tables(report: dict[str, Any], out: Output) -> None:
         out.table("judge agreement with the held-out human preferences", cols, rows)
     gate = report.get("gate")
     if gate and gate.get("checks"):
-        out.info(f"gate ({gate['score']}): " + ("passed" if gate["passed"] else f"FAILED: {gate['reason']}"))
+        out.info(f"gate ({gate['score']}): " + ("passed" if gate["passed"] else f"FAILED: {gate['reason']}")
+                 + (" (on the completed stages of an unfinished run: --allow-incomplete)"
+                    if gate.get("incomplete_allowed") else ""))
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -92,7 +94,7 @@ def markdown(report: dict[str, Any]) -> str:
     if rows:
         lines += ["## Implicit-reward scorecard", "",
                   "Accuracy of log(pi_k / pi_0) on each dimension's held-out pairs (the forgetting matrix); in"
-                  " brackets, r = accuracy of stage k's implicit reward (spo-method.md §4). The base row shows the"
+                  " brackets, r = accuracy of stage k's implicit reward (the method's per-dimension reward). The base row shows the"
                   " base model's own likelihood preference.", ""]
         table(cols, rows)
     cols, rows = winrate_table(report)
@@ -110,9 +112,12 @@ def markdown(report: dict[str, Any]) -> str:
     gate = report.get("gate")
     if gate and gate.get("checks"):
         lines += ["## Gate", "", f"Score checked: {gate['score']}. " +
-                  ("Passed." if gate["passed"] else f"**Failed**: {gate['reason']}"), ""]
+                  ("Passed." if gate["passed"] else f"**Failed**: {gate['reason']}") +
+                  (" The run is not finished; its completed stages were gated (`--allow-incomplete`)."
+                   if gate.get("incomplete_allowed") else ""), ""]
         table(["check", "dim", "bound", "value", "passed"],
-              [[c["kind"], c["dim"], f"{c['bound']:g}", f"{c['value']:.4f}", c["passed"]] for c in gate["checks"]])
+              [[c["kind"], c["dim"] or "-", "-" if c["bound"] is None else f"{c['bound']:g}",
+                "-" if c["value"] is None else f"{c['value']:.4f}", c["passed"]] for c in gate["checks"]])
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,7 @@ class EvalRun:
     chain: Any  # spoctl.engine.chain.ModelChain
     tokenizer: Any
     warnings: list[str] = field(default_factory=list)
+    unfinished: list[dict[str, Any]] = field(default_factory=list)  # manifest entries of the stages left out
 
     @property
     def k_max(self) -> int:
@@ -37,17 +38,50 @@ class EvalRun:
         return "base" if k == 0 else f"stage{k}-{self.stages[k - 1]['dim']}"
 
 
-def completed_prefix(manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+def completed_prefix(manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The stages that completed, in order up to the first that did not (a later stage builds on every earlier
-    one, so nothing after a gap is usable), and a warning per stage left out."""
+    one, so nothing after a gap is usable), and the stages left out."""
     done: list[dict[str, Any]] = []
-    warnings: list[str] = []
+    left: list[dict[str, Any]] = []
     for st in manifest.get("stages", []):
         if st.get("status") == "completed" and len(done) == st["index"] - 1:
             done.append(st)
         else:
-            warnings.append(f"stage {st['index']} ({st['dim']}) is {st.get('status', 'unknown')}: not evaluated")
-    return done, warnings
+            left.append(st)
+    return done, left
+
+
+def recorded_path(run: RunDir, recorded: str, what: str, flag: str) -> Path:
+    """A path the run's manifest recorded, found from any working directory.
+
+    Runs record the prepared data as an absolute path; older runs recorded it as `spoctl align` was given it,
+    relative to the folder align ran in -- usually the run directory's parent (`--out hh`) or the current one.
+    """
+    path = Path(recorded).expanduser()
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = list(dict.fromkeys([run.root.resolve().parent / path, Path.cwd() / path]))
+    for c in candidates:
+        if c.exists():
+            return c
+    tried = " or ".join(str(c) for c in candidates)
+    raise UsageError(f"{run.manifest_path}: {what} {recorded!r} is not there (looked for {tried}); pass {flag}")
+
+
+def resolve_base(run: RunDir, spec: str) -> str:
+    """The run's base model spec, a relative local path found as `recorded_path` finds one; a Hub id (or a path
+    that exists from here) is kept as it is."""
+    p = Path(spec).expanduser()
+    if p.is_absolute() or p.exists():
+        return spec
+    beside_run = run.root.resolve().parent / p
+    if beside_run.exists():
+        return str(beside_run)
+    if spec.startswith("."):
+        raise UsageError(f"{run.manifest_path}: the base model {spec!r} is not there (looked for {Path.cwd() / p}"
+                         f" and {beside_run}); run from the folder `spoctl align` ran in")
+    return spec
 
 
 def open_run(cfg: EvalConfig, out: Output) -> EvalRun:
@@ -66,10 +100,12 @@ def open_run(cfg: EvalConfig, out: Output) -> EvalRun:
     if not run.root.is_dir():
         raise UsageError(f"{run.root}: no such run directory")
     manifest = run.read_manifest()  # UsageError when there is none
-    stages, warnings = completed_prefix(manifest)
+    stages, unfinished = completed_prefix(manifest)
     if not stages:
         raise UsageError(f"{run.root}: no stage has completed yet, so there is nothing to evaluate"
                          " (finish it with `spoctl align ... --resume`)")
+    warnings = [f"stage {st['index']} ({st['dim']}) is {st.get('status', 'unknown')}: not evaluated"
+                for st in unfinished]
     for w in warnings:
         out.warn(w)
 
@@ -81,11 +117,7 @@ def open_run(cfg: EvalConfig, out: Output) -> EvalRun:
 
     if cfg.data is None and not manifest.get("data"):
         raise UsageError(f"{run.manifest_path}: names no prepared data; pass --data PREPARED_DIR")
-    data_dir = Path(cfg.data or manifest["data"])
-    if cfg.data is None and not data_dir.is_dir():
-        # The manifest keeps the path as align was given it, possibly relative to another working directory.
-        raise UsageError(f"{data_dir}: the run's prepared data is not there (from {run.manifest_path});"
-                         " pass --data PREPARED_DIR")
+    data_dir = cfg.data or recorded_path(run, manifest["data"], "the prepared data", "--data PREPARED_DIR")
     prepared = load_prepared(data_dir)
     recorded = manifest.get("data_hashes") or {}
     for d in dims:
@@ -97,7 +129,8 @@ def open_run(cfg: EvalConfig, out: Output) -> EvalRun:
     base = manifest.get("base_model")
     if not base:
         raise UsageError(f"{run.manifest_path}: names no base model; the manifest is damaged")
+    base = resolve_base(run, base)
     tokenizer = load_tokenizer(base, trust_remote_code=cfg.trust_remote_code)
     chain = ModelChain(base, run, manifest, trust_remote_code=cfg.trust_remote_code)
     return EvalRun(run=run, manifest=manifest, prepared=prepared, dims=dims, stages=stages, chain=chain,
-                   tokenizer=tokenizer, warnings=warnings)
+                   tokenizer=tokenizer, warnings=warnings, unfinished=unfinished)

@@ -18,6 +18,7 @@ from ..errors import SpoctlError, UsageError
 from ..rundir import now_iso
 from . import gate as gate_mod
 from . import report as report_mod
+from .generate import generate_for_model, prompt_rows, seeded_sample
 from .judges import make_judge
 from .judges.base import Judge, Matchup, last_user_text
 from .runinfo import EvalRun, open_run
@@ -51,11 +52,13 @@ def model_pass(er: EvalRun, cfg: EvalConfig, out: Output, store: EvalLogps, gene
                device: torch.device) -> list[dict[str, Any]]:
     """Load each model pi_k once and do everything that needs it: the scorecard's log-probs not yet cached and,
     with a judge, its responses. Returns the samples (empty without a judge)."""
-    from .generate import generate_for_model, prompt_rows
-
-    rows = {d: prompt_rows(er, d, cfg.generation.num_prompts) for d in er.dims} if generate else {}
+    gen = cfg.generation
+    rows = {d: prompt_rows(er, d, gen.num_prompts, gen.seed) for d in er.dims} if generate else {}
     samples: list[dict[str, Any]] = []
     for k in range(er.k_max + 1):
+        # Before any of pi_k's numbers are used, cached or not: the files pi_k is built from must be the ones its
+        # run saved (the cache is keyed by the fingerprint the manifest recorded, not by what is on disk now).
+        er.chain.verify(k)
         missing = store.missing(k)
         if not missing and not generate:
             continue
@@ -92,7 +95,10 @@ def judge_samples(er: EvalRun, cfg: EvalConfig, out: Output, judge: Judge, sampl
     calibration = {}
     if cfg.judge.calibration_pairs:
         for d in er.dims:
-            human = pairs(d, "eval")[: cfg.judge.calibration_pairs]
+            # A seeded sample, like the prompts: the eval split's rows are in source order.
+            chosen = seeded_sample(er.prepared.split(d, "eval")["pair_id"], cfg.judge.calibration_pairs,
+                                   cfg.judge.seed)
+            human = [pairs(d, "eval")[i] for i in chosen]
             v = judge.compare([Matchup(dim=d, prompt=p, a=c, b=r) for p, c, r in human])
             calibration[d] = {"agreement": agreement(v), "pairs": len(v)}
     report["judge"] = {**judge.describe(), "calibration": calibration}
@@ -136,7 +142,8 @@ def evaluate(cfg: EvalConfig, out: Output) -> dict[str, Any]:
                   else {d: gate_scores(report["scorecard"], d) for d in er.dims})
         report["gate"] = gate_mod.check(scores, cfg.gate.fail_under, cfg.gate.max_regression,
                                         "judged win rate" if judged_scores else "accuracy of log(pi_k/pi_0)",
-                                        keep=gate_mod.keep_constraints(er.stages) if cfg.gate.keep else None)
+                                        keep=gate_mod.keep_constraints(er.stages) if cfg.gate.keep else None,
+                                        unfinished=er.unfinished, allow_incomplete=cfg.gate.allow_incomplete)
         report["complete"] = True
     except SpoctlError as err:
         report["error"] = str(err)

@@ -7,7 +7,7 @@ Delta(p, q) = log-ratio margin of losses.log_ratio_margin:
   vs_base          Delta(pi_k, pi_0): everything aligned so far against the base. Rows k x columns d is the
                    forgetting matrix: a later stage that undoes an earlier dimension lowers that column.
   stage_reward     beta_k * Delta(pi_k, pi_{k-1}): what stage k itself changed (its whole training target).
-  implicit_reward  Delta r_k of spo-method.md §4 (losses.implicit_reward_margins): stage k's reward with the
+  implicit_reward  Delta r_k of docs/method.md (losses.implicit_reward_margins): stage k's reward with the
                    earlier dimensions' part subtracted, i.e. the reward of dimension k alone.
   logp             log pi_k(y_w) - log pi_k(y_l): the model's own likelihood preference (length-biased; the only
                    one defined for the base).
@@ -78,6 +78,7 @@ class EvalLogps:
     GGUF or LoRA-chain models, loading costs far more than scoring a few hundred pairs."""
 
     def __init__(self, er: EvalRun, cfg: EvalConfig, device: torch.device):
+        from ..engine.distributed import Processes
         from ..engine.frozen import LogpsCache, logps_cache_dir
         from ..precision import dtype_of, normalize
 
@@ -87,26 +88,29 @@ class EvalLogps:
             precision = "fp32"  # fp16 autocast has no CPU path
         self.precision = precision
         self.dtype = dtype_of(precision)
+        # Under several processes (torchrun -m spoctl eval) each scores a share of the pairs; the main one writes.
+        self.procs = Processes.from_launcher(device)
         self.cache = LogpsCache(logps_cache_dir(er.prepared.path, er.run), er.prepared, er.chain.fingerprint,
-                                self.dtype)
+                                self.dtype, procs=self.procs)
 
     def missing(self, k: int) -> list[str]:
-        return [d for d in self.er.dims if not self.cache.has(k, d, "eval")]
+        return [d for d, _ in self.cache.lookup(k, [(d, "eval") for d in self.er.dims])]
 
     def compute(self, model: Any, k: int, dims: list[str], out: Output) -> None:
         from contextlib import nullcontext
 
         from ..engine.batching import pairs_from_split
-        from ..engine.frozen import compute_logps
+        from ..engine.frozen import score_pairs
+        from ..engine.logprobs import SequenceScorer
 
         t = time.perf_counter()
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.precision != "fp32" else nullcontext())
         for d in dims:
             pairs = pairs_from_split(self.er.prepared.split(d, "eval"))
             with autocast:
-                value = compute_logps(model, pairs, batch_size=self.cfg.batch_size,
-                                      pad_token_id=self.er.tokenizer.pad_token_id, chunk_size=self.cfg.logprob_chunk,
-                                      device=self.device)
+                value = score_pairs(SequenceScorer(model, chunk_size=self.cfg.logprob_chunk), pairs,
+                                    batch_size=self.cfg.batch_size, pad_token_id=self.er.tokenizer.pad_token_id,
+                                    device=self.device, procs=self.procs)
             self.cache.put(k, d, "eval", value)
         out.detail(f"log-probs of {self.er.label(k)} on {', '.join(dims)} eval pairs in {time.perf_counter() - t:.1f}s")
 

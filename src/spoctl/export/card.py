@@ -1,69 +1,42 @@
-"""The model card (README.md): Hugging Face YAML metadata, then what the model is and how it was made."""
+"""The model card (README.md): Hugging Face YAML metadata, then what the model is and how it was made.
+
+Built with huggingface_hub's `ModelCard` / `ModelCardData`, so the metadata is what the Hub reads. Models and data
+are named portably (see provenance.py): Hub ids, or file names with their hashes -- never local paths.
+"""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..models import resolve_model_source
-from ..naming import is_hub_id
 from .check import CheckResult
+from .provenance import model_name, source_entry
 from .stage import ExportSource
-
-def hub_id(spec: str | None) -> str | None:
-    """`spec` when it names a Hub repository (not a local file or folder), else None."""
-    if not spec or not is_hub_id(spec) or Path(spec).exists():
-        return None
-    try:
-        return spec if resolve_model_source(spec).kind == "hub" else None
-    except Exception:  # a malformed local path is simply not a Hub id
-        return None
-
-
-def data_sources(src: ExportSource) -> dict[str, dict[str, Any] | None]:
-    """Each exported dimension's entry in the prepared-data manifest; None where it cannot be read any more."""
-    from ..data.store import load_prepared
-    from ..errors import UsageError
-
-    try:
-        prepared = load_prepared(src.manifest["data"])
-    except UsageError:
-        return {d: None for d in src.dims}
-    out: dict[str, dict[str, Any] | None] = {}
-    for d in src.dims:
-        info = prepared.manifest["dimensions"].get(d)
-        want = (src.manifest.get("data_hashes") or {}).get(d) or {}
-        same = info and want and all((info.get("hashes") or {}).get(s) == h for s, h in want.items())
-        # A prepared folder re-made with other data since the run describes something else: say unknown.
-        out[d] = info if same else None
-    return out
 
 
 def render_card(src: ExportSource, *, kind: str, dtype: str, base_id: str | None, check: CheckResult,
                 earlier: list[str], eval_report: dict[str, Any] | None, sources: dict[str, Any]) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
     st_all = src.manifest["stages"]
     tags = ["spoctl", "spo", "dpo", "alignment", "preference-optimization", *(["lora"] if src.lora else [])]
-    meta: dict[str, Any] = {}
-    if base_id:
-        meta["base_model"] = base_id
-    meta["library_name"] = "peft" if kind == "adapter" else "transformers"
-    meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = tags
-    hub_data = sorted({i["source"] for i in sources.values() if i and hub_id(i.get("source"))})
-    if hub_data:  # the Hub only links Hub dataset ids; local files are named in the text below
-        meta["datasets"] = hub_data
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", ""]
-    title = f"{Path(src.base_spec).stem if not base_id else base_id.split('/')[-1]} aligned with SPO: " \
-            + " → ".join(src.dims)
+    entries = {d: source_entry(i) for d, i in sources.items()}
+    # The Hub links only Hub ids; local models and files are named in the text below.
+    hub_data = sorted({e["hub_id"] for e in entries.values() if e and e["hub_id"]})
+    data = ModelCardData(base_model=base_id, library_name="peft" if kind == "adapter" else "transformers",
+                         pipeline_tag="text-generation", tags=tags, datasets=hub_data or None)
+    base_name = model_name(src.base_spec, base_id)
+    fingerprint = src.manifest.get("base_fingerprint")
+    base_line = f"- **Base model:** `{base_name}`" + ("" if base_id else (
+        " (a local model" + (f"; weights fingerprint `{fingerprint[:16]}`" if fingerprint else "") + ")"))
+    title = f"{base_name.split('/')[-1].removesuffix('.gguf')} aligned with SPO: " + " → ".join(src.dims)
+    lines: list[str] = []
     lines += [f"# {title}", ""]
     lines += [
         f"This model is **stage {src.index} of {len(st_all)}** of a Sequential Preference Optimization (SPO) run made "
         "with spoctl: starting from the base model, it was aligned to one preference "
         "dimension after another, each stage keeping the earlier dimensions' preferences in its objective.", "",
-        f"- **Base model:** `{base_id or src.base_spec}`" + ("" if base_id else " (a local model)"),
+        base_line,
         f"- **Dimension order:** {' → '.join(f'`{d}`' for d in src.dims)}"
         + (f" (the run continues with {', '.join('`' + s['dim'] + '`' for s in st_all[src.index:])}, not included)"
            if src.index < len(st_all) else ""),
@@ -82,32 +55,35 @@ def render_card(src: ExportSource, *, kind: str, dtype: str, base_id: str | None
         steps = plan.get("max_steps") or f"epochs: {plan.get('epochs', '?')}"
         lines.append(f"| {st['index']} | {st['dim']} | {plan.get('beta', '?')} | {w} | {pairs.get('train', '?')} | "
                      f"{pairs.get('eval', '?')} | {steps} |")
-    lines += ["", "## Data", "", "| dimension | source | format | train pairs | eval pairs |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += ["", "## Data", "", "| dimension | source | source sha256 | format | train pairs | eval pairs |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for st in src.stages:
-        info, pairs = sources.get(st["dim"]), st.get("pairs") or {}
-        if info:
+        info, entry, pairs = sources.get(st["dim"]), entries.get(st["dim"]), st.get("pairs") or {}
+        if info and entry:
             c = info.get("counts") or {}
-            lines.append(f"| {st['dim']} | `{info.get('source', 'unknown')}` | {info.get('format', '?')} | "
+            digest = f"`{entry['sha256'][:16]}…`" if entry.get("sha256") else "—"
+            lines.append(f"| {st['dim']} | `{entry['name']}` | {digest} | {info.get('format', '?')} | "
                          f"{c.get('train', pairs.get('train', '?'))} | {c.get('eval', pairs.get('eval', '?'))} |")
         else:
-            lines.append(f"| {st['dim']} | unknown (prepared data no longer available) | unknown | "
+            lines.append(f"| {st['dim']} | unknown (prepared data no longer available) | — | unknown | "
                          f"{pairs.get('train', 'unknown')} | {pairs.get('eval', 'unknown')} |")
-    lines += ["", "Data hashes (sha256 of the token ids of each split) are in `spoctl_lineage.json`.", ""]
+    lines += ["", "Full hashes -- of each source, and of the token ids of each prepared split -- are in "
+              "`spoctl_lineage.json`.", ""]
     lines += _scorecard(eval_report)
-    lines += _loading(kind, base_id or src.base_spec, earlier)
+    lines += _loading(kind, base_id, base_name, earlier)
     lines += ["## Lineage and verification", "",
               "`spoctl_lineage.json` records the run, the data hashes, each stage's settings and weight fingerprint, "
-              "and the sha256 of every file in this folder.", "",
+              "the sha256 of the model files this export was built from (`inputs`), and the sha256 of every file in "
+              "this folder.", "",
               f"Before this folder was written, its model scored {check.pairs} held-out pairs ({check.source}) like "
               f"the training checkpoint: largest difference in summed log-probs {check.max_abs_diff:.3g} "
               f"(tolerance {check.rtol:g} relative + {check.atol:g})"
               + (f"; drift from the float32 checkpoint {check.drift_per_token:.3g} nats/token "
                  f"(limit {check.drift_limit:g})" if check.drift_per_token is not None else "") + ".", ""]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
-def _loading(kind: str, base: str, earlier: list[str]) -> list[str]:
+def _loading(kind: str, base_id: str | None, base_name: str, earlier: list[str]) -> list[str]:
     if kind == "merged":
         return ["## Loading", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                 'tok = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
@@ -121,8 +97,9 @@ def _loading(kind: str, base: str, earlier: list[str]) -> list[str]:
                  f"adapters merged into it**, in order: {', '.join(f'`{e}`' for e in earlier)}. Its "
                  "`adapter_config.json` therefore names no base model: applied to the bare base model it would give a "
                  "model that was never trained. Rebuild it like this:", ""]
-    code += ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
-             f'model = AutoModelForCausalLM.from_pretrained("{base}")']
+    load_base = (f'model = AutoModelForCausalLM.from_pretrained("{base_id}")' if base_id else
+                 f'model = AutoModelForCausalLM.from_pretrained("BASE_MODEL")  # {base_name}, the run\'s base model')
+    code += ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "", load_base]
     for e in earlier:
         code.append(f'model = PeftModel.from_pretrained(model, "PATH/{e}").merge_and_unload()')
     code += ['model = PeftModel.from_pretrained(model, "PATH")  # .merge_and_unload() for plain weights', "```", ""]

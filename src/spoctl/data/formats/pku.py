@@ -1,0 +1,26 @@
+"""`pku-saferlhf`: PKU-SafeRLHF rows label the same two responses twice, so one file gives two dimensions:
+`helpful` (chosen = response_<better_response_id>) and `harmless` (chosen = response_<safer_response_id>)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..records import Record
+from .fields import DimPairs, TextPair, required, text, user
+
+PKU_KEYS = ("response_0", "response_1", "better_response_id", "safer_response_id")
+# Which label column becomes which dimension.
+PKU_DIMS = {"helpful": "better_response_id", "harmless": "safer_response_id"}
+
+
+def adapt_pku(records: list[Record], dim: str, _cfg: Any) -> dict[str, DimPairs]:
+    out = {d: DimPairs() for d in PKU_DIMS}
+    for where, rec in records:
+        prompt = text(required(rec, "prompt", where), where, "prompt", "prompt")
+        responses = [text(required(rec, f"response_{i}", where), where, f"response_{i}") for i in (0, 1)]
+        for d, key in PKU_DIMS.items():
+            best = required(rec, key, where)
+            if isinstance(best, bool) or not isinstance(best, int) or best not in (0, 1):
+                raise where.error(f"expected 0 or 1, got {best!r}", field=key)
+            out[d].pairs.append(TextPair([user(prompt)], responses[best], responses[1 - best], where))
+    return out
