@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from spoctl.cli import app
+from spoctl.errors import UsageError
 from spoctl.fsutil import remove_litter
 
 from test_engine_align import SPOCTL, _env, assert_same, weights
@@ -215,3 +216,23 @@ def test_a_refused_resume_changes_nothing(world, tmp_path):
     assert align(prepared, run, "--dims", "helpful", *FAST, "--beta", "0.3", "--resume")[0] == 2
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
     assert before == after
+
+
+def test_settings_added_after_a_run_was_made_do_not_block_its_resume_at_their_defaults():
+    """A run recorded by an earlier spoctl has no `quantize` (say); resumed by this one at the default, nothing
+    changed. Set to something else, it is a change like any other, named."""
+    from spoctl.config import AlignConfig
+    from spoctl.engine.plan import stage_plans
+    from spoctl.engine.resume import reopen, run_identity
+
+    cfg = AlignConfig(dims=["helpful", "harmless"])
+    identity = run_identity(cfg, stage_plans(cfg), "base", {"helpful": {"train": "h"}, "harmless": {"train": "g"}})
+    old = {**identity, "shared": {k: v for k, v in identity["shared"].items() if k != "quantize"}}
+    manifest = {"identity": old, "stages": [{"index": 1, "dim": "helpful", "status": "completed"},
+                                            {"index": 2, "dim": "harmless", "status": "pending"}]}
+    decision = reopen(manifest, identity, resume=True, has_checkpoints=lambda i, d: False, where="run")
+    assert not decision.fresh and not decision.restart
+    changed = run_identity(cfg.model_copy(update={"quantize": "4bit"}), stage_plans(cfg), "base",
+                           {"helpful": {"train": "h"}, "harmless": {"train": "g"}})
+    with pytest.raises(UsageError, match="quantize: <unset> -> 4bit"):
+        reopen(manifest, changed, resume=True, has_checkpoints=lambda i, d: False, where="run")

@@ -248,6 +248,33 @@ class LoraConfig(StrictModel):
                                   "list of module names, e.g. [q_proj, v_proj].")
 
 
+# --keep DIM=FRACTION: a fraction of the value at the end of the dimension's own stage. Above 1 asks a later stage to
+# improve it; far above is almost surely a percentage typed as a number (95 for 0.95).
+KEEP_FRACTION_MAX = 2.0
+
+
+def _check_keep_fractions(keep: dict[str, float] | None) -> dict[str, float] | None:
+    for dim, fraction in (keep or {}).items():
+        if not 0.0 < fraction <= KEEP_FRACTION_MAX:
+            raise ValueError(f"keep.{dim}={fraction:g}: FRACTION is a share of {dim}'s value at the end of its own "
+                             f"stage, in (0, {KEEP_FRACTION_MAX:g}]: 0.95 keeps 95%, 1.0 keeps all of it")
+    return keep
+
+
+class KeepControl(StrictModel):
+    """How `keep` constraints are measured and enforced (docs/align.md, "Keeping earlier dimensions"). The dual
+    ascent step size is fixed (spoctl.engine.keep.STEP_SIZE): the constraint is normalised, so it needs no tuning."""
+
+    every: int | None = Field(None, gt=0, description="Measure each kept dimension's constraint and update its "
+                                                      "multiplier every N optimizer steps (default: 20 times a stage).")
+    pairs: int | None = Field(None, gt=0, description="Size of each kept dimension's constraint split, drawn (seeded) "
+                                                      "from its training pairs (default: a quarter of them, at most "
+                                                      "256); never replayed.")
+    replay_pairs: int | None = Field(None, gt=0, description="Training pairs of each kept dimension replayed per "
+                                                             "optimizer step while its multiplier is positive "
+                                                             "(default: a quarter of the batch, at least 1).")
+
+
 class FsdpConfig(StrictModel):
     """FSDP2 (`align.distributed: fsdp`): each transformer block is one unit whose parameters, gradients and optimizer
     state are split over the processes and gathered only while the block runs. Mixed precision follows `precision`,
@@ -276,6 +303,14 @@ class StageOverrides(StrictModel):
     batch_size: int | None = Field(None, gt=0, description="This stage's pairs per optimizer step.")
     max_steps: int | None = Field(None, gt=0, description="This stage's cap on optimizer steps.")
     loss: LossConfig | None = Field(None, description="This stage's loss settings (the whole `loss` section).")
+    keep: dict[str, float] | None = Field(None, description="This stage's constraints, DIM -> FRACTION: each named "
+                                                            "earlier dimension must keep at least FRACTION of its value "
+                                                            "at the end of its own stage (replaces `align.keep` here).")
+
+    @field_validator("keep")
+    @classmethod
+    def _keep_range(cls, keep: dict[str, float] | None) -> dict[str, float] | None:
+        return _check_keep_fractions(keep)
 
 
 class AlignConfig(StrictModel):
@@ -296,6 +331,11 @@ class AlignConfig(StrictModel):
     weights: dict[str, float] = Field(default_factory=dict, description="all mode: weight (lambda) per earlier "
                                                                         "dimension; unnamed ones weigh 0.")
     beta: float = Field(0.1, gt=0, description="KL strength of every stage (as in DPO).")
+    keep: dict[DimName, float] = Field(default_factory=dict, description="DIM -> FRACTION (--keep): in every later "
+                                       "stage, DIM's implicit-reward margin on its constraint split must stay at or "
+                                       "above FRACTION of its value at the end of DIM's own stage, enforced by a "
+                                       "Lagrange multiplier (docs/align.md).")
+    keep_control: KeepControl = Field(default_factory=KeepControl, description="How `keep` is measured and enforced.")
     loss: LossConfig = Field(default_factory=LossConfig, description="The per-pair loss.")
     # Optimisation
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate.")
@@ -384,6 +424,11 @@ class AlignConfig(StrictModel):
             seen.add(d)
         return dims
 
+    @field_validator("keep")
+    @classmethod
+    def _keep_range(cls, keep: dict[str, float] | None) -> dict[str, float] | None:
+        return _check_keep_fractions(keep)
+
     @model_validator(mode="after")
     def _quantize_needs_lora(self) -> "AlignConfig":
         if self.quantize != "none" and not self.lora.enabled:
@@ -397,11 +442,17 @@ class AlignConfig(StrictModel):
             for dim, st in self.stages.items():
                 if dim not in self.dims:
                     raise ValueError(f"stages.{dim}: no such dimension in dims {self.dims}")
-                for other in (st.weights or {}):
-                    if other not in self.dims or self.dims.index(other) >= self.dims.index(dim):
-                        raise ValueError(
-                            f"stages.{dim}.weights.{other}: weights may only name dimensions aligned before {dim!r}"
-                        )
+                for key, named in (("weights", st.weights), ("keep", st.keep)):
+                    for other in (named or {}):
+                        if other not in self.dims or self.dims.index(other) >= self.dims.index(dim):
+                            raise ValueError(f"stages.{dim}.{key}.{other}: {key} may only name dimensions aligned "
+                                             f"before {dim!r}")
+            for dim in self.keep:
+                if dim not in self.dims:
+                    raise ValueError(f"keep.{dim}: no such dimension in dims {self.dims}")
+                if dim == self.dims[-1]:
+                    raise ValueError(f"keep.{dim}: {dim!r} is the last stage, so no later stage could lose it; "
+                                     "keep names a dimension aligned before another")
         return self
 
 
@@ -472,6 +523,8 @@ class GateSettings(StrictModel):
         default_factory=dict, description="DIM -> how far the last stage may fall below the best stage (0-1).")
     allow_incomplete: bool = Field(False, description="Gate a run whose last stage did not finish on its completed "
                                                       "stages (otherwise such a gate fails, naming the stage).")
+    keep: bool = Field(False, description="Also check the run's own --keep constraints: after each stage that kept "
+                                          "DIM, DIM's score >= FRACTION of its score after DIM's own stage.")
 
 
 class EvalConfig(StrictModel):

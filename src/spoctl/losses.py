@@ -273,3 +273,43 @@ def reward_metrics(
     when an offset is given."""
     return metrics_from_sums(reward_metric_sums(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                                                 offset))
+
+
+# --- keeping earlier dimensions (--keep; docs/align.md) -------------------------------------------------------
+
+
+def reweighted_offset(offset: Tensor, multipliers: Sequence[float], reward_margins: Sequence[Tensor]) -> Tensor:
+    """The SPO offset with earlier dimensions' weights raised by Lagrange multipliers: offset + sum_i mu_i * Delta r_i.
+
+    The offset is linear in the weights (`spo_offset_all`), so raising lambda_i^(n) by mu_i adds mu_i * Delta r_i,
+    whatever mode produced `offset`: the per-pair margins are computed once and re-weighting costs one multiply-add
+    per pair. `multipliers[j]` goes with `reward_margins[j]`. With every multiplier 0 it returns `offset` itself (the
+    same tensor, not a recomputed one), so a slack constraint leaves the stage plain SPO bit for bit.
+    """
+    if len(multipliers) != len(reward_margins):
+        raise ValueError(f"{len(multipliers)} multipliers for {len(reward_margins)} reward margins")
+    if not any(multipliers):
+        return offset
+    return offset + spo_offset_all(multipliers, reward_margins)
+
+
+def replay_loss(
+    beta: float,
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    prev_chosen: Tensor,
+    prev_rejected: Tensor,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Per-pair replay loss [B] on an earlier dimension's own pairs, replayed during a later stage n: the stage's
+    preference loss on h = beta_n * Delta(pi_theta, pi_{n-1}), with no offset.
+
+    It protects the margin those pairs had under pi_{n-1}: at h = 0 (the margin unchanged) the sigmoid loss still
+    pulls it up with slope 1/2, and the further it falls below pi_{n-1}'s the harder it pulls (slope -> 1). Weighted
+    by the dimension's multiplier it is the Lagrangian's -lambda_i * E[R_i] term, estimated on R_i's own data --
+    which is what still works when every new pair conflicts with the earlier dimension alike (an offset then lowers
+    every new pair's weight alike, and Adam's scale invariance undoes a uniform down-weighting).
+    """
+    h = spo_logits(beta, policy_chosen, policy_rejected, prev_chosen, prev_rejected)
+    return preference_loss(h, beta, loss_type, label_smoothing)

@@ -20,6 +20,7 @@ from .common import CommonOptions, comma_list, command, execute, parse_assignmen
 @command(examples=[
     "spoctl align --dims helpful,harmless --data prepared/ --model ./smollm2 --lora --out runs/hh",
     "spoctl align --dims helpful,harmless --data prepared/ --alpha 0    # sequential DPO baseline",
+    "spoctl align --dims helpful,harmless --data prepared/ --keep helpful=0.95   # harmless may cost 5% of helpful",
     "spoctl align --dims helpful,harmless --data prepared/ --out runs/hh --resume",
     "spoctl align --dims helpful,harmless --data prepared/ --lora --quantize 4bit --report-to tensorboard",
     "spoctl align --dims helpful,harmless    # no --data and no --model: the built-in demo",
@@ -36,6 +37,8 @@ def align(
     alpha: Optional[float] = typer.Option(None, "--alpha", help="SPO weight of earlier dimensions; 0 = sequential DPO."),
     weight: Optional[list[str]] = typer.Option(None, "--weight", help="All mode: DIM=W, weight of an earlier dimension (repeatable)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="KL strength of every stage."),
+    keep: Optional[list[str]] = typer.Option(None, "--keep", help="DIM=FRACTION: later stages must hold DIM's implicit"
+                                             " reward at >= FRACTION of its value after its own stage (repeatable)."),
     lora: Optional[bool] = typer.Option(None, "--lora/--full", help="Train LoRA adapters or all weights."),
     quantize: Optional[str] = typer.Option(None, "--quantize", metavar="none|4bit",
                                            help="QLoRA: 4bit loads the base in 4 bits under the adapters (needs --lora)."),
@@ -65,6 +68,7 @@ def align(
             "alpha": alpha,
             "weights": parse_assignments(weight, "--weight", "helpful=0.5", float),
             "beta": beta,
+            "keep": parse_assignments(keep, "--keep", "helpful=0.95", float),
             "lora.enabled": lora,
             "quantize": quantize,
             "learning_rate": learning_rate,

@@ -30,6 +30,7 @@ from ..precision import accelerate_mixed_precision, dtype_of as precision_dtype,
 from ..rundir import RunDir, default_run_dir, now_iso
 from .batching import TokenPair, pairs_from_split
 from .chain import ModelChain, base_fingerprint, folder_files, stage_fingerprint, weights_fingerprint, write_lineage
+from . import keep as keeping
 from .checkpoint import intact_checkpoint
 from .distributed import Distributed, resolve_strategy
 from .frozen import FrozenLogps, LogpsCache, logps_cache_dir, score_pairs
@@ -166,6 +167,10 @@ def _processes(cfg: AlignConfig, plans: list[StagePlan], strategy: Any) -> Any:
     if cfg.quantize != "none" and accelerator.num_processes > 1:
         raise UsageError("quantize 4bit (QLoRA) runs on one process: several processes with a bitsandbytes base are "
                          "not tested in spoctl yet; run on one GPU, or train LoRA without --quantize")
+    if strategy.fsdp and accelerator.num_processes > 1 and any(p.keep is not None for p in plans):
+        # The constraint measurement and the replay run forwards per process that FSDP would have to gather in step.
+        raise UsageError("--keep runs under DDP or on one process: with distributed fsdp over several processes it "
+                         "is not supported yet; use --set distributed=ddp (or an accelerate config without FSDP)")
     for plan in plans:
         if plan.batch_size % accelerator.num_processes:
             raise UsageError(f"stage {plan.index} ({plan.dim}): batch_size {plan.batch_size} must be a multiple of the "
@@ -227,13 +232,18 @@ def _align(cfg: AlignConfig, out: Output, prepared: Any, base_spec: str, tokeniz
         if lock:
             lock.release()
     summary = _summary(manifest, cfg.dims)
+    keeps = any(p.keep is not None for p in plans)
     if procs.main:
+        extra = ["kept: margin vs bound, multiplier", "keep s"] if keeps else []
         out.table("implicit-reward accuracy vs the base model, on each dimension's eval split; what each stage cost",
-                  ["stage", *cfg.dims, "frozen s", "train s"],
-                  [[f"{r['stage']} {r['dim']}", *(r[d] for d in cfg.dims), r["frozen_seconds"], r["train_seconds"]]
-                   for r in summary])
-    return {"run_dir": str(run.root), "manifest": str(run.manifest_path), "stages": manifest["stages"],
-            "summary": summary}
+                  ["stage", *cfg.dims, "frozen s", "train s", *extra],
+                  [[f"{r['stage']} {r['dim']}", *(r[d] for d in cfg.dims), r["frozen_seconds"], r["train_seconds"],
+                    *([keeping.table_cell(r.get("keep")), r.get("keep_seconds", "")] if keeps else [])] for r in summary])
+    result = {"run_dir": str(run.root), "manifest": str(run.manifest_path), "stages": manifest["stages"],
+              "summary": summary}
+    if keeps:  # constraints that ended violated, every stage's (empty: all held)
+        result["keep_violations"] = [v for st in manifest["stages"] for v in st.get("keep_violations", [])]
+    return result
 
 
 def _check_inputs(cfg: AlignConfig) -> tuple[Any, str, Any, list[StagePlan]]:
@@ -328,8 +338,12 @@ def _run_stage(ctx: RunContext, plan: StagePlan) -> None:
     _record_start(ctx, plan, entry, data)
     policy = _stage_policy(ctx, plan, entry)
     model, final, train_seconds = _train(ctx, plan, entry, policy, data)
-    _save_stage(ctx, plan, entry, model, final, {**frozen_cost, "train_seconds": round(train_seconds, 2)},
-                time.perf_counter() - started)
+    cost = {**frozen_cost, "train_seconds": round(train_seconds, 2)}
+    if data.keep is not None:  # --keep: what it cost, and whether each constraint held (manifest and console)
+        entry["keep"] = data.keep.summary()
+        entry["keep_violations"] = keeping.report(data.keep, plan, train_seconds, ctx.out.info, ctx.out.warn)
+        cost.update(data.keep.cost(train_seconds))
+    _save_stage(ctx, plan, entry, model, final, cost, time.perf_counter() - started)
 
 
 def _frozen_inputs(ctx: RunContext, plan: StagePlan) -> tuple[StageData, dict[str, Any]]:
@@ -351,6 +365,8 @@ def _frozen_inputs(ctx: RunContext, plan: StagePlan) -> tuple[StageData, dict[st
         if d == plan.dim:
             ev.ref, ev.offset = store.get(plan.reference, d, "eval"), plan.offset(on("eval"))
         data.evals[d] = ev
+    data.keep = keeping.start_keeping(plan, ctx.cfg, ctx.accelerator, ctx.tokenizer.pad_token_id, len(data.train),
+                                      data.offset_train, store.split_pairs, store.get, ctx.out.warn)
     cost = {"frozen_pass_seconds": round(time.perf_counter() - started, 2),
             "frozen_pairs_scored": store.pairs_scored - scored_before}
     return data, cost
@@ -455,5 +471,7 @@ def _summary(manifest: dict[str, Any], dims: list[str]) -> list[dict[str, Any]]:
         m, cost = st.get("metrics", {}), st.get("cost", {})
         rows.append({"stage": st["index"], "dim": st["dim"],
                      **{d: m.get(f"stage{st['index']}/{d}/eval_base_rewards/accuracies") for d in dims},
-                     "frozen_seconds": cost.get("frozen_pass_seconds"), "train_seconds": cost.get("train_seconds")})
+                     "frozen_seconds": cost.get("frozen_pass_seconds"), "train_seconds": cost.get("train_seconds"),
+                     **({"keep": {d: k["final"] | {"threshold": k["threshold"]} for d, k in st["keep"].items()},
+                         "keep_seconds": cost.get("keep_seconds")} if "keep" in st else {})})
     return rows

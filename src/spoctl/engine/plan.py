@@ -15,6 +15,7 @@ import torch
 
 from .. import losses
 from ..config import AlignConfig, LossConfig
+from .keep import KeepPlan, keep_plan
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class StagePlan:
     max_steps: int | None = None
     loss: LossConfig = field(default_factory=LossConfig)
     earlier: tuple[EarlierStage, ...] = ()  # stages 1..n-1, in order
+    keep: KeepPlan | None = None  # --keep: earlier dimensions this stage must hold (engine/keep.py)
 
     # ---- the method: which models, which weights -----------------------------------------------------------
     @property
@@ -104,12 +106,19 @@ class StagePlan:
         need: dict[int, list[tuple[str, str]]] = {k: list(own) for k in [self.reference, *self.offset_models]}
         base = need.setdefault(0, [])
         base += [(d, "eval") for d in all_dims if (d, "eval") not in base]
+        if self.keep is not None:
+            for k, requests in self.keep.frozen_requests(self.index, self.dim).items():
+                have = need.setdefault(k, [])
+                have += [r for r in requests if r not in have]
         return need
 
     def manifest_entry(self, describe: Callable[[int], str]) -> dict[str, Any]:
         """What the manifest records of the plan: settings, models (as `describe(k)` names them) and weights."""
-        return {"plan": self.to_manifest(), "reference_model": describe(self.reference),
-                "offset_models": [describe(k) for k in self.offset_models], "weights": self.earlier_weights}
+        entry = {"plan": self.to_manifest(), "reference_model": describe(self.reference),
+                 "offset_models": [describe(k) for k in self.offset_models], "weights": self.earlier_weights}
+        if self.keep is not None:
+            entry["keep_fractions"] = {t.dim: t.fraction for t in self.keep.targets}
+        return entry
 
     # ---- training length -----------------------------------------------------------------------------------
     def steps_per_epoch(self, pairs: int) -> int:
@@ -123,6 +132,8 @@ class StagePlan:
     def to_manifest(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("earlier")
+        if d["keep"] is None:  # a stage that keeps nothing records (and is identified by) exactly what it did before
+            d.pop("keep")
         d["loss"] = self.loss.model_dump()
         return d
 
@@ -146,6 +157,7 @@ def stage_plans(cfg: AlignConfig) -> list[StagePlan]:
             learning_rate=pick("learning_rate"), epochs=pick("epochs"), batch_size=pick("batch_size"),
             max_steps=pick("max_steps"), loss=pick("loss"),
             earlier=tuple(EarlierStage(p.dim, p.beta, p.alpha, p.weight_vector) for p in plans),
+            keep=keep_plan(cfg, n, o.keep if o is not None else None),
         )
         plans.append(plan)
     return plans

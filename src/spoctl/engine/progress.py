@@ -16,6 +16,7 @@ class StageProgress:
         self._task: Any = None
         self._t0 = time.perf_counter()
         self._last_plain = 0.0
+        self._keep: dict[str, float] = {}  # --keep: the latest constraint values, measured only every K steps
 
     def __enter__(self) -> "StageProgress":
         if self.enabled and self.out.is_terminal:
@@ -36,7 +37,8 @@ class StageProgress:
     def update(self, step: int, total: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        stats = _stats(metrics)
+        self._keep.update({k: v for k, v in metrics.items() if "/keep/" in k})
+        stats = _stats(metrics) + _keep_stats(self._keep)
         if self._bar is not None:
             self._bar.update(self._task, completed=step, total=total, stats=stats)
             return
@@ -59,3 +61,16 @@ def _stats(metrics: dict[str, float]) -> str:
         if v is not None:
             parts.append(f"{label} {fmt.format(v)}")
     return " ".join(parts)
+
+
+def _keep_stats(latest: dict[str, float]) -> str:
+    """' keep helpful 1.02>=0.95 mu 0.4' per kept dimension (margin vs its bound, multiplier), or ''."""
+    parts = []
+    for key, mu in latest.items():
+        if key.endswith("/keep/multiplier"):
+            p = key.removesuffix("multiplier")
+            dim = p.split("/")[1]
+            margin, bound = latest.get(p + "margin"), latest.get(p + "threshold")
+            shown = f"{margin:.3g}{'>=' if margin >= bound else '<'}{bound:.3g} " if margin is not None else ""
+            parts.append(f" keep {dim} {shown}mu {mu:.2g}")
+    return "".join(parts)

@@ -32,7 +32,7 @@ RUNTIME_KEYS = {"out", "resume", "report_to", "log_every", "save_every", "eval_e
                 "distributed", "fsdp"}
 # Set per stage (in each stage's plan) or by the data's content: not compared as shared settings.
 PER_STAGE_KEYS = {"dims", "data", "model", "stages", "beta", "alpha", "weights", "learning_rate", "epochs",
-                  "batch_size", "max_steps", "loss"}
+                  "batch_size", "max_steps", "loss", "keep", "keep_control"}
 # Plan fields that only set how long the stage trains: changing them continues from the latest checkpoint.
 SCHEDULE_KEYS = {"max_steps", "epochs"}
 
@@ -110,6 +110,7 @@ def reopen(manifest: dict[str, Any] | None, identity: dict[str, Any], *, resume:
     if old is None:  # written before runs recorded their identity (only a digest, of another layout)
         raise UsageError(f"{where}: this run was made by an earlier spoctl that recorded no settings to compare; "
                          "finish it with that version, or choose another --out")
+    old = with_later_defaults(old, identity)
     if not resume:
         same = old == identity
         raise UsageError(
@@ -143,6 +144,16 @@ def reopen(manifest: dict[str, Any] | None, identity: dict[str, Any], *, resume:
         raise UsageError(f"{where}: cannot resume with these settings: " + "; ".join(refused)
                          + ". Use the original settings for the finished stages, or choose another --out")
     return decision
+
+
+def with_later_defaults(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old` (an identity a run recorded) with each shared setting it lacks taken from `new` when `new` has that
+    setting's default: a setting added to spoctl after the run was made (quantize, say) then left at its default
+    means what the run did, and does not block --resume."""
+    defaults = AlignConfig().model_dump(mode="json")
+    missing = {k: v for k, v in new.get("shared", {}).items()
+               if k not in old.get("shared", {}) and k in defaults and v == defaults[k]}
+    return {**old, "shared": {**old.get("shared", {}), **missing}} if missing else old
 
 
 def _schedule_only(diffs: list[tuple[str, Any, Any]]) -> bool:

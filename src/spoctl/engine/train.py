@@ -36,6 +36,7 @@ class StageData:
     ref_train: FrozenLogps  # pi_{n-1}
     offset_train: torch.Tensor  # the SPO constant per pair (zeros at stage 1 or alpha = 0)
     evals: dict[str, "EvalSet"] = field(default_factory=dict)  # by dimension
+    keep: Any = None  # engine.keep.Keeper with --keep: the multipliers, their offset and replay; None without
 
 
 @dataclass
@@ -131,6 +132,8 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         meta = load_checkpoint(found[1], procs=dist.procs, scorer=dist.evaluation_scorer(scorer),
                                optimizer=optimizer, scheduler=scheduler)
         start = int(meta["step"])
+        if data.keep is not None:
+            data.keep.load_state(meta.get("keep"))
         accelerator.print(f"{prefix}: resuming from step {start} ({found[1]})"
                           + (f"; it was written by {meta['processes']} processes, resharded to {dist.procs.world}:"
                              " the result equals an uninterrupted run to float rounding, not bit for bit"
@@ -147,6 +150,9 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         micro = local_micro_batches(global_batch, lengths, rank, world, cfg.micro_batch_size)
 
         sums: dict[str, torch.Tensor] = {}
+        offset_train = data.offset_train if data.keep is None else data.keep.offset_train
+        # --keep: earlier dimensions' replayed pairs, while their multipliers are positive (none otherwise).
+        keep_tokens = data.keep.replay(step, scorer) if data.keep is not None else 0.0
         for j, idx in enumerate(micro):
             last = j == len(micro) - 1
             sync = contextlib.nullcontext() if last else dist.no_sync(scorer)
@@ -157,7 +163,7 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
                 sel = torch.tensor(idx)
                 rc = data.ref_train.chosen[sel].to(pc.device)
                 rr = data.ref_train.rejected[sel].to(pc.device)
-                off = data.offset_train[sel].to(pc.device)
+                off = offset_train[sel].to(pc.device)
                 h = losses.spo_logits(plan.beta, pc.float(), pr.float(), rc, rr, off)
                 per_pair = losses.preference_loss(h, plan.beta, plan.loss.type, plan.loss.label_smoothing)
                 if plan.loss.sft_weight:
@@ -201,13 +207,15 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        tokens_seen += totals.pop("tokens")
+        tokens_seen += totals.pop("tokens") + keep_tokens
         metrics = {f"{prefix}/{k}": v for k, v in losses.metrics_from_sums(totals).items()}
         elapsed = time.perf_counter() - t0
         metrics.update({f"{prefix}/learning_rate": lr, f"{prefix}/grad_norm": grad_norm,
                         f"{prefix}/epoch": (step + 1) / steps_per_epoch,
                         f"{prefix}/tokens_per_second": tokens_seen / max(elapsed, 1e-9)})
         done = step + 1
+        if data.keep is not None:  # every K steps: measure the constraints, update the multipliers
+            metrics.update(data.keep.after_step(done, scorer))
         if done % cfg.log_every == 0 or done == total:
             hooks.log({"step": done, **metrics})
         hooks.progress(done, total, metrics)
@@ -217,7 +225,8 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
             save_checkpoint(hooks.checkpoint_dir(done), procs=dist.procs, scorer=dist.evaluation_scorer(scorer),
                             optimizer=optimizer, scheduler=scheduler,
                             meta={"step": done, "stage": plan.index, "dim": plan.dim, "total": total,
-                                  "strategy": dist.strategy.name})
+                                  "strategy": dist.strategy.name,
+                                  **({"keep": data.keep.state()} if data.keep is not None else {})})
 
     final = eval_metrics(accelerator, scorer, plan, data, pad_token_id, cfg, dist)
     hooks.log({"step": total, **final})

@@ -142,6 +142,7 @@ def evaluate(cfg: EvalConfig, out: Output) -> dict[str, Any]:
                   else {d: gate_scores(report["scorecard"], d) for d in er.dims})
         report["gate"] = gate_mod.check(scores, cfg.gate.fail_under, cfg.gate.max_regression,
                                         "judged win rate" if judged_scores else "accuracy of log(pi_k/pi_0)",
+                                        keep=gate_mod.keep_constraints(er.stages) if cfg.gate.keep else None,
                                         unfinished=er.unfinished, allow_incomplete=cfg.gate.allow_incomplete)
         report["complete"] = True
     except SpoctlError as err:

@@ -1,0 +1,413 @@
+"""`--keep DIM=FRACTION`: hold an earlier dimension during a later stage (Lagrangian SPO with replay).
+
+Stage n's problem (method §2) asks E[R_i] >= H_i of every earlier dimension i. Plain SPO turns that constraint into
+a weight chosen by hand; here it is enforced, one Lagrange multiplier mu_i per kept dimension:
+
+- **The constraint.** R_i is read the way the engine's forgetting view reads it: the implicit-reward margin
+  Delta(pi_theta, pi_0) = log(pi_theta/pi_0)(y_w) - log(pi_theta/pi_0)(y_l), averaged over a *constraint split* of
+  dimension i's pairs. H_i is FRACTION of that average at the end of stage i (from the frozen pi_i and pi_0).
+- **The multiplier**, by projected dual ascent every K steps on the normalised violation:
+      mu_i <- max(0, mu_i + STEP_SIZE * (H_i - v_i) / |v_i at the end of stage i|)
+  Normalised, the violation is "the share of what stage i learnt that is missing", the same scale on every model,
+  beta and dataset: hence one documented step size and no tuning per run.
+- **Where it acts.** (a) Dimension i's weight in the SPO offset becomes lambda_i + mu_i; the offset is linear in the
+  weights, so the per-pair implicit reward margins Delta r_i on the stage's pairs are computed once and the offset
+  is re-weighted at each update for one multiply-add per pair (`losses.reweighted_offset`). (b) Replay: a few of
+  dimension i's own training pairs join every step, with the stage's loss against pi_{n-1} weighted by mu_i
+  (`losses.replay_loss`). (a) alone fails where every new pair conflicts with dimension i alike (the offset then
+  lowers every pair's weight alike, and Adam undoes a uniform scale); (b) is a gradient towards R_i itself.
+  While every multiplier is 0 neither runs: the stage is plain SPO, bit for bit.
+
+**Why the mean margin, not the accuracy users read.** The constraint split comes from training pairs that stage i
+fitted, so their accuracy starts near 1 and stays there while the margins erode, then falls in a step once many
+pairs cross zero together; on a few hundred pairs it moves in steps of 1/P and is flat in between. A dual ascent
+on it would see nothing until it is too late and then jump. The mean margin moves with every step of forgetting,
+from the first. Its weakness -- a few pairs with huge margins can hold the mean up while others flip -- is why the
+accuracy is logged and shown beside it, and why `spoctl eval --set gate.keep=true` checks the same fractions on
+the held-out accuracy.
+
+**Why the constraint split overlaps stage i's training data.** Removing it from stage i would change stage i of a
+run with --keep (fewer pairs) against the same run without, and the constraint split could no longer equal the
+data. So it is drawn (seeded) from dimension i's training pairs and is *never replayed*: no gradient of the stage
+that keeps dimension i touches it, so it measures how much of what stage i learnt on those pairs survives, which
+is what the constraint is about. Its value is an in-sample one (higher than on the eval split), and the constraint
+is relative to it, so the overlap does not loosen the bound. The eval split, which reports results, is untouched.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .. import losses
+from .batching import TokenPair, collate_pairs, local_micro_batches
+from .frozen import FrozenLogps, compute_logps
+from .logprobs import attention_window, batch_layout, resolve_layout, score_batch
+
+if TYPE_CHECKING:
+    from ..config import AlignConfig
+    from .plan import StagePlan
+
+# Dual ascent step on the normalised violation. Derivation: a violation of 10% of the kept value, sustained over a
+# quarter of a stage (5 of its 20 updates), should bring the multiplier to 1 -- an earlier dimension then weighs as
+# much as the new one: 0.1 * 5 * STEP_SIZE = 1.
+STEP_SIZE = 2.0
+UPDATES_PER_STAGE = 20  # default K = total steps / 20
+MAX_CONSTRAINT_PAIRS = 256  # "a few hundred pairs at most": the measurement is a forward pass over them every K steps
+CONSTRAINT_SHARE = 4  # default constraint split: a quarter of the dimension's training pairs (the rest can be replayed)
+REPLAY_SHARE = 4  # default replay pairs per step: a quarter of the batch
+# A margin at the end of stage i below this many nats counts as this much when normalising the violation, so a stage
+# that learnt almost nothing cannot make the step size explode.
+MIN_SCALE = 0.1
+
+
+@dataclass(frozen=True)
+class KeepTarget:
+    dim: str
+    stage: int  # the dimension's own stage, 1-based
+    fraction: float
+
+
+@dataclass(frozen=True)
+class KeepPlan:
+    """What a stage keeps and how (part of its plan, so of the run's identity); None sizes resolve at run time."""
+
+    targets: tuple[KeepTarget, ...]
+    every: int | None = None
+    pairs: int | None = None
+    replay_pairs: int | None = None
+
+    def frozen_requests(self, index: int, dim: str) -> dict[int, list[tuple[str, str]]]:
+        """pi_0, pi_i and pi_{n-1} on each kept dimension's training pairs (start value, constraint, replay
+        reference), and every earlier model on the stage's own training pairs (the implicit reward margins the
+        multipliers re-weight)."""
+        need: dict[int, list[tuple[str, str]]] = {}
+        for t in self.targets:
+            for k in (0, t.stage, index - 1):
+                need.setdefault(k, []).append((t.dim, "train"))
+        for k in range(index):
+            need.setdefault(k, []).append((dim, "train"))
+        return {k: list(dict.fromkeys(v)) for k, v in need.items()}
+
+
+def keep_plan(cfg: "AlignConfig", index: int, stage_keep: dict[str, float] | None) -> KeepPlan | None:
+    """Stage `index`'s constraints: its own `stages.<dim>.keep` if given, else the global `keep` restricted to the
+    dimensions aligned before it. None when it keeps nothing."""
+    wanted = cfg.keep if stage_keep is None else stage_keep
+    earlier = cfg.dims[: index - 1]
+    targets = tuple(KeepTarget(d, earlier.index(d) + 1, float(f)) for d, f in wanted.items() if d in earlier)
+    if not targets:
+        return None
+    kc = cfg.keep_control
+    return KeepPlan(targets, every=kc.every, pairs=kc.pairs, replay_pairs=kc.replay_pairs)
+
+
+# ------------------------------------------------------------------------------------------------ small pure rules
+def threshold(start: float, fraction: float) -> float:
+    """H = FRACTION of the value at the end of the dimension's own stage; for a value <= 0 (a stage that learnt
+    nothing there) the same distance below it, so the bound is never above the start for FRACTION <= 1."""
+    return start - (1.0 - fraction) * abs(start)
+
+
+def dual_ascent(multiplier: float, value: float, bound: float, scale: float, step: float = STEP_SIZE) -> float:
+    """Projected dual ascent on the normalised violation (bound - value) / scale."""
+    return max(0.0, multiplier + step * (bound - value) / max(abs(scale), MIN_SCALE))
+
+
+def every_steps(every: int | None, total: int) -> int:
+    return every or max(1, round(total / UPDATES_PER_STAGE))
+
+
+def constraint_size(pairs: int | None, n_train: int) -> int:
+    return min(pairs or min(MAX_CONSTRAINT_PAIRS, max(1, n_train // CONSTRAINT_SHARE)), n_train)
+
+
+def replay_size(replay_pairs: int | None, batch_size: int, world: int) -> int:
+    """Pairs replayed per step, rounded up to a multiple of the processes (each takes an equal share)."""
+    r = replay_pairs or max(1, batch_size // REPLAY_SHARE)
+    return -(-r // world) * world
+
+
+def constraint_split(n_train: int, size: int, seed: int, dim: str) -> tuple[list[int], list[int]]:
+    """(constraint split, replay pool) as sorted indices into the dimension's training pairs: a seeded draw, the same
+    in every stage that keeps the dimension. When the split takes every pair the pool is all of them (overlap)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(dim.encode()))
+    perm = torch.randperm(n_train, generator=g).tolist()
+    constraint, pool = sorted(perm[:size]), sorted(perm[size:])
+    return constraint, pool or list(range(n_train))
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+@dataclass
+class KeptDim:
+    """One kept dimension during stage n: its constraint split, bound, replay pool and multiplier."""
+
+    target: KeepTarget
+    constraint: list[TokenPair]
+    base: FrozenLogps  # pi_0 on the constraint split
+    start_margin: float  # mean Delta(pi_i, pi_0) on the constraint split
+    start_accuracy: float
+    bound: float  # H_i
+    pool: list[TokenPair]  # replayable training pairs (never the constraint split, unless it is all of them)
+    pool_prev: FrozenLogps  # pi_{n-1} on the pool
+    reward_margin: torch.Tensor  # Delta r_i on stage n's training pairs
+    overlap: bool  # the constraint split is all the training data, so replay trains on it
+    n_train: int
+    multiplier: float = 0.0
+    trajectory: list[dict[str, float]] = field(default_factory=list)
+    replayed: int = 0  # replay pairs trained on (global)
+
+    def state(self) -> dict[str, Any]:
+        return {"multiplier": self.multiplier, "trajectory": self.trajectory, "replayed": self.replayed}
+
+
+def _subset(logps: FrozenLogps, idx: list[int]) -> FrozenLogps:
+    sel = torch.tensor(idx, dtype=torch.long)
+    return FrozenLogps(logps.chosen[sel], logps.rejected[sel])
+
+
+def kept_dims(plan: "StagePlan", seed: int, split_pairs: Callable[[str, str], list[TokenPair]],
+              logps: Callable[[int, str, str], FrozenLogps], warn: Callable[[str], None]) -> list[KeptDim]:
+    """Everything the keeping needs from frozen models, resolved to tensors (`logps(k, dim, split)` reads pi_k's
+    frozen log-probs; the plan's `frozen_requests` made sure they exist)."""
+    assert plan.keep is not None
+    margins = plan.reward_margins(lambda k: logps(k, plan.dim, "train"))
+    out = []
+    for t in plan.keep.targets:
+        pairs = split_pairs(t.dim, "train")
+        size = constraint_size(plan.keep.pairs, len(pairs))
+        cidx, pool = constraint_split(len(pairs), size, seed, t.dim)
+        base, own = _subset(logps(0, t.dim, "train"), cidx), _subset(logps(t.stage, t.dim, "train"), cidx)
+        start = losses.log_ratio_margin(own.chosen, own.rejected, base.chosen, base.rejected)
+        kd = KeptDim(target=t, constraint=[pairs[i] for i in cidx], base=base, start_margin=float(start.mean()),
+                     start_accuracy=float((start > 0).float().mean()), bound=0.0, pool=[pairs[i] for i in pool],
+                     pool_prev=_subset(logps(plan.reference, t.dim, "train"), pool),
+                     reward_margin=margins[t.stage - 1], overlap=size == len(pairs), n_train=len(pairs))
+        kd.bound = threshold(kd.start_margin, t.fraction)
+        if kd.overlap:
+            warn(f"stage {plan.index} ({plan.dim}): the constraint split of {t.dim} is all {len(pairs)} of its "
+                 "training pairs, so replay trains on the pairs the constraint is measured on")
+        if kd.start_margin <= 0:
+            warn(f"stage {plan.index} ({plan.dim}): stage {t.stage} did not raise {t.dim}'s implicit-reward margin "
+                 f"on its constraint split (mean log(pi_{t.stage}/pi_0) margin {kd.start_margin:.3g}); keeping it "
+                 "holds a value that is no gain")
+        out.append(kd)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the controller
+class Keeper:
+    """The multipliers of one stage and everything they drive. `train_stage` calls, per step: `offset_train` (the
+    re-weighted offset), `replay` (before the stage's own micro-batches) and `after_step` (measure, update, metrics);
+    a checkpoint carries `state()`."""
+
+    def __init__(self, kept: list[KeptDim], *, plan: "StagePlan", cfg: "AlignConfig", accelerator: Any,
+                 pad_token_id: int, total: int, base_offset: torch.Tensor):
+        self.kept, self.plan, self.cfg, self.acc, self.pad = kept, plan, cfg, accelerator, pad_token_id
+        self.total, self.base_offset = total, base_offset
+        self.every = every_steps(plan.keep.every, total)
+        self.replay_pairs = replay_size(plan.keep.replay_pairs, plan.batch_size, accelerator.num_processes)
+        self.seconds = {"measure": 0.0, "replay": 0.0}
+        self.tokens = 0.0  # replay tokens (global)
+        self.measured_pairs = 0
+        self._offset = base_offset
+        self._replay_loss: dict[str, float] = {}
+
+    # ---- (a) the offset -------------------------------------------------------------------------------
+    @property
+    def offset_train(self) -> torch.Tensor:
+        return self._offset
+
+    def _reweight(self) -> None:
+        self._offset = losses.reweighted_offset(self.base_offset, [k.multiplier for k in self.kept],
+                                                [k.reward_margin for k in self.kept])
+
+    # ---- (b) replay -----------------------------------------------------------------------------------
+    def _replay_batch(self, kd: KeptDim, step: int) -> list[int]:
+        """The pool indices replayed at `step`: a pure function of (seed, stage, dimension, step), so a resumed
+        stage replays what an uninterrupted one would."""
+        seed = ((self.cfg.seed * 1000 + self.plan.index) * 1_000_003 + step) * 7919 + zlib.crc32(kd.target.dim.encode())
+        perm = torch.randperm(len(kd.pool), generator=torch.Generator().manual_seed(seed)).tolist()
+        return [perm[j % len(perm)] for j in range(self.replay_pairs)]
+
+    def replay(self, step: int, scorer: Any) -> float:
+        """Backward the replay loss of every dimension whose multiplier is positive, under no_sync (the stage's own
+        last micro-batch synchronises the accumulated gradient). Returns the replay tokens (all processes)."""
+        active = [kd for kd in self.kept if kd.multiplier > 0]
+        if not active:
+            return 0.0
+        started = time.perf_counter()
+        acc, plan, loss_cfg = self.acc, self.plan, self.plan.loss
+        model = acc.unwrap_model(scorer).model
+        layout, window = resolve_layout(self.cfg.layout, model), attention_window(model)
+        rank, world = acc.process_index, acc.num_processes
+        sums = []
+        for kd in active:
+            glob = self._replay_batch(kd, step)
+            lengths = [p.sort_length for p in kd.pool]
+            loss_sum, tokens = 0.0, 0
+            for idx in local_micro_batches(glob, lengths, rank, world, self.cfg.micro_batch_size):
+                with acc.no_sync(scorer), acc.autocast():
+                    pairs = [kd.pool[i] for i in idx]
+                    batch = collate_pairs(pairs, self.pad, batch_layout(layout, pairs, window)).to(acc.device)
+                    pc, pr, _, _ = score_batch(scorer, batch)
+                    sel = torch.tensor(idx)
+                    # The stage's preference loss against pi_{n-1}, no offset and no SFT term: the Lagrangian's R_i
+                    # part only (an NLL term on the kept dimension's chosen responses would train them outright).
+                    per_pair = losses.replay_loss(plan.beta, pc.float(), pr.float(),
+                                                  kd.pool_prev.chosen[sel].to(pc.device),
+                                                  kd.pool_prev.rejected[sel].to(pc.device), loss_cfg.type,
+                                                  loss_cfg.label_smoothing)
+                    # Mean over the global replay batch (DDP averages over processes), weighted by the multiplier.
+                    acc.backward(kd.multiplier * per_pair.sum() * world / len(glob))
+                loss_sum += float(per_pair.detach().sum())
+                tokens += batch.n_tokens
+            sums += [loss_sum, float(tokens)]
+        reduced = acc.reduce(torch.tensor(sums, device=acc.device), reduction="sum").tolist()
+        step_tokens = 0.0
+        for j, kd in enumerate(active):
+            self._replay_loss[kd.target.dim] = reduced[2 * j] / self.replay_pairs
+            step_tokens += reduced[2 * j + 1]
+            kd.replayed += self.replay_pairs
+        self.tokens += step_tokens
+        self.seconds["replay"] += time.perf_counter() - started
+        return step_tokens
+
+    # ---- measurement and dual ascent ------------------------------------------------------------------
+    def _measure(self, scorer: Any) -> dict[str, tuple[float, float]]:
+        """(mean margin, accuracy) of Delta(pi_theta, pi_0) on each constraint split, on every process (the same
+        weights give the same numbers, so every process takes the same multiplier step)."""
+        model = self.acc.unwrap_model(scorer).model
+        was_training = model.training
+        model.eval()
+        found = {}
+        with self.acc.autocast():
+            for kd in self.kept:
+                pol = compute_logps(model, kd.constraint, batch_size=self.cfg.frozen_batch_size, pad_token_id=self.pad,
+                                    chunk_size=self.cfg.logprob_chunk, device=self.acc.device, layout=self.cfg.layout)
+                m = losses.log_ratio_margin(pol.chosen, pol.rejected, kd.base.chosen, kd.base.rejected)
+                found[kd.target.dim] = (float(m.mean()), float((m > 0).float().mean()))
+                self.measured_pairs += len(kd.constraint)
+        if was_training:
+            model.train()
+        return found
+
+    def after_step(self, done: int, scorer: Any) -> dict[str, float]:
+        """After optimizer step `done`: every K steps measure the constraints and take a dual ascent step (at the
+        stage's last step measure only: nothing is left to act on). Returns the step's keep metrics."""
+        prefix = f"stage{self.plan.index}"
+        metrics: dict[str, float] = {}
+        if done % self.every == 0 or done == self.total:
+            started = time.perf_counter()
+            values = self._measure(scorer)
+            for kd in self.kept:
+                margin, accuracy = values[kd.target.dim]
+                if done != self.total:
+                    kd.multiplier = dual_ascent(kd.multiplier, margin, kd.bound, kd.start_margin)
+                kd.trajectory.append({"step": done, "margin": margin, "accuracy": accuracy,
+                                      "multiplier": kd.multiplier})
+                p = f"{prefix}/{kd.target.dim}/keep"
+                metrics.update({f"{p}/margin": margin, f"{p}/accuracy": accuracy, f"{p}/threshold": kd.bound,
+                                f"{p}/slack": margin - kd.bound})
+            self._reweight()
+            self.seconds["measure"] += time.perf_counter() - started
+        for kd in self.kept:
+            p = f"{prefix}/{kd.target.dim}/keep"
+            metrics[f"{p}/multiplier"] = kd.multiplier
+            if kd.target.dim in self._replay_loss:
+                metrics[f"{p}/replay_loss"] = self._replay_loss.pop(kd.target.dim)
+        return metrics
+
+    # ---- resume ---------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"dims": {kd.target.dim: kd.state() for kd in self.kept}, "seconds": self.seconds,
+                "tokens": self.tokens, "measured_pairs": self.measured_pairs}
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        """Continue from a checkpoint's state (a checkpoint written without --keep has none: start from zero)."""
+        if not state:
+            return
+        for kd in self.kept:
+            s = state["dims"].get(kd.target.dim)
+            if s:
+                kd.multiplier, kd.trajectory, kd.replayed = float(s["multiplier"]), list(s["trajectory"]), int(s["replayed"])
+        self.seconds = {k: float(v) for k, v in state["seconds"].items()}
+        self.tokens, self.measured_pairs = float(state["tokens"]), int(state["measured_pairs"])
+        self._reweight()
+
+    # ---- what users see -------------------------------------------------------------------------------
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    def summary(self) -> dict[str, Any]:
+        """The manifest's `keep` entry of the stage: per kept dimension its bound, trajectory and final values."""
+        out = {}
+        for kd in self.kept:
+            last = kd.trajectory[-1] if kd.trajectory else {"margin": kd.start_margin, "accuracy": kd.start_accuracy,
+                                                             "multiplier": kd.multiplier}
+            out[kd.target.dim] = {
+                "fraction": kd.target.fraction, "own_stage": kd.target.stage,
+                "constraint_pairs": len(kd.constraint), "train_pairs": kd.n_train, "overlap": kd.overlap,
+                "replay_pool": len(kd.pool), "replay_pairs_per_step": self.replay_pairs, "replayed_pairs": kd.replayed,
+                "every": self.every, "step_size": STEP_SIZE,
+                "start": {"margin": kd.start_margin, "accuracy": kd.start_accuracy}, "threshold": kd.bound,
+                "final": {"margin": last["margin"], "accuracy": last["accuracy"], "multiplier": last["multiplier"],
+                          "satisfied": last["margin"] >= kd.bound},
+                "max_multiplier": max([p["multiplier"] for p in kd.trajectory], default=0.0),
+                "trajectory": kd.trajectory,
+            }
+        return out
+
+    def cost(self, train_seconds: float) -> dict[str, Any]:
+        return {"keep_seconds": round(self.total_seconds, 2),
+                "keep_share": round(self.total_seconds / train_seconds, 4) if train_seconds > 0 else None,
+                "keep_measure_seconds": round(self.seconds["measure"], 2),
+                "keep_replay_seconds": round(self.seconds["replay"], 2),
+                "keep_measured_pairs": self.measured_pairs, "keep_replay_tokens": int(self.tokens)}
+
+
+def start_keeping(plan: "StagePlan", cfg: "AlignConfig", accelerator: Any, pad_token_id: int, train_pairs: int,
+                  base_offset: torch.Tensor, split_pairs: Callable[[str, str], list[TokenPair]],
+                  logps: Callable[[int, str, str], FrozenLogps], warn: Callable[[str], None]) -> Keeper | None:
+    """The stage's Keeper, or None when it keeps nothing (then nothing of this module runs)."""
+    if plan.keep is None:
+        return None
+    kept = kept_dims(plan, cfg.seed, split_pairs, logps, warn)
+    total = plan.total_steps(plan.steps_per_epoch(train_pairs))
+    return Keeper(kept, plan=plan, cfg=cfg, accelerator=accelerator, pad_token_id=pad_token_id, total=total,
+                  base_offset=base_offset)
+
+
+def report(keeper: Keeper, plan: "StagePlan", train_seconds: float, info: Callable[[str], None],
+           warn: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Say what keeping cost and whether each constraint held at the end of the stage; returns the violations."""
+    share = keeper.total_seconds / train_seconds if train_seconds > 0 else 0.0
+    info(f"stage {plan.index} ({plan.dim}): keeping {', '.join(kd.target.dim for kd in keeper.kept)} cost "
+         f"{keeper.total_seconds:.1f}s, {share:.0%} of the stage's training (measuring {keeper.seconds['measure']:.1f}s,"
+         f" replay {keeper.seconds['replay']:.1f}s)")
+    violations = []
+    for dim, s in keeper.summary().items():
+        f = s["final"]
+        said = (f"{dim}: margin {f['margin']:.3f} vs bound {s['threshold']:.3f} ({s['fraction']:g} x "
+                f"{s['start']['margin']:.3f} at the end of stage {s['own_stage']}), accuracy {f['accuracy']:.2f} "
+                f"(was {s['start']['accuracy']:.2f}), multiplier {f['multiplier']:.3g}")
+        if f["satisfied"]:
+            info(f"stage {plan.index} ({plan.dim}): constraint held, {said}")
+        else:
+            warn(f"stage {plan.index} ({plan.dim}) ended with its constraint on {dim} VIOLATED: {said}")
+            violations.append({"stage": plan.index, "dim": plan.dim, "kept": dim, "margin": f["margin"],
+                               "threshold": s["threshold"], "accuracy": f["accuracy"], "multiplier": f["multiplier"]})
+    return violations
+
+
+def table_cell(kept: dict[str, dict[str, Any]] | None) -> str:
+    """The end-of-run table's cell for a stage: 'helpful 1.02>=0.95 mu 0.4' per kept dimension."""
+    if not kept:
+        return ""
+    return "; ".join(f"{d} {k['margin']:.3g}{'>=' if k['satisfied'] else '<'}{k['threshold']:.3g} mu {k['multiplier']:.2g}"
+                     + ("" if k["satisfied"] else " VIOLATED") for d, k in kept.items())
