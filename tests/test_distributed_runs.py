@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import socket
@@ -27,7 +26,7 @@ from safetensors.torch import load_file
 
 from test_engine_align import (ROUNDING_RATIO, ROUNDING_RUN, SPOCTL, _env, assert_same, assert_same_to_rounding,
                                run_cli, weights)
-from tinyworld import make_model_dir, make_prepared
+from tinyworld import make_model_dir, make_prepared, make_world
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -46,7 +45,11 @@ def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, env=kw.pop("env", _env()), capture_output=True, text=True, timeout=900, **kw)
-    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    if done.returncode != 0:
+        # The launcher's own traceback fills the end of stderr; what the failing process printed is above it.
+        ours = [line for line in done.stderr.splitlines() if "torch/distributed/elastic" not in line]
+        raise AssertionError(f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n--- stderr, the launcher's lines left out:\n"
+                             + "\n".join(ours[-80:]))
     return done
 
 
@@ -58,10 +61,7 @@ def copy_prepared(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    model = make_model_dir(root / "model")
-    prepared = make_prepared(root / "prepared", model, ["helpful", "harmless"])
-    return root, model, prepared
+    return make_world(tmp_path_factory.mktemp("dist"), ["helpful", "harmless"])
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -176,7 +176,7 @@ def test_eval_scorecard_under_two_processes_equals_one_process(world, tmp_path):
     for n in (1, 2):
         data = copy_prepared(prepared, tmp_path / f"e{n}")  # its own cache: every model scored here
         args = ["eval", str(run_dir), "--data", str(data), "--no-plot", "--json"]
-        done = run(torchrun(n, *args) if n > 1 else [*SPOCTL, *args])
+        run(torchrun(n, *args) if n > 1 else [*SPOCTL, *args])
         reports[n] = json.loads((run_dir / "eval" / "report.json").read_text())
         assert len(list((data / "cache" / "logps").glob("*.safetensors"))) == 3 * 2  # pi_0..pi_2 on 2 dims
     one, two = reports[1]["scorecard"], reports[2]["scorecard"]

@@ -24,7 +24,7 @@ from spoctl.engine.distributed import Processes
 from spoctl.engine.logprobs import SequenceScorer, score_batch
 from spoctl.locks import ExclusiveLock
 
-from tinyworld import make_model_dir, make_prepared
+from tinyworld import make_world
 
 SPOCTL = [sys.executable, "-m", "spoctl"]
 FAST = ["--lr", "1e-3", "--batch-size", "4", "--max-steps", "3"]
@@ -32,10 +32,7 @@ FAST = ["--lr", "1e-3", "--batch-size", "4", "--max-steps", "3"]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    model = make_model_dir(root / "model")
-    prepared = make_prepared(root / "prepared", model, ["helpful", "harmless", "concise"])
-    return root, model, prepared
+    return make_world(tmp_path_factory.mktemp("world"), ["helpful", "harmless", "concise"])
 
 
 def run_cli(args: list[str]):

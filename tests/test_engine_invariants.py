@@ -22,17 +22,14 @@ from spoctl.engine.frozen import compute_logps
 from spoctl.engine.logprobs import SequenceScorer, score_batch
 from spoctl.models import load_causal_lm, load_tokenizer
 
-from tinyworld import make_model_dir, make_prepared
+from tinyworld import make_world
 
 INVARIANTS = Path(__file__).parent / "invariants" / "demo.json"
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("invariants")
-    model = make_model_dir(root / "model")
-    prepared = make_prepared(root / "prepared", model, ["helpful", "harmless"])
-    return root, model, prepared
+    return make_world(tmp_path_factory.mktemp("invariants"), ["helpful", "harmless"])
 
 
 def align(prepared: Path, out: Path, *args: str) -> None:

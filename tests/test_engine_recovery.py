@@ -19,17 +19,14 @@ from spoctl.errors import UsageError
 from spoctl.fsutil import remove_litter
 
 from test_engine_align import SPOCTL, _env, assert_same, weights
-from tinyworld import make_model_dir, make_prepared
+from tinyworld import make_world
 
 FAST = ["--lr", "1e-3", "--batch-size", "4", "--max-steps", "3"]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recovery")
-    model = make_model_dir(root / "model")
-    prepared = make_prepared(root / "prepared", model, ["helpful", "harmless", "concise"])
-    return root, model, prepared
+    return make_world(tmp_path_factory.mktemp("recovery"), ["helpful", "harmless", "concise"])
 
 
 def align(prepared: Path, out: Path, *args: str) -> tuple[int, str]:

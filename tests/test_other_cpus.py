@@ -39,5 +39,5 @@ def test_rounding_comparisons_hold_with_another_cpus_kernels(cpu):
     env = {**os.environ, **OTHER_CPUS[cpu]}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *ROUNDING_TESTS],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"with {OTHER_CPUS[cpu]}:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    assert proc.returncode == 0, f"with {OTHER_CPUS[cpu]}:\n{proc.stdout[-12000:]}\n{proc.stderr[-2000:]}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]

@@ -86,3 +86,9 @@ def make_prepared(path: Path, model_dir: Path, dims: list[str], *, n_train: int 
                                      "counts": {"train": n_train, "eval": n_eval}}
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return path
+
+
+def make_world(root: Path, dims: list[str]) -> tuple[Path, Path, Path]:
+    """(root, a tiny model folder, data prepared for it with `dims`): the inputs most engine tests share."""
+    model = make_model_dir(root / "model")
+    return root, model, make_prepared(root / "prepared", model, dims)
