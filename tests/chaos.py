@@ -189,17 +189,13 @@ def damaged_cache(w: World, rng: random.Random) -> Outcome:
 
 def damaged_checkpoint(w: World, rng: random.Random) -> Outcome:
     """A run killed in stage 2 with checkpoints, one checkpoint file damaged; next: --resume. Same weights."""
+    from tinyworld import checkpoints, kill_when
+
     out = w.fresh("ckpt")
     proc = subprocess.Popen([*SPOCTL, *w.align_args(w.prepared, out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpts = out / "stages" / "02-harmless" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()):
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: bool(checkpoints(ckpts)))
     files = sorted(p for p in ckpts.rglob("*") if p.is_file()) if ckpts.is_dir() else []
     detail = damage(rng.choice(files), rng, rng.choice(["flip", "truncate"])) if files else "no checkpoint yet"
     r = spoctl([*w.align_args(w.prepared, out), "--resume"])

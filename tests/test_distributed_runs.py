@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from test_engine_align import (ROUNDING_RATIO, ROUNDING_RUN, SPOCTL, _env, assert_same, assert_same_to_rounding,
                                run_cli, weights)
-from tinyworld import make_model_dir, make_prepared, make_world
+from tinyworld import checkpoints, kill_when, make_model_dir, make_prepared, make_world
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -249,14 +249,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one_and_the_result_is_u
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*SPOCTL, *args, "--out", str(killed)], env=_env())
     ckpts = killed / "stages" / "01-helpful" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpts.is_dir() and len([p for p in ckpts.iterdir() if p.name.startswith("step-")]) >= 2:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    found = sorted(p for p in ckpts.iterdir() if p.name.startswith("step-"))
+    kill_when(proc, lambda: len(checkpoints(ckpts)) >= 2)
+    found = checkpoints(ckpts)
     assert len(found) == 2, found
     both = tmp_path / "both"
     shutil.copytree(killed, both)

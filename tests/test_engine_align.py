@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ from spoctl.engine.distributed import Processes
 from spoctl.engine.logprobs import SequenceScorer, score_batch
 from spoctl.locks import ExclusiveLock
 
-from tinyworld import make_world
+from tinyworld import checkpoints, kill_when, make_world
 
 SPOCTL = [sys.executable, "-m", "spoctl"]
 FAST = ["--lr", "1e-3", "--batch-size", "4", "--max-steps", "3"]
@@ -271,13 +269,7 @@ def test_resume_after_sigkill_in_stage_2_gives_the_same_final_weights(world, tmp
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*SPOCTL, *args, "--out", str(killed)], env=_env())
     ckpts = killed / "stages" / "02-harmless" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()):
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: bool(checkpoints(ckpts)), timeout=120)
     manifest = json.loads((killed / "manifest.json").read_text())
     assert manifest["stages"][0]["status"] == "completed"
     assert manifest["stages"][1]["status"] == "running", "the kill did not land inside stage 2"

@@ -5,9 +5,7 @@ litter left by a crash."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from spoctl.errors import UsageError
 from spoctl.fsutil import remove_litter
 
 from test_engine_align import SPOCTL, _env, assert_same, weights
-from tinyworld import make_world
+from tinyworld import checkpoints, kill_when, make_world
 
 FAST = ["--lr", "1e-3", "--batch-size", "4", "--max-steps", "3"]
 
@@ -127,14 +125,8 @@ def test_resume_with_more_steps_continues_the_unfinished_stage_from_its_checkpoi
             "--epochs", "8", "--set", "save_every=1", "--out", str(run)]
     proc = subprocess.Popen([*SPOCTL, *args, "--max-steps", "30", "--quiet"], env=_env())
     ckpts = run / "stages" / "01-helpful" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if ckpts.is_dir() and any(p.name >= "step-000003" for p in ckpts.iterdir() if p.name.startswith("step-")):
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    reached = max(int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step-"))
+    kill_when(proc, lambda: any(p.name >= "step-000003" for p in checkpoints(ckpts)), timeout=120)
+    reached = max(int(p.name[5:]) for p in checkpoints(ckpts))
     assert reached < 30, "the kill did not land inside the stage"
 
     done = subprocess.run([*SPOCTL, *args, "--max-steps", "34", "--resume"], env=_env(), capture_output=True,

@@ -4,7 +4,11 @@ Hugging Face folder (safetensors), and prepared preference data written in the r
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -92,3 +96,17 @@ def make_world(root: Path, dims: list[str]) -> tuple[Path, Path, Path]:
     """(root, a tiny model folder, data prepared for it with `dims`): the inputs most engine tests share."""
     model = make_model_dir(root / "model")
     return root, model, make_prepared(root / "prepared", model, dims)
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The `step-N` checkpoints in a stage's checkpoints folder, oldest first ([] while there is none)."""
+    return sorted(p for p in folder.iterdir() if p.name.startswith("step-")) if folder.is_dir() else []
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds (polled every 5 ms), or when it has ended or `timeout` passed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -428,6 +428,7 @@ def _shown(value: Any) -> str:
 def quiet_library_output() -> None:
     """Library progress bars (weight loading, dataset saving) would drown spoctl's own output, and warnings about
     one library's use of another are not the user's to act on."""
+    import logging
     import warnings
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -442,6 +443,9 @@ def quiet_library_output() -> None:
     # the vocabulary was resized; spoctl's adapters never touch the embeddings, so its assumption holds.
     warnings.filterwarnings("ignore", message=r"Could not find a config file in .* will assume that the vocabulary"
                                               r" was not modified", category=UserWarning)
+    # bitsandbytes, imported by transformers or peft whenever it is installed, logs on CPUs with AVX512-BF16 that
+    # an optional `kernels` package is missing -- on every run, QLoRA or not. Its errors still show.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import datasets
 
