@@ -164,8 +164,12 @@ def test_a_stage_model_changed_after_its_run_is_refused_when_read(world, tmp_pat
     from safetensors.torch import save_file
 
     save_file(tensors, str(target), metadata={"format": "pt"})
+    kept = {name: (run / name).read_bytes() for name in ("manifest.json", "config.yaml")}
     code, out = align(prepared, run, "--dims", "helpful,harmless,concise", *FAST, "--resume")
     assert code == 2 and str(target) in out and "changed after it was written" in out, out
+    # Refused before anything was written: the run is as it was (found by the chaos test, fault 'changed stage
+    # model' followed by a resume that appends a dimension).
+    assert {name: (run / name).read_bytes() for name in kept} == kept
 
 
 def test_litter_left_by_a_crash_is_removed_on_the_next_run(world, tmp_path):

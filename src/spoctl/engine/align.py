@@ -213,9 +213,17 @@ def _align(cfg: AlignConfig, out: Output, prepared: Any, base_spec: str, tokeniz
                                     has_checkpoints=lambda i, d: run.latest_checkpoint(i, d) is not None)
 
         existing, reopened = procs.share(reopened_run)
+        chain = None
+        if existing is not None and not reopened.fresh:
+            # Continuing rewrites the manifest and config.yaml: the finished stages' models the rest of the run
+            # builds on are checked first, so a resume refused for a changed model leaves the run as it was.
+            chain = ModelChain(base_spec, run, existing, trust_remote_code=cfg.trust_remote_code,
+                               attention=cfg.attention)
+            procs.share(lambda: _verify_finished_models(chain, plans, existing, cfg.dims))
         manifest = _manifest_for(cfg, run, existing, reopened, identity, key, base_spec, base_fp, precision,
                                  dist, prepared, data_hashes, out)
-        chain = ModelChain(base_spec, run, manifest, trust_remote_code=cfg.trust_remote_code, attention=cfg.attention)
+        chain = chain or ModelChain(base_spec, run, manifest, trust_remote_code=cfg.trust_remote_code,
+                                    attention=cfg.attention)
         store = FrozenStore(chain, prepared, cfg, dist, tokenizer.pad_token_id,
                             logps_cache_dir(prepared.path, run), precision, out)
         ctx = RunContext(cfg, plans, run, manifest, chain, store, accelerator, tokenizer, out, reopened, dist)
@@ -289,6 +297,18 @@ def _check_against(cfg: AlignConfig, prepared: Any) -> tuple[str, Any, list[Stag
                              f"{plan.batch_size}; lower --batch-size (or stages.{plan.dim}.batch_size) to at most "
                              f"{pairs}, or prepare more data")
     return base_spec, tokenizer, plans
+
+
+def _verify_finished_models(chain: ModelChain, plans: list[StagePlan], manifest: dict[str, Any],
+                            dims: list[str]) -> None:
+    """Check the files of every finished stage's model that an unfinished stage will read: as its starting policy
+    (pi_{n-1}) or as a frozen model (reference, offset, kept dimensions). The same check the chain makes when it
+    loads them, made before anything is written; each model is hashed once per run either way."""
+    done = {st["index"] for st in manifest["stages"] if st.get("status") == "completed"}
+    needed = {k for plan in plans if plan.index not in done
+              for k in (plan.index - 1, *plan.frozen_requests(dims))}
+    for k in sorted(needed & done):
+        chain.verify(k)
 
 
 def _manifest_for(cfg: AlignConfig, run: RunDir, existing: dict[str, Any] | None, reopened: Reopened,
