@@ -234,13 +234,26 @@ def test_a_resumed_keeping_stage_ends_where_an_uninterrupted_one_does(world, tmp
     assert result.exit_code == 70 and "simulated crash" in result.stderr, result.output
     assert manifest(tmp_path / "resumed")["stages"][1]["status"] == "running"
     monkeypatch.setattr(K.Keeper, "after_step", real)
-    assert align(*common, "--out", str(tmp_path / "resumed"), "--resume")[0] == 0
+    code, out = align(*common, "--out", str(tmp_path / "resumed"), "--resume")
+    # It continues from its checkpoint (the settings are the same: nothing restarts the stage)...
+    assert code == 0 and "resuming from step 4" in out and "starts again" not in out, out
 
     a, b = weights(tmp_path / "straight", "02-harmless"), weights(tmp_path / "resumed", "02-harmless")
     assert all(torch.equal(a[k], b[k]) for k in a)
     ka = manifest(tmp_path / "straight")["stages"][1]["keep"]["helpful"]
     kb = manifest(tmp_path / "resumed")["stages"][1]["keep"]["helpful"]
     assert ka["trajectory"] == kb["trajectory"] and ka["replayed_pairs"] == kb["replayed_pairs"]
+
+
+def test_a_finished_keeping_stage_is_the_same_run_when_resumed(world, tmp_path):
+    """The identity recorded for a stage that kept something equals the one the same settings give again (its keep
+    plan holds tuples, the manifest lists): --resume appends a stage instead of refusing the finished ones."""
+    _, _, prepared = world
+    args = ["--data", str(prepared), *FAST, "--keep", "helpful=0.9", "--out", str(tmp_path / "run")]
+    assert align("--dims", "helpful,harmless", *args)[0] == 0
+    code, out = align("--dims", "helpful,harmless,concise", *args, "--resume")
+    assert code == 0, out
+    assert [st["status"] for st in manifest(tmp_path / "run")["stages"]] == ["completed"] * 3
 
 
 def test_three_stages_keep_each_earlier_dimension_in_its_own_way(world, tmp_path):

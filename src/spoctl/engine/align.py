@@ -342,8 +342,10 @@ def _manifest_for(cfg: AlignConfig, run: RunDir, existing: dict[str, Any] | None
     manifest.update(identity=identity, base_fingerprint=base_fp, precision=precision, quantize=quantize,
                     processes=dist.procs.world, distributed=dist.strategy.to_manifest(), data_hashes=data_hashes)
     if dist.procs.main:
-        run.write_config(dump_config(cfg, "align"))
+        # The manifest first: a folder holding it is a run (a later command can resume or restart it); a
+        # config.yaml alone, left by a full disk between the two writes, would make the folder look foreign.
         run.write_manifest(manifest)
+        run.write_config(dump_config(cfg, "align"))
     dist.procs.barrier()
     return manifest
 

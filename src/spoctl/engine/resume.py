@@ -40,11 +40,13 @@ SCHEDULE_KEYS = {"max_steps", "epochs"}
 def run_identity(cfg: AlignConfig, plans: list[StagePlan], base_fingerprint: str,
                  data_hashes: dict[str, dict[str, str]]) -> dict[str, Any]:
     shared = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUNTIME_KEYS | PER_STAGE_KEYS}
-    return {
+    identity = {
         "base": base_fingerprint,
         "shared": shared,
         "stages": [{"dim": p.dim, "data": data_hashes[p.dim], "plan": _plan_identity(p)} for p in plans],
     }
+    # As the manifest will hold it (tuples become lists): compared with a recorded identity, equal means equal.
+    return json.loads(json.dumps(identity))
 
 
 def _plan_identity(plan: StagePlan) -> dict[str, Any]:
