@@ -168,7 +168,8 @@ def _processes(cfg: AlignConfig, plans: list[StagePlan], strategy: Any) -> Any:
         raise UsageError("quantize 4bit (QLoRA) runs on one process: several processes with a bitsandbytes base are "
                          "not tested in spoctl yet; run on one GPU, or train LoRA without --quantize")
     if strategy.fsdp and accelerator.num_processes > 1 and any(p.keep is not None for p in plans):
-        # The constraint measurement and the replay run forwards per process that FSDP would have to gather in step.
+        # The replay runs its own micro-batches per process, which FSDP's collective forwards would need in step
+        # (the constraint measurement is shared out like the eval views, and would run).
         raise UsageError("--keep runs under DDP or on one process: with distributed fsdp over several processes it "
                          "is not supported yet; use --set distributed=ddp (or an accelerate config without FSDP)")
     for plan in plans:
@@ -387,7 +388,7 @@ def _frozen_inputs(ctx: RunContext, plan: StagePlan) -> tuple[StageData, dict[st
         if d == plan.dim:
             ev.ref, ev.offset = store.get(plan.reference, d, "eval"), plan.offset(on("eval"))
         data.evals[d] = ev
-    data.keep = keeping.start_keeping(plan, ctx.cfg, ctx.accelerator, ctx.tokenizer.pad_token_id, len(data.train),
+    data.keep = keeping.start_keeping(plan, ctx.cfg, ctx.dist, ctx.tokenizer.pad_token_id, len(data.train),
                                       data.offset_train, store.split_pairs, store.get, ctx.out.warn)
     cost = {"frozen_pass_seconds": round(time.perf_counter() - started, 2),
             "frozen_pairs_scored": store.pairs_scored - scored_before}

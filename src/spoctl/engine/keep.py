@@ -45,11 +45,12 @@ import torch
 
 from .. import losses
 from .batching import TokenPair, collate_pairs, local_micro_batches
-from .frozen import FrozenLogps, compute_logps
+from .frozen import FrozenLogps, score_pairs
 from .logprobs import attention_window, batch_layout, resolve_layout, score_batch
 
 if TYPE_CHECKING:
     from ..config import AlignConfig
+    from .distributed import Distributed
     from .plan import StagePlan
 
 # Dual ascent step on the normalised violation. Derivation: a violation of 10% of the kept value, sustained over a
@@ -205,12 +206,13 @@ class Keeper:
     re-weighted offset), `replay` (before the stage's own micro-batches) and `after_step` (measure, update, metrics);
     a checkpoint carries `state()`."""
 
-    def __init__(self, kept: list[KeptDim], *, plan: "StagePlan", cfg: "AlignConfig", accelerator: Any,
+    def __init__(self, kept: list[KeptDim], *, plan: "StagePlan", cfg: "AlignConfig", dist: "Distributed",
                  pad_token_id: int, total: int, base_offset: torch.Tensor):
-        self.kept, self.plan, self.cfg, self.acc, self.pad = kept, plan, cfg, accelerator, pad_token_id
+        self.kept, self.plan, self.cfg, self.pad = kept, plan, cfg, pad_token_id
+        self.dist, self.acc = dist, dist.accelerator
         self.total, self.base_offset = total, base_offset
         self.every = every_steps(plan.keep.every, total)
-        self.replay_pairs = replay_size(plan.keep.replay_pairs, plan.batch_size, accelerator.num_processes)
+        self.replay_pairs = replay_size(plan.keep.replay_pairs, plan.batch_size, self.acc.num_processes)
         self.seconds = {"measure": 0.0, "replay": 0.0}
         self.tokens = 0.0  # replay tokens (global)
         self.measured_pairs = 0
@@ -279,21 +281,23 @@ class Keeper:
 
     # ---- measurement and dual ascent ------------------------------------------------------------------
     def _measure(self, scorer: Any) -> dict[str, tuple[float, float]]:
-        """(mean margin, accuracy) of Delta(pi_theta, pi_0) on each constraint split, on every process (the same
-        weights give the same numbers, so every process takes the same multiplier step)."""
-        model = self.acc.unwrap_model(scorer).model
-        was_training = model.training
-        model.eval()
+        """(mean margin, accuracy) of Delta(pi_theta, pi_0) on each constraint split, on every process: each scores
+        a share of the split and gets all the log-probs (`frozen.score_pairs`, as the eval views do), so every
+        process takes the same multiplier step."""
+        scorer = self.dist.evaluation_scorer(scorer)
+        was_training = scorer.training
+        scorer.eval()
         found = {}
         with self.acc.autocast():
             for kd in self.kept:
-                pol = compute_logps(model, kd.constraint, batch_size=self.cfg.frozen_batch_size, pad_token_id=self.pad,
-                                    chunk_size=self.cfg.logprob_chunk, device=self.acc.device, layout=self.cfg.layout)
+                pol = score_pairs(scorer, kd.constraint, batch_size=self.cfg.frozen_batch_size, pad_token_id=self.pad,
+                                  device=self.acc.device, layout=self.cfg.layout, procs=self.dist.procs,
+                                  collective=self.dist.collective_forward)
                 m = losses.log_ratio_margin(pol.chosen, pol.rejected, kd.base.chosen, kd.base.rejected)
                 found[kd.target.dim] = (float(m.mean()), float((m > 0).float().mean()))
                 self.measured_pairs += len(kd.constraint)
         if was_training:
-            model.train()
+            scorer.train()
         return found
 
     def after_step(self, done: int, scorer: Any) -> dict[str, float]:
@@ -371,7 +375,7 @@ class Keeper:
                 "keep_measured_pairs": self.measured_pairs, "keep_replay_tokens": int(self.tokens)}
 
 
-def start_keeping(plan: "StagePlan", cfg: "AlignConfig", accelerator: Any, pad_token_id: int, train_pairs: int,
+def start_keeping(plan: "StagePlan", cfg: "AlignConfig", dist: "Distributed", pad_token_id: int, train_pairs: int,
                   base_offset: torch.Tensor, split_pairs: Callable[[str, str], list[TokenPair]],
                   logps: Callable[[int, str, str], FrozenLogps], warn: Callable[[str], None]) -> Keeper | None:
     """The stage's Keeper, or None when it keeps nothing (then nothing of this module runs)."""
@@ -379,7 +383,7 @@ def start_keeping(plan: "StagePlan", cfg: "AlignConfig", accelerator: Any, pad_t
         return None
     kept = kept_dims(plan, cfg.seed, split_pairs, logps, warn)
     total = plan.total_steps(plan.steps_per_epoch(train_pairs))
-    return Keeper(kept, plan=plan, cfg=cfg, accelerator=accelerator, pad_token_id=pad_token_id, total=total,
+    return Keeper(kept, plan=plan, cfg=cfg, dist=dist, pad_token_id=pad_token_id, total=total,
                   base_offset=base_offset)
 
 
