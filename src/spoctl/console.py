@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -74,6 +76,19 @@ class Output:
             # Plain lines: no markup interpretation, no wrapping, one line per message.
             print(message, file=self._console.file, flush=True)
 
+    @contextlib.contextmanager
+    def progress(self, label: str, total: int | None, unit: str = "items", *,
+                 plain_every_s: float = 10.0) -> Iterator["Progress"]:
+        """Progress of one long step (a frozen pass, tokenizing, generation, judging, a checkpoint write):
+        `with out.progress("frozen pass pi_0", total=320, unit="pairs") as bar: ... bar.advance(8)`.
+
+        A rich bar (items, rate, ETA) on a terminal; plain lines otherwise -- the first item, then at most one
+        line every `plain_every_s` seconds, and the last -- so a log shows that the step is alive and how far it
+        got. Nothing under --quiet or on processes other than the main one (the handle still counts)."""
+        bar = Progress(self, label, total, unit, plain_every_s=plain_every_s)
+        with bar:
+            yield bar
+
     def table(self, title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
         if self.quiet:
             return
@@ -112,3 +127,66 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+class Progress:
+    """The handle `Output.progress` yields; see there. `advance(n)` after each batch, `done` items so far."""
+
+    def __init__(self, out: Output, label: str, total: int | None, unit: str, *, plain_every_s: float):
+        self.out, self.label, self.total, self.unit = out, label, total, unit
+        self.plain_every_s, self.done, self._printed = plain_every_s, 0, 0
+        self.enabled = not out.quiet and out.main_process
+        self._bar: Any = None
+        self._task: Any = None
+        self._t0 = self._last_plain = time.perf_counter()
+
+    def __enter__(self) -> "Progress":
+        self._t0 = self._last_plain = time.perf_counter()
+        if self.enabled and self.out.is_terminal:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TaskProgressColumn,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn(f"{{task.fields[rate]}} {self.unit}/s"), TaskProgressColumn(),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), console=self.out.console,
+                                     transient=False)
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.label, total=self.total, rate="-")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+        elif self.enabled and exc[0] is None and self.done != self._printed:
+            self._plain()  # the last count, if advance() did not already print it
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self._bar is not None:
+            self._bar.update(self._task, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, rate=f"{self.rate:.3g}")
+            return
+        now = time.perf_counter()
+        first, last = self.done == n, self.total is not None and self.done >= self.total
+        if first or last or now - self._last_plain >= self.plain_every_s:
+            self._plain()
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(time.perf_counter() - self._t0, 1e-9)
+
+    def _plain(self) -> None:
+        self._last_plain = now = time.perf_counter()
+        self._printed = self.done
+        elapsed = now - self._t0
+        of = f"/{self.total}" if self.total is not None else ""
+        eta = (f" eta {(self.total - self.done) / max(self.rate, 1e-9):.0f}s"
+               if self.total is not None and self.done < self.total else "")
+        self.out.info(f"{self.label}: {self.done}{of} {self.unit} ({self.rate:.3g} {self.unit}/s) "
+                      f"elapsed {elapsed:.0f}s{eta}")
