@@ -152,12 +152,16 @@ def lora_settings(a: argparse.Namespace) -> dict:
     return dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
-def throughput(steps: list[tuple[float, int]], warmup: int) -> tuple[float, float]:
-    """(tokens/s over the steps after the warm-up, median step seconds)."""
+def throughput(steps: list[tuple], warmup: int) -> tuple[float, float, float | None]:
+    """(tokens/s over the steps after the warm-up, median step seconds, tokens per CPU-second of this process
+    over the same steps or None). Steps are (wall seconds, tokens[, CPU seconds]). On a machine shared with other
+    work, CPU-seconds count only the time this process ran, so they move far less with the load than wall time."""
     timed = steps[warmup:]
     if not timed:
         raise SystemExit(f"only {len(steps)} step(s) ran, none after --warmup {warmup}: raise --pairs or lower --batch")
-    return sum(t for _, t in timed) / sum(s for s, _ in timed), statistics.median(s for s, _ in timed)
+    tokens = sum(s[1] for s in timed)
+    cpu = sum(s[2] for s in timed) if all(len(s) > 2 for s in timed) else None
+    return tokens / sum(s[0] for s in timed), statistics.median(s[0] for s in timed), tokens / cpu if cpu else None
 
 
 # ------------------------------------------------------------------------------------------ sides
@@ -204,35 +208,35 @@ def side_spoctl_train(a: argparse.Namespace, lora: bool, generic_head: bool = Fa
                       learning_rate=a.lr, warmup_ratio=0.0, save_every=0, log_every=10**9, logprob_chunk=a.chunk,
                       precision="fp32", lora=LoraConfig(enabled=lora))
     pad = 2  # SmolLM2's pad token id is its eos (<|im_end|>): masked out either way
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ref = compute_logps(model, pairs, batch_size=a.frozen_batch, pad_token_id=pad, chunk_size=a.chunk,
                         device=torch.device("cpu"))
-    frozen_s = time.perf_counter() - t0
+    frozen_s, frozen_cpu = time.perf_counter() - t0, time.process_time() - c0
     ph.mark("frozen")
     torch.manual_seed(0)
     policy = wrap_lora(model, cfg) if lora else model
     trainable = [p for p in policy.parameters() if p.requires_grad]
     acc = Accelerator(mixed_precision="no", cpu=True)
-    steps: list[tuple[float, int]] = []
-    last = [0.0]
+    steps: list[tuple] = []
+    last, last_cpu = [0.0], [0.0]
     from spoctl.engine.batching import epoch_order
 
     order = epoch_order([p.sort_length for p in pairs], a.batch, cfg.seed + 1, 0)
 
     def progress(step: int, total: int, metrics: dict) -> None:
-        now = time.perf_counter()
-        steps.append((now - last[0], sum(pair_tokens(pairs[i]) for i in order[step - 1])))
-        last[0] = now
+        now, cpu = time.perf_counter(), time.process_time()
+        steps.append((now - last[0], sum(pair_tokens(pairs[i]) for i in order[step - 1]), cpu - last_cpu[0]))
+        last[0], last_cpu[0] = now, cpu
 
     plan = StagePlan(index=1, dim="helpful", beta=0.1, mode="previous", alpha=0.0, learning_rate=a.lr,
                      batch_size=a.batch, max_steps=len(pairs) // a.batch)
     hooks = StageHooks(log=lambda r: None, progress=progress, checkpoint_dir=lambda s: None,
                        latest_checkpoint=lambda: None)
-    last[0] = time.perf_counter()
+    last[0], last_cpu[0] = time.perf_counter(), time.process_time()
     train_stage(accelerator=acc, plan=plan, cfg=cfg, policy=policy, pad_token_id=pad, hooks=hooks,
                 data=StageData(train=pairs, ref_train=ref, offset_train=torch.zeros(len(pairs))))
     ph.mark("train")
-    tok_s, step_s = throughput(steps, a.warmup)
+    tok_s, step_s, tok_cpu = throughput(steps, a.warmup)
     n_trainable = sum(p.numel() for p in trainable)
     vocab = model.config.vocab_size if hasattr(model, "config") else policy.config.vocab_size
     longest = max(sum(len(x) for x in (pairs[i].prompt, pairs[i].chosen, pairs[i].rejected)) for b in order for i in b)
@@ -247,8 +251,9 @@ def side_spoctl_train(a: argparse.Namespace, lora: bool, generic_head: bool = Fa
     return {"side": f"spoctl-{'lora' if lora else 'full'}{'-generic-head' if generic_head else ''}", "threads": torch.get_num_threads(),
             "trainable_M": round(n_trainable / 1e6, 2), "frozen_s": round(frozen_s, 2),
             "frozen_tok_s": round(sum(pair_tokens(p) for p in pairs) / frozen_s, 1),
-            "step_s": round(step_s, 3), "real_tok_s": round(tok_s, 1), "steps": len(steps),
-            "peaks": ph.peaks, "rss": ph.rss, "peak_gib": round(ph.process_peak / GIB, 3),
+            "frozen_tok_cpu_s": round(sum(pair_tokens(p) for p in pairs) / frozen_cpu, 1),
+            "step_s": round(step_s, 3), "real_tok_s": round(tok_s, 1), "real_tok_cpu_s": round(tok_cpu, 1),
+            "steps": len(steps), "peaks": ph.peaks, "rss": ph.rss, "peak_gib": round(ph.process_peak / GIB, 3),
             "train_peak_gib": ph.peaks["train"], "frozen_peak_gib": ph.peaks["frozen"],
             "memory_model": {k: round(v, 4) for k, v in memory.items()}}
 
@@ -272,14 +277,15 @@ def side_trl(a: argparse.Namespace, lora: bool) -> dict:
     ph.mark("data")
     steps: list[tuple[float, int]] = []
     seen: list[int] = []
-    t = [0.0]
+    t = [0.0, 0.0]
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            t[0] = time.perf_counter()
+            t[:] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
-            steps.append((time.perf_counter() - t[0], seen[len(steps)] if len(steps) < len(seen) else 0))
+            steps.append((time.perf_counter() - t[0], seen[len(steps)] if len(steps) < len(seen) else 0,
+                          time.process_time() - t[1]))
 
     peft_config = None
     if lora:
@@ -294,9 +300,9 @@ def side_trl(a: argparse.Namespace, lora: bool) -> dict:
     precompute, frozen = DPOTrainer._precompute_ref_logps, []
 
     def timed_precompute(self, *args, **kw):  # TRL's frozen pass (run inside DPOTrainer's constructor)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = precompute(self, *args, **kw)
-        frozen.append(time.perf_counter() - t0)
+        frozen[:] = time.perf_counter() - t0, time.process_time() - c0
         ph.mark("frozen")
         return out
 
@@ -315,13 +321,15 @@ def side_trl(a: argparse.Namespace, lora: bool) -> dict:
     trainer.data_collator = counting
     trainer.train()
     ph.mark("train")
-    tok_s, step_s = throughput(steps, a.warmup)
+    tok_s, step_s, tok_cpu = throughput(steps, a.warmup)
     out = {"side": f"trl-{'lora' if lora else 'full'}", "threads": torch.get_num_threads(),
            "trainable_M": round(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) / 1e6, 2),
-           "step_s": round(step_s, 3), "real_tok_s": round(tok_s, 1), "steps": len(steps), "peaks": ph.peaks,
-           "rss": ph.rss, "peak_gib": round(ph.process_peak / GIB, 3), "train_peak_gib": ph.peaks["train"],
-           "frozen_peak_gib": ph.peaks["frozen"]}
-    out.update(frozen_s=round(frozen[0], 2), frozen_tok_s=round(sum(pair_tokens(p) for p in pairs) / frozen[0], 1))
+           "step_s": round(step_s, 3), "real_tok_s": round(tok_s, 1), "real_tok_cpu_s": round(tok_cpu, 1),
+           "steps": len(steps), "peaks": ph.peaks, "rss": ph.rss, "peak_gib": round(ph.process_peak / GIB, 3),
+           "train_peak_gib": ph.peaks["train"], "frozen_peak_gib": ph.peaks["frozen"]}
+    tokens = sum(pair_tokens(p) for p in pairs)
+    out.update(frozen_s=round(frozen[0], 2), frozen_tok_s=round(tokens / frozen[0], 1),
+               frozen_tok_cpu_s=round(tokens / frozen[1], 1))
     return out
 
 
@@ -360,14 +368,14 @@ def side_floor_train(a: argparse.Namespace, lora: bool) -> dict:
     ph.mark("data")
     pad = 2
     ref_c, ref_r = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     order = sorted(range(len(pairs)), key=lambda i: -pair_tokens(pairs[i]))
     with torch.inference_mode():
         for j in range(0, len(order), a.frozen_batch):
             idx = order[j:j + a.frozen_batch]
             c, r = floor_logps(model, [pairs[i] for i in idx], pad)
             ref_c[idx], ref_r[idx] = c, r
-    frozen_s = time.perf_counter() - t0
+    frozen_s, frozen_cpu = time.perf_counter() - t0, time.process_time() - c0
     ph.mark("frozen")
     torch.manual_seed(0)
     if lora:
@@ -381,18 +389,20 @@ def side_floor_train(a: argparse.Namespace, lora: bool) -> dict:
 
     steps = []
     for idx in epoch_order([p.sort_length for p in pairs], a.batch, 1, 0):
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         c, r = floor_logps(model, [pairs[i] for i in idx], pad)
         loss = -F.logsigmoid(0.1 * ((c - ref_c[idx]) - (r - ref_r[idx]))).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        steps.append((time.perf_counter() - t, sum(pair_tokens(pairs[i]) for i in idx)))
+        steps.append((time.perf_counter() - t, sum(pair_tokens(pairs[i]) for i in idx), time.process_time() - cpu))
     ph.mark("train")
-    tok_s, step_s = throughput(steps, a.warmup)
+    tok_s, step_s, tok_cpu = throughput(steps, a.warmup)
     return {"side": f"floor-{'lora' if lora else 'full'}", "threads": torch.get_num_threads(),
             "trainable_M": round(sum(p.numel() for p in params) / 1e6, 2), "frozen_s": round(frozen_s, 2),
             "frozen_tok_s": round(sum(pair_tokens(p) for p in pairs) / frozen_s, 1),
+            "frozen_tok_cpu_s": round(sum(pair_tokens(p) for p in pairs) / frozen_cpu, 1),
+            "real_tok_cpu_s": round(tok_cpu, 1),
             "step_s": round(step_s, 3), "real_tok_s": round(tok_s, 1), "steps": len(steps), "peaks": ph.peaks,
             "rss": ph.rss, "peak_gib": round(ph.process_peak / GIB, 3), "train_peak_gib": ph.peaks["train"],
             "frozen_peak_gib": ph.peaks["frozen"]}
@@ -445,7 +455,7 @@ def side_generate(a: argparse.Namespace, floor: bool) -> dict:
     tok = load_tokenizer(model_dir(a))
     ph.mark("load")
     _, prompts = load_pairs(a)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     generated = 0
     texts = []
     for j in range(0, len(prompts), a.gen_batch):
@@ -462,10 +472,10 @@ def side_generate(a: argparse.Namespace, floor: bool) -> dict:
             texts += got
             # Tokens generated: the text's tokens plus the end token where the response stopped before the limit.
             generated += sum(min(a.new_tokens, len(tok(t, add_special_tokens=False)["input_ids"]) + 1) for t in got)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     ph.mark("generate")
     return {"side": "floor-generate" if floor else "spoctl-generate", "threads": torch.get_num_threads(),
-            "gen_s": round(seconds, 2), "gen_speed": round(1 / seconds, 5), "gen_tok_s": round(generated / seconds, 1), "generated": generated,
+            "gen_s": round(seconds, 2), "gen_speed": round(1 / seconds, 5), "gen_cpu_speed": round(1 / cpu, 5), "gen_tok_s": round(generated / seconds, 1), "generated": generated,
             "peaks": ph.peaks, "rss": ph.rss, "peak_gib": round(ph.process_peak / GIB, 3),
             "gen_peak_gib": ph.peaks["generate"], "texts_sha": hash_texts(texts)}
 
@@ -548,17 +558,22 @@ def run_in_subprocess(side: str, a: argparse.Namespace) -> dict:
 RATIOS = [
     (f"spoctl-{k}", f"{p}-{k}", fig, label)
     for k in ("lora", "full") for p in ("trl", "floor")
-    for fig, label in (("real_tok_s", "stage throughput"), ("train_peak_gib", "stage peak memory"),
-                       ("frozen_tok_s", "frozen-pass throughput"), ("frozen_peak_gib", "frozen-pass peak memory"))
+    for fig, label in (("real_tok_s", "stage throughput"), ("real_tok_cpu_s", "stage tokens per CPU-second"),
+                       ("train_peak_gib", "stage peak memory"), ("frozen_tok_s", "frozen-pass throughput"),
+                       ("frozen_tok_cpu_s", "frozen-pass tokens per CPU-second"),
+                       ("frozen_peak_gib", "frozen-pass peak memory"))
 ] + [
     (f"spoctl-{k}", f"spoctl-{k}-generic-head", fig, f"{label}, after / before the one-tensor head")
     for k in ("lora", "full")
-    for fig, label in (("real_tok_s", "stage throughput"), ("train_peak_gib", "stage peak memory"),
-                       ("frozen_tok_s", "frozen-pass throughput"), ("frozen_peak_gib", "frozen-pass peak memory"))
+    for fig, label in (("real_tok_s", "stage throughput"), ("real_tok_cpu_s", "stage tokens per CPU-second"),
+                       ("train_peak_gib", "stage peak memory"), ("frozen_tok_s", "frozen-pass throughput"),
+                       ("frozen_tok_cpu_s", "frozen-pass tokens per CPU-second"),
+                       ("frozen_peak_gib", "frozen-pass peak memory"))
 ] + [("spoctl-generate", "floor-generate", "gen_speed", "generation speed (1 / seconds, same prompts)"),
+     ("spoctl-generate", "floor-generate", "gen_cpu_speed", "generation speed per CPU-second"),
      ("spoctl-generate", "floor-generate", "gen_peak_gib", "generation peak memory")]
-FIGURES = ("real_tok_s", "step_s", "frozen_tok_s", "frozen_s", "train_peak_gib", "frozen_peak_gib", "peak_gib",
-           "gen_tok_s", "gen_s", "gen_speed", "gen_peak_gib")
+FIGURES = ("real_tok_s", "real_tok_cpu_s", "step_s", "frozen_tok_s", "frozen_tok_cpu_s", "frozen_s", "train_peak_gib", "frozen_peak_gib", "peak_gib",
+           "gen_tok_s", "gen_s", "gen_speed", "gen_cpu_speed", "gen_peak_gib")
 
 
 def summarise(runs: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -587,23 +602,23 @@ def summarise(runs: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def memory_breakdown(r: dict) -> list[tuple[str, float]]:
-    """Where a spoctl stage's memory goes, from its phase peaks and the sizes of what it holds."""
+    """Where a spoctl stage's memory goes, from its phase peaks and the sizes of what it holds. Weights loaded
+    from safetensors are memory-mapped and count in RSS only once read (the frozen pass reads them all), so the
+    resident baseline of the later phases is taken as runtime + weights + data, not the RSS right after loading."""
     m, rss, peaks = r["memory_model"], r["rss"], r["peaks"]
-    held = m["weights"] + m["gradients"] + m["optimizer_state"]
-    rows = [("Python runtime and libraries (RSS after imports)", rss["imports"]),
+    data = rss["data"] - rss["load"]
+    base = rss["imports"] + m["weights"] + data
+    step = m["gradients"] + m["optimizer_state"] + m["logits_chunk"] + m["frozen_logps"]
+    return [("Python runtime and libraries (RSS after imports)", rss["imports"]),
             ("weights (float32 parameters)", m["weights"]),
-            ("  loading overhead (load peak - RSS after)", peaks["load"] - rss["load"]),
-            ("prepared pairs as token lists", rss["data"] - rss["load"]),
-            ("frozen pass working memory (its peak - RSS before)", peaks["frozen"] - rss["data"]),
-            ("frozen log-probs kept (the cache)", m["frozen_logps"]),
+            ("prepared data: reading it (datasets, arrow) and the pairs", data),
+            ("frozen pass: working memory above the above (its peak - them)", peaks["frozen"] - base),
+            ("frozen log-probs kept for the stage", m["frozen_logps"]),
             ("gradients (trainable parameters)", m["gradients"]),
             ("optimizer state (AdamW, 2 x trainable)", m["optimizer_state"]),
-            ("logits: one chunk + its log-softmax", m["logits_chunk"]),
-            ("activations and the rest of a step (train peak - the above - RSS before)",
-             peaks["train"] - rss["frozen"] - m["gradients"] - m["optimizer_state"] - m["logits_chunk"]),
+            ("logits: one chunk + its log-softmax (size, the generic path)", m["logits_chunk"]),
+            ("activations and the rest of a step (train peak - all the above)", peaks["train"] - base - step),
             ("stage peak (training phase)", peaks["train"])]
-    del held
-    return rows
 
 
 def fmt(s: dict, key: str, spec: str) -> str:
@@ -617,11 +632,13 @@ def print_report(a: argparse.Namespace, report: dict) -> None:
     print(f"\nSmolLM2-135M-Instruct (float32, CPU), HH-RLHF helpful: {a.pairs} pairs, {a.batch} a step, frozen batch "
           f"{a.frozen_batch}, max length {a.max_length}; {a.repeats} interleaved rounds; torch threads "
           f"{report['machine']['torch_threads']}\nmedian (min-max) over the rounds")
-    print(f"{'run':16} {'train tok/s':>20} {'train peak GiB':>20} {'frozen tok/s':>20} {'frozen peak GiB':>20}")
+    print(f"{'run':26} {'train tok/s':>18} {'train tok/CPU-s':>18} {'train peak GiB':>18} {'frozen tok/s':>18} "
+          f"{'frozen tok/CPU-s':>18} {'frozen peak GiB':>18}")
     for s in report["results"]:
         if s["side"] in TRAIN_SIDES or s["side"].endswith("generic-head"):
-            print(f"{s['side']:16} {fmt(s, 'real_tok_s', '.0f'):>20} {fmt(s, 'train_peak_gib', '.2f'):>20} "
-                  f"{fmt(s, 'frozen_tok_s', '.0f'):>20} {fmt(s, 'frozen_peak_gib', '.2f'):>20}")
+            print(f"{s['side']:26} {fmt(s, 'real_tok_s', '.1f'):>18} {fmt(s, 'real_tok_cpu_s', '.1f'):>18} "
+                  f"{fmt(s, 'train_peak_gib', '.2f'):>18} {fmt(s, 'frozen_tok_s', '.1f'):>18} "
+                  f"{fmt(s, 'frozen_tok_cpu_s', '.1f'):>18} {fmt(s, 'frozen_peak_gib', '.2f'):>18}")
     for s in report["results"]:
         if s["side"] in GEN_SIDES:
             print(f"{s['side']:16} generation {fmt(s, 'gen_tok_s', '.1f')} tok/s, peak {fmt(s, 'gen_peak_gib', '.2f')}"
@@ -673,7 +690,16 @@ def main() -> None:
     p.add_argument("--shared", default=str(ROOT.parent / "shared"), help="the shared folder holding data/hh-rlhf")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--report", default=None, metavar="FILE.json",
+                   help="print (and with --out rewrite) the report of an earlier run's JSON, summarised again")
     a = p.parse_args()
+    if a.report:
+        old = json.loads(Path(a.report).read_text(encoding="utf-8"))
+        a = argparse.Namespace(**{**vars(a), **old["args"], "out": a.out})
+        report = write_report(a, old["started"], old.get("gguf_load") or {}, old["runs"], final=old.get("complete", True))
+        report["finished"] = old.get("finished", report["finished"])
+        print_report(a, report)
+        return
     if a.sides == "all":
         a.sides = ",".join([*TRAIN_SIDES, "spoctl-lora-generic-head", "spoctl-full-generic-head", *GEN_SIDES])
     unknown = sorted(set(a.sides.split(",")) - set(SIDES))
