@@ -14,7 +14,7 @@ from ..records import Where, json_type_name, key_list, printable
 Message = dict[str, str]
 
 
-@dataclass
+@dataclass(slots=True)  # prepare holds one per pair: no per-instance __dict__
 class TextPair:
     """One preference pair before tokenization. `prompt` holds chat messages (without the optional system prompt)."""
 
