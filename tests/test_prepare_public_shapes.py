@@ -290,3 +290,25 @@ def test_every_shape_prepares_and_trains_one_step(tmp_path, tiny_model, args, di
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert json.dumps(manifest).count('"completed"') >= 1
+
+
+# ------------------------------------------------------------------------------------------- what prepare says
+def test_prepare_says_what_it_will_do_shows_progress_and_splits_the_dropped_column(tmp_path, tiny_tokenizer_dir):
+    res = prepare(tmp_path, tiny_tokenizer_dir, "--data", f"d={FIXTURES / 'nectar.jsonl'}")  # captured: not a terminal
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("preparing 1 --data entry from 1 source, 0.0 MiB of files: read and convert to pairs")
+    assert "tokenizing 12 pairs in 1 dimension (d 12), max_length 1024" in lines
+    assert "d: tokenizing: 11/11 pairs" in res.stdout  # the progress line (plain, as in a log)
+    header = next(line for line in lines if line.startswith("dimension"))
+    assert header.split() == ["dimension", "format", "kept", "train", "eval", "dropped", "tokens", "median/p95/max",
+                              "truncated"]
+    row = next(line for line in lines if line.startswith("d "))
+    t = info(tmp_path / "out", "d")["tokens"]["total"]
+    assert "1: 1 duplicate" in row and f"{t['median']:g} / {t['p95']:g} / {t['max']:g}" in row
+
+
+def test_progress_and_messages_go_to_stderr_under_json(tmp_path, tiny_tokenizer_dir):
+    res = prepare(tmp_path, tiny_tokenizer_dir, "--data", f"d={FIXTURES / 'nectar.jsonl'}", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["dims"] == ["d"] and "d: tokenizing: 11/11 pairs" in res.stderr
