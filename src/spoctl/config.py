@@ -174,7 +174,7 @@ class PrepareConfig(StrictModel):
                                    "tokenizing (memory grows with the text).")
     max_source_bytes: int = Field(
         2_000_000_000, gt=0, description="Largest source file, in bytes after decompression (e.g. 2GB, 500MB); "
-                                         "records are held in memory.")
+                                         "its pairs are held in memory (docs/prepare.md#memory).")
 
     @field_validator("out", mode="before")
     @classmethod

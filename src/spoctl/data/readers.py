@@ -67,7 +67,7 @@ class _Guard:
         self.seen += n
         if self.seen > self.limit:
             raise InputError(
-                f"larger than max_source_bytes ({self.limit:,} bytes after decompression); records are held in"
+                f"larger than max_source_bytes ({self.limit:,} bytes after decompression); its pairs are held in"
                 " memory while preparing. Split the file, or raise the limit with --set max_source_bytes=4GB",
                 path=self.spec,
             )

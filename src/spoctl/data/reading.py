@@ -71,7 +71,8 @@ def read_all(cfg: PrepareConfig, sources: dict[str, list[Source]], out: Output) 
                     f" repeat --data {dim}=SOURCE to mix several sources into it), or take one dimension of a"
                     f" multi-dimension source with --data {dim}=SOURCE or SOURCE?dim=NAME"
                 )
-            dims[dim] = parts[0] if len(group) == 1 else mix(dim, parts, cfg.seed, out)
+            weighted = len(group) > 1 or group[0].spec.weight != 1  # one source with a weight: its sample
+            dims[dim] = mix(dim, parts, cfg.seed, out) if weighted else parts[0]
     return dims
 
 

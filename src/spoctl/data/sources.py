@@ -115,7 +115,7 @@ def check_size(source: Source, limits: Limits) -> None:
         st = os.stat(source.path)
         if stat.S_ISREG(st.st_mode) and st.st_size > limits.max_source_bytes:
             raise InputError(
-                f"{st.st_size:,} bytes, larger than max_source_bytes ({limits.max_source_bytes:,}); records are held"
+                f"{st.st_size:,} bytes, larger than max_source_bytes ({limits.max_source_bytes:,}); its pairs are held"
                 " in memory while preparing. Split the file, or raise the limit with --set max_source_bytes=4GB",
                 path=source.location,
             )
