@@ -165,18 +165,20 @@ def evaluate(cfg: EvalConfig, out: Output) -> dict[str, Any]:
     try:
         if judge is not None:
             report["judge"] = judge.describe()
-        files = er.run.new_eval()
-        report["eval_id"] = files.eval_id
+        # Under several processes (torchrun -m spoctl eval) the main one makes the folder and writes the files.
+        files = er.run.new_eval() if store.procs.main else None
+        report["eval_id"] = store.procs.broadcast(files.eval_id if files is not None else None)
         _measure(er, cfg, out, store, judge, pairs, files, report)
     finally:
         if judge is not None:
             judge.close()
-    report_mod.write_report(files, report, with_plot=cfg.plot)
-    er.run.point_to_eval(files, complete=True)
-    if cfg.plot and "plot" not in report["files"]:
-        out.warn("no plot written: matplotlib is not installed (pip install matplotlib)")
+    if files is not None:
+        report_mod.write_report(files, report, with_plot=cfg.plot)
+        er.run.point_to_eval(files, complete=True)
+        if cfg.plot and "plot" not in report["files"]:
+            out.warn("no plot written: matplotlib is not installed (pip install matplotlib)")
+        out.info(f"report: {files.report_path}")
     report_mod.print_tables(report, out)
-    out.info(f"report: {files.report_path}")
     return report
 
 
@@ -194,17 +196,19 @@ def start_judge(er: EvalRun, cfg: EvalConfig, pairs: Any) -> Judge:
 
 
 def _measure(er: EvalRun, cfg: EvalConfig, out: Output, store: EvalLogps, judge: Judge | None, pairs: Any,
-             files: EvalFiles, report: dict[str, Any]) -> None:
+             files: EvalFiles | None, report: dict[str, Any]) -> None:
     """Everything after the pre-flight, filling `report`; on an error the partial report is written to `files`
-    (and the pointer names it as the latest evaluation) before the error propagates."""
+    (and the pointer names it as the latest evaluation) before the error propagates. `files` is None on the
+    processes of a launch that write nothing."""
     try:
         samples = model_pass(er, cfg, out, store, judge is not None, device=store.device)
         report["scorecard"] = store.scorecard()
         if judge is not None:
-            report_mod.write_samples(files, samples, er.run.root.name)
-            report["samples_written"] = True
             report["generation"] = cfg.generation.model_dump(mode="json")
-            report_mod.write_judge_settings(files, judge.describe(), report["generation"])
+            if files is not None:
+                report_mod.write_samples(files, samples, er.run.root.name)
+                report_mod.write_judge_settings(files, judge.describe(), report["generation"])
+            report["samples_written"] = True
             judge_samples(er, cfg, out, judge, samples, pairs, report)
         judged_scores = report["win_rates"] is not None
         scores = ({d: [r["dims"][d]["win_rate"] for r in report["win_rates"]] for d in er.dims} if judged_scores
@@ -216,14 +220,15 @@ def _measure(er: EvalRun, cfg: EvalConfig, out: Output, store: EvalLogps, judge:
         report["complete"] = True
     except SpoctlError as err:
         report["error"] = str(err)
-        report_mod.write_report(files, report, with_plot=cfg.plot)
-        er.run.point_to_eval(files, complete=False)
-        out.warn(f"partial report kept: {files.report_path}")
+        if files is not None:
+            report_mod.write_report(files, report, with_plot=cfg.plot)
+            er.run.point_to_eval(files, complete=False)
+            out.warn(f"partial report kept: {files.report_path}")
         raise
     except BaseException:
         # A bug or an interrupt: no report to keep. An evaluation folder with nothing in it is removed; one with
         # samples stays (they cost minutes), and the pointer still names the last evaluation that has a report.
-        if files.root.is_dir() and not any(files.root.iterdir()):
+        if files is not None and files.root.is_dir() and not any(files.root.iterdir()):
             files.root.rmdir()
         raise
 

@@ -110,8 +110,10 @@ def export_model(cfg: ExportConfig, out: Output) -> dict[str, Any]:
     base_id = cfg.base_model_id or hub_id(src.base_spec)
     tokenizer = build.export_tokenizer(src, trust_remote_code=cfg.trust_remote_code)
     sources = data_sources(src)
-    report_path = src.run.eval_report_path
-    report = read_json(report_path) if report_path.is_file() else None
+    # The latest complete `spoctl eval` (eval/latest.json; a bare eval/report.json for runs evaluated before eval
+    # history): an evaluation that stopped half-way does not replace the card's numbers.
+    evaluation = src.run.latest_eval(complete=True)
+    report = read_json(evaluation.report_path) if evaluation is not None else None
     out.info(f"exporting stage {src.index} ({src.dim}) of {src.run.root} as {kind} weights"
              + (f" ({dtype})" if dtype else "") + f" to {target}")
     # Every model file the export will read is checked against what the run recorded (the engine's model chain):
