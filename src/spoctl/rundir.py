@@ -311,7 +311,7 @@ class RunDir:
 
 def _is_complete(report_path: Path) -> bool:
     try:
-        return bool(read_json(report_path).get("complete"))
+        return read_json(report_path).get("complete", True) is True  # only a report that says it stopped is not
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return False
 
