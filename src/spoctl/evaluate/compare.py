@@ -326,6 +326,8 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 
         matplotlib.use("Agg")  # no display; must precede pyplot
         import matplotlib.pyplot as plt
+
+        from .report import save_figure
     except ImportError:
         return False
     dims = result["dims"]
@@ -351,10 +353,5 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         ax.set_xlim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     fig.suptitle("final models on the same held-out pairs (* Pareto front)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
     return True

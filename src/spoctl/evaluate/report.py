@@ -156,13 +156,20 @@ def plot(report: dict[str, Any], path: Any) -> bool:
         ax.set_ylim(0, 1)
         ax.axhline(0.5, color="grey", lw=0.5)
         ax.legend()
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig: Any, path: Any) -> None:
+    """Write a matplotlib figure as a PNG atomically (a temporary file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
-    return True
 
 
 def write_samples(files: EvalFiles, samples: list[dict[str, Any]], run_name: str) -> None:
