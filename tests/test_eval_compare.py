@@ -169,3 +169,32 @@ def test_usage_errors(runs, tmp_path):
     assert res.exit_code == 2 and "not a spoctl run directory" in res.stderr
     res = compare(str(runs["trained"]), str(runs["frozen"]), "--dims", "nosuch", "--no-plot")
     assert res.exit_code == 2 and "no dimension 'nosuch'" in res.stderr
+
+
+def test_judged_win_rates_beside_when_every_run_judged_the_same_prompts(runs):
+    from fake_openai import FakeOpenAI
+
+    key = "sk-compare-test"
+
+    def judged_eval(run: Path, url: str, prompts: str) -> None:
+        res = runner.invoke(app, ["eval", str(run), "--judge", "openai:m", "--judge-url", url, "--judge-key-env",
+                                  "SPOCTL_COMPARE_KEY", "--num-prompts", prompts, "--max-new-tokens", "3", "--set",
+                                  "judge.calibration_pairs=1", "--no-plot", "--quiet"],
+                            env={"SPOCTL_COMPARE_KEY": key})
+        assert res.exit_code == 0, res.output
+
+    with FakeOpenAI(key) as server:
+        judged_eval(runs["trained"], server.url, "2")
+        judged_eval(runs["copy"], server.url, "2")
+        judged_eval(runs["frozen"], server.url, "3")
+    res = compare(str(runs["trained"]), str(runs["copy"]), "--json", "--no-plot", "--set", "bootstrap_resamples=100")
+    assert res.exit_code == 0, res.output
+    judged = json.loads(res.stdout)["judged"]
+    assert judged["judge"] == "openai" and set(judged["runs"]) == {"trained", "copy"}
+    assert judged["runs"]["trained"] == judged["runs"]["copy"]  # the same models, prompts and (cached) verdicts
+    assert all(c["n"] == 2 for c in judged["runs"]["trained"].values())
+
+    res = compare(str(runs["trained"]), str(runs["frozen"]), "--json", "--no-plot", "--set", "bootstrap_resamples=100")
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert result["judged"] is None and "other 'helpful' prompts" in result["judged_note"]

@@ -27,6 +27,7 @@ Scoring goes through one call (`score_run`) to the eval scorecard's log-prob sto
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,8 +171,6 @@ def judged_finals(runs: list[ScoredRun], dims: list[str]) -> tuple[dict[str, Any
         if not report or not report.get("win_rates") or not files.samples_path.is_file():
             return None, f"{r.root}: no complete judged `spoctl eval`"
         prompts: dict[str, set[str]] = {}
-        import json
-
         for line in files.samples_path.read_text(encoding="utf-8").splitlines():
             s = json.loads(line)
             if s["k"] == 0:
