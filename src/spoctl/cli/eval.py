@@ -63,7 +63,7 @@ def eval_(
                                               help="Held-out prompts per dimension to generate for (a seeded"
                                               " sample of the eval split's distinct prompts)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest generated response."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (0: greedy)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 0: greedy)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the prompt sample and of sampling."),
     fail_under: Optional[list[str]] = typer.Option(None, "--fail-under", help="Gate: DIM=VALUE (0-1), exit 1 if the"
