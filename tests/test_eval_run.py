@@ -259,9 +259,11 @@ def test_a_stage_model_changed_after_the_run_is_refused(world):
     name = sorted(tensors)[0]
     tensors[name] = tensors[name] + 0.01
     save_file(tensors, str(weights), metadata={"format": "pt"})
+    evaluations = sorted((run / "eval").iterdir())
     res = invoke(str(run), "--no-plot")
     assert res.exit_code == 2
     assert "model.safetensors" in res.stderr and "02-harmless" in res.stderr
+    assert sorted((run / "eval").iterdir()) == evaluations  # refused in the pre-flight: nothing written
 
 
 # ---------------------------------------------------------------------------------------------- judged

@@ -2,7 +2,8 @@
 
 Every evaluation writes its own folder under RUN_DIR/eval/ (`RunDir.new_eval`), and the pointer eval/latest.json
 moves to it once its report is written: no evaluation replaces another's files. The pre-flight checks (the run,
-the gate's dimensions, the generation backend, a judge that must start: its model, its key, its endpoint) come
+the gate's dimensions, every model's files against the run's record, the generation backend, a judge that must
+start: its model, its key, its endpoint) come
 before the folder exists, so a failed pre-flight writes nothing. Whatever is finished after that is kept: if a
 later step fails (a judge failing half-way, a missing model), the report so far -- marked incomplete, with the
 error -- is saved atomically before the error propagates.
@@ -160,6 +161,8 @@ def evaluate(cfg: EvalConfig, out: Output) -> dict[str, Any]:
     }
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     store = EvalLogps(er, cfg, device)
+    for k in range(er.k_max + 1):  # every model's files as the run saved them (hashed once per process)
+        er.chain.verify(k)
     pairs = _pair_source(er)
     judge = start_judge(er, cfg, pairs) if cfg.judge.name is not None else None
     try:
