@@ -24,7 +24,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator,
                       model_validator)
 
-from .data.formats import FORMAT_FIELDS, FORMAT_NAMES
+from .data.formats import FORMAT_FIELDS, FORMAT_NAMES, PAIRINGS, REVERSE
 from .errors import UsageError
 from .evaluate.judges.registry import AUTO as JUDGE_AUTO, JUDGE_NAMES
 from .naming import DimName, HubId
@@ -89,6 +89,8 @@ class SourceSpec(StrictModel):
                                               "PKU-SafeRLHF file); it is named after the --data DIM.")
     format: FormatName | None = Field(None, description="This source's format; default: prepare.format.")
     columns: dict[str, str] | None = Field(None, description="This source's FIELD -> COLUMN mapping; default: prepare.columns.")
+    weight: float = Field(1.0, gt=0.0, le=1.0, description="Several sources for one dimension: the share of this "
+                                                           "source's pairs taken (a seeded sample); default all.")
 
     @field_validator("columns")
     @classmethod
@@ -141,9 +143,10 @@ class SourceSpec(StrictModel):
 
 
 class PrepareConfig(StrictModel):
-    data: dict[DimName, str | SourceSpec] = Field(
+    data: dict[DimName, str | SourceSpec | list[str | SourceSpec]] = Field(
         default_factory=dict, description="DIM -> SOURCE: a file, a dataset folder or a Hub id (with ?options), "
-                                          "or the long form {source: ..., split: ...}.")
+                                          "or the long form {source: ..., split: ...}; a list of them mixes several "
+                                          "sources into one dimension (each with its weight).")
     format: FormatName = Field("auto", description="The format of every source (auto: detected per source).")
     columns: dict[str, str] | None = Field(
         None, description="FIELD -> COLUMN: which column of the data holds each field a format reads "
@@ -154,8 +157,13 @@ class PrepareConfig(StrictModel):
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of each dimension held out for eval.")
     seed: int = Field(0, description="Seed of the --max-pairs sample and of the train/eval split.")
     max_pairs: int | None = Field(None, gt=0, description="Keep at most this many pairs per dimension (after cleaning).")
-    min_score_gap: float = Field(1.0, ge=0.0, description="HelpSteer-style ratings: smallest score gap that makes a pair.")
-    attributes: list[str] | None = Field(None, description="HelpSteer-style ratings: which attributes become dimensions.")
+    min_score_gap: float = Field(1.0, ge=0.0, description="Rated or ranked answers (helpsteer, ranked, ultrafeedback): "
+                                                              "smallest score gap that makes a pair.")
+    attributes: list[str] | None = Field(None, description="HelpSteer-style ratings and UltraFeedback aspects: which "
+                                                          "become dimensions.")
+    pairing: Literal[PAIRINGS] = Field(  # type: ignore[valid-type]
+        "each", description="Ranked or rated answers to one prompt: chosen is the best; rejected is each answer at "
+                            "least min_score_gap worse (each) or one of them, seeded (sampled).")
     hub_split: str | None = Field(
         None, description="Split of a dataset folder or Hub id that names none: default train, or the only split.")
     system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
@@ -166,7 +174,7 @@ class PrepareConfig(StrictModel):
                                    "tokenizing (memory grows with the text).")
     max_source_bytes: int = Field(
         2_000_000_000, gt=0, description="Largest source file, in bytes after decompression (e.g. 2GB, 500MB); "
-                                         "records are held in memory.")
+                                         "its pairs are held in memory (docs/prepare.md#memory).")
 
     @field_validator("out", mode="before")
     @classmethod
@@ -191,12 +199,13 @@ def check_columns(columns: dict[str, str] | None) -> dict[str, str] | None:
     if not columns:
         return columns
     for target, column in columns.items():
-        if target not in FORMAT_FIELDS:
+        reverse = isinstance(column, str) and column.endswith(REVERSE)  # a rating's name may be any column's
+        if target not in FORMAT_FIELDS and not reverse:
             raise ValueError(f"{target!r}{_suggest(target, FORMAT_FIELDS)} is not a field any format reads;"
-                             f" fields: {', '.join(sorted(FORMAT_FIELDS))}")
+                             f" fields: {', '.join(sorted(FORMAT_FIELDS))} (or a rating stated as NAME=COLUMN{REVERSE})")
         if not isinstance(column, str) or not column.strip():
             raise ValueError(f"{target}: the column name is empty")
-    seen = [c for c in columns.values()]
+    seen = [c.removesuffix(REVERSE) or t for t, c in columns.items()]
     twice = sorted({c for c in seen if seen.count(c) > 1})
     if twice:
         raise ValueError(f"column {twice[0]!r} is mapped to two fields")
