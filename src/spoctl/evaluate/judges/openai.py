@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ...fsutil import read_json, write_json_atomic
-from .base import Judge, JudgeUnavailable, Matchup
+from .base import Judge, JudgeContext, JudgeUnavailable, Matchup
 from .endpoint import is_secret_param, parse_endpoint, scrub
 
 # Bump when the prompts below change: cached answers to the old wording must not be reused.
@@ -73,6 +73,12 @@ class _Retryable(Exception):
 
 class OpenAIJudge(Judge):
     name = "openai"
+
+    @classmethod
+    def from_settings(cls, settings: Any, context: JudgeContext) -> "OpenAIJudge":
+        return cls(settings.arg or "", url=settings.url, api_key_env=settings.api_key_env,
+                   concurrency=settings.concurrency, max_retries=settings.max_retries, backoff_s=settings.backoff_s,
+                   timeout_s=settings.timeout_s, cache_dir=context.cache_dir if settings.cache else None)
 
     def __init__(self, model: str, *, url: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
                  max_retries: int = 4, backoff_s: float = 1.0, timeout_s: float = 60.0,
