@@ -544,7 +544,7 @@ class JudgeSettings(StrictModel):
         # Read the registry now, not at import: a judge registered later (a plugin, a test) is accepted too.
         if name is not None and name != JUDGE_AUTO and name not in JUDGES:
             raise ValueError(f"unknown judge {name!r}{_suggest(name, JUDGES)}; the judges: "
-                             f"{', '.join((JUDGE_AUTO, *JUDGES))}")
+                             f"{', '.join(map(repr, (JUDGE_AUTO, *JUDGES)))}")
         return name
 
     @field_serializer("url")
