@@ -29,7 +29,7 @@ from .engine.reporting import PACKAGES as TRACKERS
 from .errors import UsageError
 from .evaluate.judges.registry import AUTO as JUDGE_AUTO, JUDGES
 from .evaluate.judges.registry import help_text as judges_help
-from .naming import DimName, HubId
+from .naming import DimName, HubId, check_distinct_dims
 from .precision import PRECISIONS
 
 SECTIONS = ("prepare", "align", "eval", "export")
@@ -210,6 +210,12 @@ class PrepareConfig(StrictModel):
         if isinstance(value, str) and not value.strip():
             raise ValueError("is empty; give a folder name, e.g. --out prepared/hh")
         return value
+
+    @field_validator("data")
+    @classmethod
+    def _dims_apart(cls, data: dict[str, Any]) -> dict[str, Any]:
+        check_distinct_dims(list(data))
+        return data
 
     @field_validator("max_source_bytes", mode="before")
     @classmethod
@@ -454,11 +460,7 @@ class AlignConfig(StrictModel):
     @field_validator("dims")
     @classmethod
     def _dims_unique(cls, dims: list[str]) -> list[str]:
-        seen: set[str] = set()
-        for d in dims:
-            if d in seen:
-                raise ValueError(f"dimension {d!r} is listed twice; each dimension is one stage")
-            seen.add(d)
+        check_distinct_dims(dims)
         return dims
 
     @field_validator("keep")

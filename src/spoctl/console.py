@@ -45,7 +45,11 @@ class Output:
 
     def __post_init__(self) -> None:
         stream = sys.stderr if self.json_mode else sys.stdout
-        self._console = Console(file=stream, highlight=False, soft_wrap=True)
+        # NO_COLOR (no-color.org): rich would drop colours but keep bold, italic and the like; a user who sets it
+        # wants text without escape sequences, so none are written at all (tables and bars stay, in plain text).
+        plain = os.environ.get("NO_COLOR", "") != ""
+        self._console = Console(file=stream, highlight=False, soft_wrap=True,
+                                **({"color_system": None} if plain else {}))
         if not self.main_process:
             self.quiet, self.verbose = True, False
 
