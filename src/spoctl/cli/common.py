@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from .. import __version__
 from .flags import COMMAND_FLAGS, Flag, flag_for
 from ..config import ConfigError, StrictModel, dump_config, resolve_config
-from ..console import Output, is_main_process
+from ..console import Output, is_main_process, stdout_reserved
 from ..errors import EXIT_INTERNAL, CheckFailed, ErrorInfo, UsageError, describe_error
 
 ISSUES = "the spoctl issue tracker"
@@ -264,9 +264,10 @@ def with_common_options(fn: Callable[..., Any], config: type[StrictModel] | None
         opts = CommonOptions(**{name: kwargs.pop(name) for name in SHARED_OPTIONS}, flag_table=list(flags))
         ctx.meta[_OPTS] = opts
         raw = {f.param: kwargs.pop(f.param) for f in flags}
-        for f in flags:  # after ctx.meta has opts: a bad DIM=VALUE is then reported under --json too
-            opts.flags.update(f.to_config(raw[f.param]))
-        return fn(**kwargs, opts=opts)
+        with stdout_reserved(opts.json):  # stdout holds the one JSON document and nothing else
+            for f in flags:  # after ctx.meta has opts: a bad DIM=VALUE is then reported under --json too
+                opts.flags.update(f.to_config(raw[f.param]))
+            return fn(**kwargs, opts=opts)
 
     wrapper.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
