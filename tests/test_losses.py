@@ -268,3 +268,12 @@ def test_reward_metric_sums_dtype_for_low_precision_inputs():
     x = torch.tensor([-1.0, -2.0], dtype=torch.bfloat16)
     sums = L.reward_metric_sums(0.1, x, x - 1, x, x)
     assert {v.dtype for v in sums.values()} == {torch.float32}
+
+
+def test_the_configuration_describes_every_registered_loss():
+    """The config stays free of torch, so `loss.type`'s description names the losses in words; this keeps the two
+    in step (the configuration checks the name against LOSSES itself)."""
+    from spoctl.config import LossConfig
+
+    description = LossConfig.model_fields["type"].description
+    assert all(name in description for name in L.LOSSES), description

@@ -39,7 +39,7 @@ class Flag:
     check: Callable[[Any], Any] | None = None  # pairs: raises ValueError(reason) for a bad VALUE, named by flag
     example: str = ""  # pairs: a valid DIM=VALUE, shown in errors
     also: tuple[str, ...] = ()  # further keys it sets: `convert` returns one value per key (key, *also)
-    type: Any = None  # the Python type of one value when the key is not in a config model
+    type: Any = None  # the Python type Typer parses (default: the key's; needed when no config model has it)
 
     @property
     def name(self) -> str:
@@ -102,7 +102,10 @@ class Flag:
     def option(self, model: type[BaseModel] | None) -> Any:
         import typer
 
-        field = field_of(model, self.key) if model is not None and self.type is None else None
+        try:
+            field = field_of(model, self.key)
+        except KeyError:  # a flag of a command without a config model: its help and type are its own
+            field = None
         text = self.help if self.help is not None else " ".join((field.description or "").split()) if field else ""
         if self.kind == "pairs" and "repeatable" not in (text + self.note).lower():
             text += " Repeatable."

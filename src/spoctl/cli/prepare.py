@@ -17,7 +17,7 @@ PREPARE_FLAGS = [
     Flag("columns", ("--columns",), metavar="FIELD=COLUMN,...", convert=lambda text: parse_columns(text),
          note="On the command line: FIELD=COLUMN,..., e.g. prompt=question,chosen=good,rejected=bad."),
     Flag("model", ("--model", "-m"), metavar="MODEL"),
-    Flag("out", ("--out", "-o")),
+    Flag("out", ("--out", "-o"), type=str, metavar="PATH"),  # "" reaches the config's own message
     Flag("length.max_length", ("--max-length",)),
     Flag("length.max_prompt_tokens", ("--max-prompt-tokens",)),
     Flag("length.overflow", ("--overflow",)),
