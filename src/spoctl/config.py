@@ -564,7 +564,8 @@ def check_gate_bound(value: float) -> float:
     return value
 
 
-GateBound = Annotated[float, AfterValidator(check_gate_bound)]
+# NaN and inf reach check_gate_bound, whose message says what a bound is.
+GateBound = Annotated[float, Field(allow_inf_nan=True), AfterValidator(check_gate_bound)]
 
 
 class GateSettings(StrictModel):

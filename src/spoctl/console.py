@@ -169,7 +169,8 @@ def stdout_reserved(enabled: bool = True) -> Iterator[None]:
         with contextlib.suppress(OSError, ValueError):
             document.flush()
         if saved is not None:
-            document.close()  # its descriptor is `saved` (closefd=False): closed here, after fd 1 has it back
+            with contextlib.suppress(OSError, ValueError):  # a reader that left (`| head`) is the caller's to report
+                document.close()  # its descriptor is `saved` (closefd=False): closed below, after fd 1 has it back
             with contextlib.suppress(OSError, ValueError):
                 sys.stderr.flush()
                 original.flush()

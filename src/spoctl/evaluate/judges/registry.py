@@ -1,5 +1,5 @@
 """The judges `spoctl eval --judge NAME[:ARG]` knows: the one list that the configuration's allowed values
-(`config.JudgeName`), the `--judge` help and the error messages are derived from.
+(`config.JudgeSettings.name`), the `--judge` help and the error messages are derived from.
 
 Only names, one-line descriptions and where each class lives are kept here -- no imports beyond the standard
 library -- so that `spoctl.config` can read the names without importing torch. The class itself is imported
