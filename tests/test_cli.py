@@ -173,10 +173,10 @@ def test_every_flag_maps_to_its_config_key():
     """Each command's flag table (the one declaration behind its options, error messages and the docs): every
     flag's key is a key of its configuration, and every flag is an option of the command."""
     from spoctl.cli.flags import COMMAND_FLAGS, field_of
-    from spoctl.config import AlignConfig, EvalConfig, ExportConfig, PrepareConfig
+    from spoctl.config import AlignConfig, CompareConfig, EvalConfig, ExportConfig, PrepareConfig
 
     models = {"prepare": PrepareConfig, "align": AlignConfig, "demo": AlignConfig, "eval": EvalConfig,
-              "export": ExportConfig}
+              "compare": CompareConfig, "export": ExportConfig}
     expected = {
         "prepare": {"data": "--data", "format": "--format", "model": "--model", "out": "--out",
                     "length.max_prompt_tokens": "--max-prompt-tokens", "length.max_length": "--max-length",

@@ -182,7 +182,7 @@ class CommonOptions:
 # name in CommonOptions -> (annotation, the Typer option). Every subcommand lists them after its own options.
 SHARED_OPTIONS: dict[str, tuple[Any, OptionInfo]] = {
     "config": (Optional[Path], typer.Option(None, "--config", "-c", metavar="PATH",
-                                            help="YAML config file (sections: prepare, align, eval, export).")),
+                                            help="YAML config file (sections: prepare, align, eval, compare, export).")),
     "set": (Optional[list[str]], typer.Option(None, "--set", help="Override any config key: --set KEY=VALUE"
                                                                   " (repeatable).")),
     "print_config": (bool, typer.Option(False, "--print-config", help="Print the resolved configuration and exit.")),
@@ -317,11 +317,6 @@ def parse_assignments(items: list[str] | None, flag: str, example: str,
         except ValueError:
             raise UsageError(f"{flag} {item!r}: {raw!r} is not a valid value, e.g. {flag} {example}") from None
     return out
-
-
-def comma_list(value: str | None) -> list[str] | None:
-    """`--dims helpful, harmless` -> ['helpful', 'harmless']; None when the flag was not given."""
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def execute(opts: CommonOptions, build: Callable[[], StrictModel], section: str,

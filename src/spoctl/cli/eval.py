@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -91,3 +92,6 @@ def eval_(
         reason = gate_failure(report)
         if reason:
             fail_check(f"gate: {reason}")
+        run, name = shlex.quote(report["run_dir"]), shlex.quote(f"exports/{Path(report['run_dir']).name}")
+        out.info(f"next: spoctl compare {run} OTHER_RUN   # against another run on the same held-out pairs\n"
+                 f"      spoctl export --run {run} --out {name}   # the final model, for sharing")
