@@ -254,6 +254,8 @@ def with_common_options(fn: Callable[..., Any], config: type[StrictModel] | None
         annotation = f.annotation(config)
         params.append(inspect.Parameter(f.param, kw, default=_polished(annotation, f.option(config), f.param),
                                         annotation=annotation))
+    # In --help: the command's arguments, its table's flags, then its other options (--debug, --no-plot).
+    params.sort(key=lambda p: 0 if isinstance(p.default, ArgumentInfo) else 1 if p.name.startswith("flag_") else 2)
     for name, (annotation, info) in SHARED_OPTIONS.items():
         params.append(inspect.Parameter(name, kw, default=_polished(annotation, info, name), annotation=annotation))
     params.append(inspect.Parameter(_CTX_PARAM, kw, annotation=typer.Context))
