@@ -20,7 +20,8 @@ Sides, each run in a fresh subprocess, interleaved in rounds (A B C ... A B C ..
   with the DPO loss. Log-probs as a plain loop would take them: the LM head on the completion positions only, one
   float32 log-softmax over them.
 - `spoctl-generate` / `floor-generate`: greedy generation for held-out prompts; spoctl through its public
-  `evaluate.generate.generate_batch`, the floor a batched greedy loop with a KV cache written out by hand.
+  `evaluate.generate.generate_tokens` (what `generate_batch` decodes), the floor a batched greedy loop with a KV
+  cache written out by hand.
 
 Each side reports tokens/s (real = non-padding tokens of prompt+chosen and prompt+rejected; for generation, the
 generated tokens) and peak resident memory per phase (load, frozen pass, training, generation): the high-water
@@ -447,7 +448,7 @@ def side_generate(a: argparse.Namespace, floor: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
     from spoctl.config import GenerationSettings
-    from spoctl.evaluate.generate import generate_batch
+    from spoctl.evaluate.generate import decode_response, generate_tokens
     from spoctl.models import load_tokenizer
 
     ph.mark("imports")
@@ -467,11 +468,11 @@ def side_generate(a: argparse.Namespace, floor: bool) -> dict:
             texts += [tok.decode(o[:-1] if o and o[-1] == tok.eos_token_id else o, skip_special_tokens=True).strip()
                       for o in outs]
         else:
-            got = generate_batch(model, tok, batch, GenerationSettings(max_new_tokens=a.new_tokens, temperature=0.0),
-                                 seed=0)
-            texts += got
-            # Tokens generated: the text's tokens plus the end token where the response stopped before the limit.
-            generated += sum(min(a.new_tokens, len(tok(t, add_special_tokens=False)["input_ids"]) + 1) for t in got)
+            rows = generate_tokens(model, tok, batch, GenerationSettings(max_new_tokens=a.new_tokens, temperature=0.0),
+                                   seed=0)
+            texts += [decode_response(tok, row) for row in rows]
+            # Tokens generated: each response's, plus its end token where it stopped before the limit.
+            generated += sum(min(a.new_tokens, len(row) + 1) for row in rows)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     ph.mark("generate")
     return {"side": "floor-generate" if floor else "spoctl-generate", "threads": torch.get_num_threads(),
