@@ -33,24 +33,25 @@ from .chain import ModelChain, base_fingerprint, folder_files, stage_fingerprint
 from . import keep as keeping
 from .checkpoint import intact_checkpoint
 from .distributed import Distributed, resolve_strategy
-from .frozen import FrozenLogps, LogpsCache, logps_cache_dir, score_pairs
+from .frozen import FrozenLogps, LogpsCache, logps_cache_dir
 from .logprobs import attention_implementation, check_compile_supported, compile_backbone, resolve_layout
 from .plan import StagePlan, stage_plans
 from .progress import StageProgress
 from .reporting import check_trackers, finish_trackers, log_metrics, start_trackers
 from .resume import Reopened, reopen, run_identity, run_key
+from .scoring import Scoring, run_scoring
 from .train import EvalSet, StageData, StageHooks, train_stage, wrap_lora
 
 
 class FrozenStore:
     """Frozen log-probs by (model k, dimension, split): from memory, the on-disk cache, or a no-grad pass."""
 
-    def __init__(self, chain: ModelChain, prepared: Any, cfg: AlignConfig, dist: Distributed, pad_token_id: int,
-                 cache_dir: Path, precision: str, out: Output):
-        self.chain, self.prepared, self.cfg, self.dist, self.acc = chain, prepared, cfg, dist, dist.accelerator
-        self.pad_token_id, self.out = pad_token_id, out
-        self.cache = LogpsCache(cache_dir, prepared, chain.fingerprint, precision_dtype(precision), warn=out.warn,
-                                procs=dist.procs)
+    def __init__(self, chain: ModelChain, prepared: Any, cfg: AlignConfig, dist: Distributed, scoring: Scoring,
+                 cache_dir: Path, out: Output):
+        self.chain, self.prepared, self.cfg, self.dist, self.scoring = chain, prepared, cfg, dist, scoring
+        self.out = out
+        self.cache = LogpsCache(cache_dir, prepared, chain.fingerprint, precision_dtype(scoring.precision),
+                                warn=out.warn, procs=dist.procs)
         self.pairs: dict[tuple[str, str], list[TokenPair]] = {}
         self._held: tuple[int, Any] | None = None  # the last model loaded for a pass, for reuse as a policy
         self.pairs_scored = 0  # pairs run through a frozen model, all processes together (cache hits not counted)
@@ -76,7 +77,9 @@ class FrozenStore:
         if not missing:
             return
         t = time.perf_counter()
-        self.out.info(f"frozen pass: pi_{k} ({self.chain.describe(k)}) on {', '.join(f'{d}/{s}' for d, s in missing)}")
+        size = sum(len(self.split_pairs(d, s)) for d, s in missing)
+        self.scoring.announce(f"frozen pass: pi_{k} ({self.chain.describe(k)}) on "
+                              f"{', '.join(f'{d}/{s}' for d, s in missing)}: {size} pairs")
         self._held = None  # at most one frozen model in memory
         model = self.load_model(k)
         if self.cfg.compile:
@@ -85,10 +88,7 @@ class FrozenStore:
         n = 0
         for dim, split in missing:
             pairs = self.split_pairs(dim, split)
-            with self.acc.autocast():
-                value = score_pairs(scorer, pairs, batch_size=self.cfg.frozen_batch_size,
-                                    pad_token_id=self.pad_token_id, device=self.acc.device, layout=self.cfg.layout,
-                                    procs=self.dist.procs, collective=self.dist.collective_forward)
+            value = self.scoring.score(scorer, pairs, label=f"frozen pass pi_{k} {dim}/{split}")
             self.cache.put(k, dim, split, value)
             n += len(pairs)
         self.pairs_scored += n
@@ -225,8 +225,8 @@ def _align(cfg: AlignConfig, out: Output, prepared: Any, base_spec: str, tokeniz
                                  dist, prepared, data_hashes, out)
         chain = chain or ModelChain(base_spec, run, manifest, trust_remote_code=cfg.trust_remote_code,
                                     attention=cfg.attention)
-        store = FrozenStore(chain, prepared, cfg, dist, tokenizer.pad_token_id,
-                            logps_cache_dir(prepared.path, run), precision, out)
+        store = FrozenStore(chain, prepared, cfg, dist, run_scoring(dist, cfg, tokenizer.pad_token_id, out),
+                            logps_cache_dir(prepared.path, run), out)
         ctx = RunContext(cfg, plans, run, manifest, chain, store, accelerator, tokenizer, out, reopened, dist)
         start_trackers(accelerator, cfg.report_to, run, key, {"run_key": key, **cfg.model_dump(mode="json")})
 

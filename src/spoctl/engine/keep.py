@@ -45,8 +45,9 @@ import torch
 
 from .. import losses
 from .batching import TokenPair, collate_pairs, local_micro_batches
-from .frozen import FrozenLogps, score_pairs
+from .frozen import FrozenLogps
 from .logprobs import attention_window, batch_layout, resolve_layout, score_batch
+from .scoring import run_scoring
 
 if TYPE_CHECKING:
     from ..config import AlignConfig
@@ -282,20 +283,18 @@ class Keeper:
     # ---- measurement and dual ascent ------------------------------------------------------------------
     def _measure(self, scorer: Any) -> dict[str, tuple[float, float]]:
         """(mean margin, accuracy) of Delta(pi_theta, pi_0) on each constraint split, on every process: each scores
-        a share of the split and gets all the log-probs (`frozen.score_pairs`, as the eval views do), so every
+        a share of the split and gets all the log-probs (`scoring.Scoring`, as the eval views do), so every
         process takes the same multiplier step."""
         scorer = self.dist.evaluation_scorer(scorer)
         was_training = scorer.training
         scorer.eval()
         found = {}
-        with self.acc.autocast():
-            for kd in self.kept:
-                pol = score_pairs(scorer, kd.constraint, batch_size=self.cfg.frozen_batch_size, pad_token_id=self.pad,
-                                  device=self.acc.device, layout=self.cfg.layout, procs=self.dist.procs,
-                                  collective=self.dist.collective_forward)
-                m = losses.log_ratio_margin(pol.chosen, pol.rejected, kd.base.chosen, kd.base.rejected)
-                found[kd.target.dim] = (float(m.mean()), float((m > 0).float().mean()))
-                self.measured_pairs += len(kd.constraint)
+        scoring = run_scoring(self.dist, self.cfg, self.pad)
+        for kd in self.kept:
+            pol = scoring.score(scorer, kd.constraint)
+            m = losses.log_ratio_margin(pol.chosen, pol.rejected, kd.base.chosen, kd.base.rejected)
+            found[kd.target.dim] = (float(m.mean()), float((m > 0).float().mean()))
+            self.measured_pairs += len(kd.constraint)
         if was_training:
             scorer.train()
         return found

@@ -22,10 +22,11 @@ from ..errors import TrainingError
 from .batching import TokenPair, collate_pairs, epoch_order, local_micro_batches
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import Distributed
-from .frozen import FrozenLogps, score_pairs
+from .frozen import FrozenLogps
 from .logprobs import (SequenceScorer, attention_window, batch_layout, compile_backbone, resolve_layout,
                        score_batch)
 from .plan import StagePlan
+from .scoring import Scoring, run_scoring
 
 
 @dataclass
@@ -97,11 +98,12 @@ def wrap_lora(model: nn.Module, cfg: AlignConfig) -> nn.Module:
 
 def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: nn.Module, data: StageData,
                 pad_token_id: int, hooks: StageHooks,
-                dist: Distributed | None = None) -> tuple[nn.Module, dict[str, float]]:
+                dist: Distributed | None = None, scoring: Scoring | None = None) -> tuple[nn.Module, dict[str, float]]:
     """Train pi_n from pi_{n-1} (`policy`, already loaded and LoRA-wrapped if asked; under FSDP, on processes
     other than the main one, its skeleton on the meta device). Returns the trained model (unwrapped; under FSDP
     still sharded, see `Distributed.full_state`) and the final evaluation metrics. `dist`: DDP when not given."""
     dist = dist or Distributed(accelerator)
+    scoring = scoring or run_scoring(dist, cfg, pad_token_id)
     prefix = f"stage{plan.index}/{plan.dim}"
     rank, world = accelerator.process_index, accelerator.num_processes
     lengths = [p.sort_length for p in data.train]
@@ -220,7 +222,7 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
             hooks.log({"step": done, **metrics})
         hooks.progress(done, total, metrics)
         if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
-            hooks.log({"step": done, **eval_metrics(accelerator, scorer, plan, data, pad_token_id, cfg, dist)})
+            hooks.log({"step": done, **eval_metrics(scorer, plan, data, scoring, dist)})
         if cfg.save_every and done % cfg.save_every == 0 and done != total:
             save_checkpoint(hooks.checkpoint_dir(done), procs=dist.procs, scorer=dist.evaluation_scorer(scorer),
                             optimizer=optimizer, scheduler=scheduler,
@@ -228,33 +230,32 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
                                   "strategy": dist.strategy.name,
                                   **({"keep": data.keep.state()} if data.keep is not None else {})})
 
-    final = eval_metrics(accelerator, scorer, plan, data, pad_token_id, cfg, dist)
+    final = eval_metrics(scorer, plan, data, scoring, dist)
     hooks.log({"step": total, **final})
     return dist.trained_model(scorer), final
 
 
-def eval_metrics(accelerator: Any, scorer: nn.Module, plan: StagePlan, data: StageData, pad_token_id: int,
-                 cfg: AlignConfig, dist: Distributed | None = None) -> dict[str, float]:
+def eval_metrics(scorer: nn.Module, plan: StagePlan, data: StageData, scoring: Scoring,
+                 dist: Distributed) -> dict[str, float]:
     """Eval metrics: TRL's set against the reference on the stage's own dimension, and for every dimension
     evaluated the implicit reward of everything aligned so far, log(pi_theta / pi_0), so forgetting shows.
-    Every process scores a share of each eval split and gets all the log-probs (`frozen.score_pairs`)."""
-    dist = dist or Distributed(accelerator)
+    Every process scores a share of each eval split and gets all the log-probs (`scoring.Scoring`)."""
     scorer = dist.evaluation_scorer(scorer)
     was_training = scorer.training
     scorer.eval()
     out: dict[str, float] = {}
-    with accelerator.autocast():
-        for dim, ev in data.evals.items():
-            pol = score_pairs(scorer, ev.pairs, batch_size=cfg.frozen_batch_size, pad_token_id=pad_token_id,
-                              device=accelerator.device, layout=cfg.layout, procs=dist.procs,
-                              collective=dist.collective_forward)
-            prefix = f"stage{plan.index}/{dim}"
-            if ev.ref is not None:
-                m = losses.reward_metrics(plan.beta, pol.chosen, pol.rejected, ev.ref.chosen, ev.ref.rejected, ev.offset)
-                out.update({f"{prefix}/eval_{k}": v for k, v in m.items()})
-            base_margin = losses.log_ratio_margin(pol.chosen, pol.rejected, ev.base.chosen, ev.base.rejected)
-            out[f"{prefix}/eval_base_rewards/accuracies"] = float((base_margin > 0).float().mean())
-            out[f"{prefix}/eval_base_rewards/margins"] = float(base_margin.mean())
+    scoring.announce(f"stage {plan.index} ({plan.dim}): forgetting view on "
+                     f"{', '.join(f'{d}/eval' for d in data.evals)}: {sum(len(ev.pairs) for ev in data.evals.values())}"
+                     " pairs, one pass")
+    for dim, ev in data.evals.items():
+        pol = scoring.score(scorer, ev.pairs, label=f"stage{plan.index} forgetting view {dim}/eval")
+        prefix = f"stage{plan.index}/{dim}"
+        if ev.ref is not None:
+            m = losses.reward_metrics(plan.beta, pol.chosen, pol.rejected, ev.ref.chosen, ev.ref.rejected, ev.offset)
+            out.update({f"{prefix}/eval_{k}": v for k, v in m.items()})
+        base_margin = losses.log_ratio_margin(pol.chosen, pol.rejected, ev.base.chosen, ev.base.rejected)
+        out[f"{prefix}/eval_base_rewards/accuracies"] = float((base_margin > 0).float().mean())
+        out[f"{prefix}/eval_base_rewards/margins"] = float(base_margin.mean())
     if was_training:
         scorer.train()
     return out
