@@ -39,6 +39,8 @@ def align(
     beta: Optional[float] = typer.Option(None, "--beta", help="KL strength of every stage."),
     keep: Optional[list[str]] = typer.Option(None, "--keep", help="DIM=FRACTION: later stages must hold DIM's implicit"
                                              " reward at >= FRACTION of its value after its own stage (repeatable)."),
+    replay: Optional[list[str]] = typer.Option(None, "--replay", help="DIM=SHARE: later stages mix SHARE x batch of DIM's"
+                                               " training pairs into each batch, at a fixed weight (repeatable)."),
     lora: Optional[bool] = typer.Option(None, "--lora/--full", help="Train LoRA adapters or all weights."),
     quantize: Optional[str] = typer.Option(None, "--quantize", metavar="none|4bit",
                                            help="QLoRA: 4bit loads the base in 4 bits under the adapters (needs --lora)."),
@@ -69,6 +71,7 @@ def align(
             "weights": parse_assignments(weight, "--weight", "helpful=0.5", float),
             "beta": beta,
             "keep": parse_assignments(keep, "--keep", "helpful=0.95", float),
+            "replay": parse_assignments(replay, "--replay", "helpful=0.2", float),
             "lora.enabled": lora,
             "quantize": quantize,
             "learning_rate": learning_rate,

@@ -21,7 +21,8 @@ from ..config import AlignConfig
 from ..errors import TrainingError
 from .batching import TokenPair, collate_pairs, epoch_order, local_micro_batches
 from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import Distributed
+from .distributed import DDP, Distributed
+from .extension import StageExtension
 from .frozen import FrozenLogps
 from .logprobs import (SequenceScorer, attention_window, batch_layout, compile_backbone, resolve_layout,
                        score_batch)
@@ -37,7 +38,8 @@ class StageData:
     ref_train: FrozenLogps  # pi_{n-1}
     offset_train: torch.Tensor  # the SPO constant per pair (zeros at stage 1 or alpha = 0)
     evals: dict[str, "EvalSet"] = field(default_factory=dict)  # by dimension
-    keep: Any = None  # engine.keep.Keeper with --keep: the multipliers, their offset and replay; None without
+    # Stage extensions at run time (engine/extension.py), in the order they act; none: plain SPO.
+    extensions: list[StageExtension] = field(default_factory=list)
 
 
 @dataclass
@@ -102,7 +104,7 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
     """Train pi_n from pi_{n-1} (`policy`, already loaded and LoRA-wrapped if asked; under FSDP, on processes
     other than the main one, its skeleton on the meta device). Returns the trained model (unwrapped; under FSDP
     still sharded, see `Distributed.full_state`) and the final evaluation metrics. `dist`: DDP when not given."""
-    dist = dist or Distributed(accelerator)
+    dist = dist or DDP(accelerator)
     scoring = scoring or run_scoring(dist, cfg, pad_token_id)
     prefix = f"stage{plan.index}/{plan.dim}"
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -134,8 +136,8 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         meta = load_checkpoint(found[1], procs=dist.procs, scorer=dist.evaluation_scorer(scorer),
                                optimizer=optimizer, scheduler=scheduler)
         start = int(meta["step"])
-        if data.keep is not None:
-            data.keep.load_state(meta.get("keep"))
+        for ext in data.extensions:
+            ext.load_state(meta.get(ext.key))
         accelerator.print(f"{prefix}: resuming from step {start} ({found[1]})"
                           + (f"; it was written by {meta['processes']} processes, resharded to {dist.procs.world}:"
                              " the result equals an uninterrupted run to float rounding, not bit for bit"
@@ -152,9 +154,11 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         micro = local_micro_batches(global_batch, lengths, rank, world, cfg.micro_batch_size)
 
         sums: dict[str, torch.Tensor] = {}
-        offset_train = data.offset_train if data.keep is None else data.keep.offset_train
-        # --keep: earlier dimensions' replayed pairs, while their multipliers are positive (none otherwise).
-        keep_tokens = data.keep.replay(step, scorer) if data.keep is not None else 0.0
+        offset_train = data.offset_train
+        extra_tokens = 0.0
+        for ext in data.extensions:  # each may change the offset and backward an extra loss (under no_sync)
+            offset_train = ext.offset(offset_train)
+            extra_tokens += ext.before_step(step, scorer)
         for j, idx in enumerate(micro):
             last = j == len(micro) - 1
             sync = contextlib.nullcontext() if last else dist.no_sync(scorer)
@@ -209,15 +213,15 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        tokens_seen += totals.pop("tokens") + keep_tokens
+        tokens_seen += totals.pop("tokens") + extra_tokens
         metrics = {f"{prefix}/{k}": v for k, v in losses.metrics_from_sums(totals).items()}
         elapsed = time.perf_counter() - t0
         metrics.update({f"{prefix}/learning_rate": lr, f"{prefix}/grad_norm": grad_norm,
                         f"{prefix}/epoch": (step + 1) / steps_per_epoch,
                         f"{prefix}/tokens_per_second": tokens_seen / max(elapsed, 1e-9)})
         done = step + 1
-        if data.keep is not None:  # every K steps: measure the constraints, update the multipliers
-            metrics.update(data.keep.after_step(done, scorer))
+        for ext in data.extensions:
+            metrics.update(ext.after_step(done, scorer))
         if done % cfg.log_every == 0 or done == total:
             hooks.log({"step": done, **metrics})
         hooks.progress(done, total, metrics)
@@ -228,7 +232,7 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
                             optimizer=optimizer, scheduler=scheduler,
                             meta={"step": done, "stage": plan.index, "dim": plan.dim, "total": total,
                                   "strategy": dist.strategy.name,
-                                  **({"keep": data.keep.state()} if data.keep is not None else {})})
+                                  **{ext.key: ext.state() for ext in data.extensions}})
 
     final = eval_metrics(scorer, plan, data, scoring, dist)
     hooks.log({"step": total, **final})
