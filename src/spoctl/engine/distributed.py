@@ -179,8 +179,12 @@ class Distributed:
     # A frozen model's scorer can serve as the next stage's policy (a sharded frozen model is no policy).
     frozen_model_is_policy = True
 
-    def __init__(self, accelerator: Any, strategy: Strategy | None = None, precision: str = "fp32"):
-        self.accelerator, self.precision = accelerator, precision
+    def __init__(self, accelerator: Any, strategy: Strategy | None = None, precision: str | None = None):
+        from ..precision import normalize
+
+        # Not given: the accelerator's mixed precision (accelerate's "no" is fp32).
+        self.accelerator = accelerator
+        self.precision = precision or normalize(getattr(accelerator, "mixed_precision", None))
         self.strategy = strategy or Strategy(self.name)
         self.procs = Processes.current(accelerator.device)
 

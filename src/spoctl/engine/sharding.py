@@ -135,7 +135,7 @@ class FSDP2(Distributed):
     collective_forward = True
     frozen_model_is_policy = False  # FSDP prepares the policy anew from the unsharded model
 
-    def __init__(self, accelerator: Any, strategy: Strategy | None = None, precision: str = "fp32"):
+    def __init__(self, accelerator: Any, strategy: Strategy | None = None, precision: str | None = None):
         import torch.distributed as dist
 
         self._own_group = False
