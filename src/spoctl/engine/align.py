@@ -79,29 +79,29 @@ def _finish(setup: RunSetup) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------- a stage
-def _run_stage(ctx: RunSetup, plan: StagePlan) -> None:
-    entry = ctx.manifest["stages"][plan.index - 1]
-    ctx.out.info(f"stage {plan.index}/{len(ctx.plans)}: {plan.dim} (beta={plan.beta}, "
+def _run_stage(setup: RunSetup, plan: StagePlan) -> None:
+    entry = setup.manifest["stages"][plan.index - 1]
+    setup.out.info(f"stage {plan.index}/{len(setup.plans)}: {plan.dim} (beta={plan.beta}, "
                  + (f"alpha={plan.alpha}" if plan.mode == "previous" else f"weights={plan.weights}") + ")")
     started = time.perf_counter()
-    data, frozen_cost = _frozen_inputs(ctx, plan)
-    _record_start(ctx, plan, entry, data)
-    policy = _stage_policy(ctx, plan, entry)
-    model, final, train_seconds = _train(ctx, plan, entry, policy, data)
+    data, frozen_cost = _frozen_inputs(setup, plan)
+    _record_start(setup, plan, entry, data)
+    policy = _stage_policy(setup, plan, entry)
+    model, final, train_seconds = _train(setup, plan, entry, policy, data)
     cost = {**frozen_cost, "train_seconds": round(train_seconds, 2)}
     for ext in data.extensions:  # what each extension did and cost (manifest and console)
-        entry.update(ext.finish(train_seconds, ctx.out.info, ctx.out.warn))
+        entry.update(ext.finish(train_seconds, setup.out.info, setup.out.warn))
         cost.update(ext.cost(train_seconds))
-    _save_stage(ctx, plan, entry, model, final, cost, time.perf_counter() - started)
+    _save_stage(setup, plan, entry, model, final, cost, time.perf_counter() - started)
 
 
-def _frozen_inputs(ctx: RunSetup, plan: StagePlan) -> tuple[StageData, dict[str, Any]]:
+def _frozen_inputs(setup: RunSetup, plan: StagePlan) -> tuple[StageData, dict[str, Any]]:
     """1. Everything the stage needs from frozen models, before the policy is built: the reference and offset on
     its training pairs, and the eval views. Each frozen model also serves the later stages' needs in the same pass,
     so no frozen model is loaded twice in a run."""
-    store, dims = ctx.store, ctx.cfg.dims
+    store, dims = setup.store, setup.cfg.dims
     started, scored_before = time.perf_counter(), store.pairs_scored
-    store.ensure_all({k: [r for later in ctx.plans[plan.index - 1:] for r in later.frozen_requests(dims).get(k, [])]
+    store.ensure_all({k: [r for later in setup.plans[plan.index - 1:] for r in later.frozen_requests(dims).get(k, [])]
                       for k in plan.frozen_requests(dims)}, f"stage {plan.index} ({plan.dim}) frozen inputs")
 
     def on(split: str):
@@ -114,96 +114,97 @@ def _frozen_inputs(ctx: RunSetup, plan: StagePlan) -> tuple[StageData, dict[str,
         if d == plan.dim:
             ev.ref, ev.offset = store.get(plan.reference, d, "eval"), plan.offset(on("eval"))
         data.evals[d] = ev
-    inputs = StageInputs(plan=plan, cfg=ctx.cfg, dist=ctx.dist, pad_token_id=ctx.tokenizer.pad_token_id,
+    inputs = StageInputs(plan=plan, cfg=setup.cfg, dist=setup.dist, pad_token_id=setup.tokenizer.pad_token_id,
                          train=data.train, base_offset=data.offset_train,
                          total_steps=plan.total_steps(plan.steps_per_epoch(len(data.train))),
-                         split_pairs=store.split_pairs, logps=store.get, warn=ctx.warn)
+                         split_pairs=store.split_pairs, logps=store.get, warn=setup.warn)
     data.extensions = [ext.start(inputs) for ext in plan.extensions]
     cost = {"frozen_pass_seconds": round(time.perf_counter() - started, 2),
             "frozen_pairs_scored": store.pairs_scored - scored_before}
     return data, cost
 
 
-def _record_start(ctx: RunSetup, plan: StagePlan, entry: dict[str, Any], data: StageData) -> None:
+def _record_start(setup: RunSetup, plan: StagePlan, entry: dict[str, Any], data: StageData) -> None:
     """2. The manifest says what the stage is about to do: its plan, its models and weights, its data."""
-    prepared = ctx.store.prepared
+    prepared = setup.store.prepared
     entry.update({
         "status": "running", "started": entry.get("started") or now_iso(),
-        **plan.manifest_entry(ctx.chain.describe), "base_model": ctx.chain.describe(plan.reference),
+        **plan.manifest_entry(setup.chain.describe), "base_model": setup.chain.describe(plan.reference),
         "data_hashes": {s: prepared.data_hash(plan.dim, s) for s in ("train", "eval")},
         "pairs": {"train": len(data.train), "eval": len(data.evals[plan.dim].pairs)},
     })
     entry.pop("error", None)
-    ctx.write_manifest()
+    setup.write_manifest()
 
 
-def _stage_policy(ctx: RunSetup, plan: StagePlan, entry: dict[str, Any]) -> Any:
+def _stage_policy(setup: RunSetup, plan: StagePlan, entry: dict[str, Any]) -> Any:
     """3. The policy: pi_{n-1}, plus a fresh adapter with LoRA, seeded per stage so runs repeat exactly."""
-    policy = ctx.store.take_model(plan.reference) or ctx.store.load_model(plan.reference)
+    policy = setup.store.take_model(plan.reference) or setup.store.load_model(plan.reference)
     # Seeded after loading (loading may or may not draw random numbers), so a warm or cold cache gives the same run.
-    torch.manual_seed(ctx.cfg.seed * 1000 + plan.index)
-    if ctx.cfg.lora.enabled:
-        policy = wrap_lora(policy, ctx.cfg)
+    torch.manual_seed(setup.cfg.seed * 1000 + plan.index)
+    if setup.cfg.lora.enabled:
+        policy = wrap_lora(policy, setup.cfg)
     # Speed settings as resolved for this model (auto picks per attention kernel): what actually ran.
-    entry["kernels"] = {"attention": attention_implementation(policy), "layout": resolve_layout(ctx.cfg.layout, policy),
-                        "compile": ctx.cfg.compile, "gradient_checkpointing": ctx.cfg.gradient_checkpointing}
+    cfg = setup.cfg
+    entry["kernels"] = {"attention": attention_implementation(policy), "layout": resolve_layout(cfg.layout, policy),
+                        "compile": cfg.compile, "gradient_checkpointing": cfg.gradient_checkpointing}
     return policy
 
 
-def _train(ctx: RunSetup, plan: StagePlan, entry: dict[str, Any], policy: Any,
+def _train(setup: RunSetup, plan: StagePlan, entry: dict[str, Any], policy: Any,
            data: StageData) -> tuple[Any, dict[str, float], float]:
     """4. Train, logging to metrics.jsonl and the trackers; a TrainingError marks the stage failed."""
-    n, dim, run = plan.index, plan.dim, ctx.run
+    n, dim, run = plan.index, plan.dim, setup.run
     total = plan.total_steps(plan.steps_per_epoch(len(data.train)))
-    latest = checkpoint_to_resume(run, plan, total, ctx.dist.procs, ctx.warn)
+    latest = checkpoint_to_resume(run, plan, total, setup.dist.procs, setup.warn)
 
     def log(record: dict[str, Any]) -> None:
-        if ctx.main:
+        if setup.main:
             run.append_metrics({"stage": n, "dim": dim, "time": round(time.time(), 3), **record})
-        log_metrics(ctx.accelerator, record, step=record["step"])
+        log_metrics(setup.accelerator, record, step=record["step"])
 
-    progress = StageProgress(ctx.out, f"stage {n}/{len(ctx.plans)} {dim}", enabled=ctx.main)
+    progress = StageProgress(setup.out, f"stage {n}/{len(setup.plans)} {dim}", enabled=setup.main)
     hooks = StageHooks(log=log, progress=progress.update, checkpoint_dir=lambda s: run.checkpoint_dir(n, dim, s),
                        latest_checkpoint=lambda: latest)
     started = time.perf_counter()
     try:
         with progress:
-            model, final = train_stage(accelerator=ctx.accelerator, plan=plan, cfg=ctx.cfg, policy=policy, data=data,
-                                       pad_token_id=ctx.tokenizer.pad_token_id, hooks=hooks, dist=ctx.dist,
-                                       scoring=ctx.store.scoring)
+            model, final = train_stage(accelerator=setup.accelerator, plan=plan, cfg=setup.cfg, policy=policy,
+                                       data=data, pad_token_id=setup.tokenizer.pad_token_id, hooks=hooks,
+                                       dist=setup.dist, scoring=setup.store.scoring)
     except TrainingError as err:
         entry.update({"status": "failed", "error": str(err)})
-        ctx.write_manifest()
+        setup.write_manifest()
         raise
     return model, final, time.perf_counter() - started
 
 
-def _save_stage(ctx: RunSetup, plan: StagePlan, entry: dict[str, Any], model: Any, final: dict[str, float],
+def _save_stage(setup: RunSetup, plan: StagePlan, entry: dict[str, Any], model: Any, final: dict[str, float],
                 cost: dict[str, Any], seconds: float) -> None:
     """5. Save pi_n atomically, record it (with its files' sizes and hashes, checked whenever it is read back)."""
-    n, dim, run, cfg = plan.index, plan.dim, ctx.run, ctx.cfg
+    n, dim, run, cfg = plan.index, plan.dim, setup.run, setup.cfg
     # FSDP: the sharded weights gathered on the main process, which writes the usual Hugging Face folder.
-    state = ctx.dist.full_state(model, trainable_only=cfg.lora.enabled)
-    if ctx.main:
+    state = setup.dist.full_state(model, trainable_only=cfg.lora.enabled)
+    if setup.main:
         target = run.stage_model_dir(n, dim)
         with atomic_directory(target, replace=True) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state} if state else {}))
-            ctx.tokenizer.save_pretrained(str(tmp))
-            write_lineage(tmp, base_spec=ctx.chain.base_spec, stage=n, dim=dim, lora=cfg.lora.enabled,
-                          earlier_adapters=[str(ctx.chain.stage_model_dir(k).relative_to(run.root)) for k in range(1, n)]
-                          if cfg.lora.enabled else [])
+            setup.tokenizer.save_pretrained(str(tmp))
+            write_lineage(tmp, base_spec=setup.chain.base_spec, stage=n, dim=dim, lora=cfg.lora.enabled,
+                          earlier_adapters=[str(setup.chain.stage_model_dir(k).relative_to(run.root))
+                                            for k in range(1, n)] if cfg.lora.enabled else [])
         entry.update({
             "status": "completed", "finished": now_iso(), "checkpoint": str(target.relative_to(run.root)),
-            "fingerprint": stage_fingerprint(target, ctx.chain.fingerprint(n - 1)), "files": folder_files(target),
+            "fingerprint": stage_fingerprint(target, setup.chain.fingerprint(n - 1)), "files": folder_files(target),
             "metrics": final, "seconds": round(seconds, 1),
             # What the stage cost, split the way the method splits it: frozen passes (which, in `all` mode, grow
             # with the number of earlier stages) and training (the same at every stage).
             "cost": cost,
         })
-        run.write_manifest(ctx.manifest)
+        run.write_manifest(setup.manifest)
         # Within-stage checkpoints only serve a resume of this stage, which is now complete.
         shutil.rmtree(run.checkpoints_dir(n, dim), ignore_errors=True)
-    ctx.manifest.update(ctx.dist.procs.broadcast(ctx.manifest if ctx.main else None))
+    setup.manifest.update(setup.dist.procs.broadcast(setup.manifest if setup.main else None))
 
 
 def _summary(manifest: dict[str, Any], dims: list[str], kinds: list[Any]) -> list[dict[str, Any]]:
