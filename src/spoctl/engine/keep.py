@@ -44,14 +44,17 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .. import losses
-from .batching import TokenPair, collate_pairs, local_micro_batches
-from .frozen import FrozenLogps, score_pairs
-from .logprobs import attention_window, batch_layout, resolve_layout, score_batch
+from .batching import TokenPair
+from .frozen import FrozenLogps
+from .replay import replay_backward, replay_draw
+from .scoring import run_scoring
 
 if TYPE_CHECKING:
     from ..config import AlignConfig
     from .distributed import Distributed
-    from .plan import StagePlan
+
+# engine.plan.StagePlan: not imported, as plan.py builds stages' keep plans (engine/extensions.py).
+StagePlan = Any
 
 # Dual ascent step on the normalised violation. Derivation: a violation of 10% of the kept value, sustained over a
 # quarter of a stage (5 of its 20 updates), should bring the multiplier to 1 -- an earlier dimension then weighs as
@@ -232,9 +235,7 @@ class Keeper:
     def _replay_batch(self, kd: KeptDim, step: int) -> list[int]:
         """The pool indices replayed at `step`: a pure function of (seed, stage, dimension, step), so a resumed
         stage replays what an uninterrupted one would."""
-        seed = ((self.cfg.seed * 1000 + self.plan.index) * 1_000_003 + step) * 7919 + zlib.crc32(kd.target.dim.encode())
-        perm = torch.randperm(len(kd.pool), generator=torch.Generator().manual_seed(seed)).tolist()
-        return [perm[j % len(perm)] for j in range(self.replay_pairs)]
+        return replay_draw(self.cfg.seed, self.plan.index, kd.target.dim, step, len(kd.pool), self.replay_pairs)
 
     def replay(self, step: int, scorer: Any) -> float:
         """Backward the replay loss of every dimension whose multiplier is positive, under no_sync (the stage's own
@@ -243,32 +244,13 @@ class Keeper:
         if not active:
             return 0.0
         started = time.perf_counter()
-        acc, plan, loss_cfg = self.acc, self.plan, self.plan.loss
-        model = acc.unwrap_model(scorer).model
-        layout, window = resolve_layout(self.cfg.layout, model), attention_window(model)
-        rank, world = acc.process_index, acc.num_processes
+        acc = self.acc
         sums = []
         for kd in active:
-            glob = self._replay_batch(kd, step)
-            lengths = [p.sort_length for p in kd.pool]
-            loss_sum, tokens = 0.0, 0
-            for idx in local_micro_batches(glob, lengths, rank, world, self.cfg.micro_batch_size):
-                with acc.no_sync(scorer), acc.autocast():
-                    pairs = [kd.pool[i] for i in idx]
-                    batch = collate_pairs(pairs, self.pad, batch_layout(layout, pairs, window)).to(acc.device)
-                    pc, pr, _, _ = score_batch(scorer, batch)
-                    sel = torch.tensor(idx)
-                    # The stage's preference loss against pi_{n-1}, no offset and no SFT term: the Lagrangian's R_i
-                    # part only (an NLL term on the kept dimension's chosen responses would train them outright).
-                    per_pair = losses.replay_loss(plan.beta, pc.float(), pr.float(),
-                                                  kd.pool_prev.chosen[sel].to(pc.device),
-                                                  kd.pool_prev.rejected[sel].to(pc.device), loss_cfg.type,
-                                                  loss_cfg.label_smoothing)
-                    # Mean over the global replay batch (DDP averages over processes), weighted by the multiplier.
-                    acc.backward(kd.multiplier * per_pair.sum() * world / len(glob))
-                loss_sum += float(per_pair.detach().sum())
-                tokens += batch.n_tokens
-            sums += [loss_sum, float(tokens)]
+            # Mean over the global replay batch (DDP averages over processes), weighted by the multiplier.
+            sums += replay_backward(scorer, kd.pool, self._replay_batch(kd, step), kd.pool_prev,
+                                    weight=kd.multiplier, denominator=self.replay_pairs, plan=self.plan, cfg=self.cfg,
+                                    pad_token_id=self.pad, accelerator=acc)
         reduced = acc.reduce(torch.tensor(sums, device=acc.device), reduction="sum").tolist()
         step_tokens = 0.0
         for j, kd in enumerate(active):
@@ -282,20 +264,18 @@ class Keeper:
     # ---- measurement and dual ascent ------------------------------------------------------------------
     def _measure(self, scorer: Any) -> dict[str, tuple[float, float]]:
         """(mean margin, accuracy) of Delta(pi_theta, pi_0) on each constraint split, on every process: each scores
-        a share of the split and gets all the log-probs (`frozen.score_pairs`, as the eval views do), so every
+        a share of the split and gets all the log-probs (`scoring.Scoring`, as the eval views do), so every
         process takes the same multiplier step."""
         scorer = self.dist.evaluation_scorer(scorer)
         was_training = scorer.training
         scorer.eval()
         found = {}
-        with self.acc.autocast():
-            for kd in self.kept:
-                pol = score_pairs(scorer, kd.constraint, batch_size=self.cfg.frozen_batch_size, pad_token_id=self.pad,
-                                  device=self.acc.device, layout=self.cfg.layout, procs=self.dist.procs,
-                                  collective=self.dist.collective_forward)
-                m = losses.log_ratio_margin(pol.chosen, pol.rejected, kd.base.chosen, kd.base.rejected)
-                found[kd.target.dim] = (float(m.mean()), float((m > 0).float().mean()))
-                self.measured_pairs += len(kd.constraint)
+        scoring = run_scoring(self.dist, self.cfg, self.pad)
+        for kd in self.kept:
+            pol = scoring.score(scorer, kd.constraint)
+            m = losses.log_ratio_margin(pol.chosen, pol.rejected, kd.base.chosen, kd.base.rejected)
+            found[kd.target.dim] = (float(m.mean()), float((m > 0).float().mean()))
+            self.measured_pairs += len(kd.constraint)
         if was_training:
             scorer.train()
         return found
