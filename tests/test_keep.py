@@ -85,18 +85,33 @@ def test_replay_loss_is_the_stage_loss_against_the_previous_model():
     assert h[1] < 0 < h[0] and got[1] > got[0]
 
 
-def test_dual_ascent_is_projected_and_normalised():
-    bound = K.threshold(2.0, 0.9)
-    assert bound == pytest.approx(1.8)
-    assert K.threshold(-1.0, 0.9) == pytest.approx(-1.1)  # never above the start for FRACTION <= 1
-    # Violated by 10% of the start value: one step of STEP_SIZE * 0.1, on any scale of margins.
-    assert K.dual_ascent(0.0, 1.6, bound, 2.0) == pytest.approx(K.STEP_SIZE * 0.1)
-    assert K.dual_ascent(0.0, 16.0, 18.0, 20.0) == pytest.approx(K.STEP_SIZE * 0.1)
-    # Slack: the multiplier falls, and never below zero.
-    assert K.dual_ascent(0.3, 2.0, bound, 2.0) == pytest.approx(0.3 - K.STEP_SIZE * 0.1)
-    assert K.dual_ascent(0.1, 3.0, bound, 2.0) == 0.0
-    # A start margin near zero cannot blow the step up.
-    assert K.dual_ascent(0.0, -1.0, 0.0, 1e-9) == pytest.approx(K.STEP_SIZE / K.MIN_SCALE)
+def test_the_pi_dual_step_is_projected_normalised_and_counts_time_in_shares_of_the_stage():
+    from spoctl.engine import dual
+
+    bound = dual.threshold(2.0, 0.9)
+    assert bound == pytest.approx(1.8) == pytest.approx(0.9 * 2.0)  # FRACTION x start for a start >= 0
+    assert dual.threshold(-1.0, 0.9) == pytest.approx(-1.1)  # never above the start for FRACTION <= 1
+    assert dual.threshold(-1.0, 1.2) == pytest.approx(-0.8)  # above 1 asks for more, whatever the sign
+    # The same relative violation gives the same step on any scale of margins.
+    e = dual.violation(1.6, bound, 2.0)
+    assert e == pytest.approx(0.1) == pytest.approx(dual.violation(16.0, 18.0, 20.0))
+    s = dual.dual_step(dual.Dual(), e, elapsed=0.05)
+    assert s.integral == pytest.approx(dual.KI * 0.05 * 0.1)
+    assert s.multiplier == pytest.approx(s.integral + dual.KP * 0.1)
+    # Slack with no integral: exactly zero (the stage stays plain SPO); never below zero.
+    assert dual.dual_step(dual.Dual(), -0.3, 0.05) == dual.Dual(0.0, 0.0)
+    assert dual.dual_step(dual.Dual(0.01, 0.05), -0.5, 0.5).multiplier == 0.0
+    # A margin scale of zero (stage i moved none of the pairs) is 1 nat, not a division by zero.
+    assert dual.margin_scale(0.0) == 1.0 and dual.margin_scale(0.4) == 0.4
+
+
+def test_the_lr_clock_is_the_share_of_the_stages_learning_rate_budget():
+    cfg = AlignConfig(dims=["a", "b"], scheduler="linear", warmup_ratio=0.1)
+    clock = K.lr_clock(cfg, 40)
+    assert clock[0] == 0.0 and clock[-1] == pytest.approx(1.0) and len(clock) == 41
+    assert all(b >= a for a, b in zip(clock, clock[1:]))
+    flat = K.lr_clock(AlignConfig(dims=["a", "b"], scheduler="constant", warmup_ratio=0.0), 40)
+    assert flat[4] == pytest.approx(0.1)
 
 
 def test_constraint_split_is_seeded_disjoint_and_bounded():
@@ -118,10 +133,10 @@ def test_plans_resolve_keep_per_stage():
     assert p1.keep is None and "keep" not in p1.to_manifest()
     assert p2.keep.targets == (K.KeepTarget("a", 1, 0.9),)
     assert p3.keep.targets == (K.KeepTarget("b", 2, 1.0),)  # the stage's own map replaces the global one
-    # Frozen models for stage 3 keeping b: pi_0, pi_2 (= b's own and the reference) on b's training pairs, and
-    # every earlier model on c's training pairs (the reward margins the multiplier re-weights).
+    # Frozen models for stage 3 keeping b: pi_0 (the constraint's base) and pi_2 (b's own stage: the start value) on
+    # b's training pairs; pi_1 is not needed there (the multiplier no longer re-weights the offset).
     need = p3.frozen_requests(["a", "b", "c"])
-    assert ("b", "train") in need[0] and ("b", "train") in need[2] and all(("c", "train") in need[k] for k in range(3))
+    assert ("b", "train") in need[0] and ("b", "train") in need[2] and ("b", "train") not in need[1]
     # Without keep the plan is what it was: no key in the manifest, the same identity.
     plain = stage_plans(AlignConfig(dims=["a", "b"]))[1]
     assert "keep" not in plain.to_manifest() and "keep_fractions" not in plain.manifest_entry(str)
