@@ -1,4 +1,4 @@
-"""`--keep DIM=FRACTION` (engine/keep.py): the pure rules, the offset re-weighting against the all-mode offset, and
+"""`--keep DIM=FRACTION` (engine/keep.py): the pure rules and
 the engine end to end on a tiny model: a slack constraint is plain SPO bit for bit, an impossible one grows its
 multiplier, replays and says it was violated, a resumed keeping stage ends where an uninterrupted one does, and
 the eval gate reads the same fractions."""
@@ -50,31 +50,6 @@ def metrics(run: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- pure rules
-def test_offset_reweighting_equals_the_all_mode_offset_for_the_same_weights():
-    """offset(previous, alpha) + mu * Delta r_1 is the all-mode offset with lambda_1 = alpha + mu; at stage 3 with two
-    kept dimensions, the all-mode offset with every lambda raised by its multiplier."""
-    g = torch.Generator().manual_seed(0)
-    D = torch.float64
-    n, b = 3, 32
-    chosen = [-torch.rand(b, generator=g, dtype=D) * 40 for _ in range(n)]
-    rejected = [-torch.rand(b, generator=g, dtype=D) * 40 for _ in range(n)]
-    betas, alpha = [0.1, 0.3], 0.5
-    weights = [[], losses.previous_mode_weights(alpha, 2)]
-    margins = losses.implicit_reward_margins(betas, weights, chosen, rejected)
-    lam = losses.previous_mode_weights(alpha, 3)  # [alpha^2, alpha]
-    base = losses.spo_offset_previous(alpha, betas[-1], chosen[2], rejected[2], chosen[1], rejected[1])
-    mus = [0.7, 2.5]
-    got = losses.reweighted_offset(base, mus, margins)
-    want = losses.spo_offset_all([w + m for w, m in zip(lam, mus)], margins)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    # All mode, float32: the same identity, to float32 rounding.
-    m32 = [m.float() for m in margins]
-    got32 = losses.reweighted_offset(losses.spo_offset_all([0.2, 0.0], m32), [0.0, 1.5], m32)
-    torch.testing.assert_close(got32, losses.spo_offset_all([0.2, 1.5], m32))
-    # Zero multipliers hand back the very tensor: nothing is recomputed, so a slack constraint is plain SPO.
-    assert losses.reweighted_offset(base, [0.0, 0.0], margins) is base
-
-
 def test_replay_loss_is_the_stage_loss_against_the_previous_model():
     pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
     rc, rr = torch.tensor([-3.5, -4.0]), torch.tensor([-3.5, -3.0])
@@ -83,6 +58,18 @@ def test_replay_loss_is_the_stage_loss_against_the_previous_model():
     torch.testing.assert_close(got, -torch.nn.functional.logsigmoid(h))
     # The pair whose margin fell below pi_{n-1}'s (h < 0) pulls harder than the one whose margin rose.
     assert h[1] < 0 < h[0] and got[1] > got[0]
+
+
+def test_the_keep_constraint_term_is_minus_beta_times_the_margin_and_its_gradient_is_the_constraints():
+    pc = torch.tensor([-3.0, -5.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-4.0, -2.0], dtype=torch.float64, requires_grad=True)
+    bc, br = torch.tensor([-3.5, -4.0], dtype=torch.float64), torch.tensor([-3.5, -3.0], dtype=torch.float64)
+    got = losses.keep_constraint_loss(0.5, pc, pr, bc, br)
+    v = losses.log_ratio_margin(pc, pr, bc, br)
+    torch.testing.assert_close(got, -0.5 * v)
+    got.sum().backward()
+    # Linear: the same pull (raise y_w, lower y_l) at every margin, unlike the sigmoid replay loss.
+    assert pc.grad.tolist() == [-0.5, -0.5] and pr.grad.tolist() == [0.5, 0.5]
 
 
 def test_the_pi_dual_step_is_projected_normalised_and_counts_time_in_shares_of_the_stage():

@@ -278,21 +278,6 @@ def reward_metrics(
 # --- keeping earlier dimensions (--keep; docs/align.md) -------------------------------------------------------
 
 
-def reweighted_offset(offset: Tensor, multipliers: Sequence[float], reward_margins: Sequence[Tensor]) -> Tensor:
-    """The SPO offset with earlier dimensions' weights raised by Lagrange multipliers: offset + sum_i mu_i * Delta r_i.
-
-    The offset is linear in the weights (`spo_offset_all`), so raising lambda_i^(n) by mu_i adds mu_i * Delta r_i,
-    whatever mode produced `offset`: the per-pair margins are computed once and re-weighting costs one multiply-add
-    per pair. `multipliers[j]` goes with `reward_margins[j]`. With every multiplier 0 it returns `offset` itself (the
-    same tensor, not a recomputed one), so a slack constraint leaves the stage plain SPO bit for bit.
-    """
-    if len(multipliers) != len(reward_margins):
-        raise ValueError(f"{len(multipliers)} multipliers for {len(reward_margins)} reward margins")
-    if not any(multipliers):
-        return offset
-    return offset + spo_offset_all(multipliers, reward_margins)
-
-
 def replay_loss(
     beta: float,
     policy_chosen: Tensor,
