@@ -28,13 +28,12 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/spoctl demo
 
-# The SPO study on the demo task (docs/study.md): ~6 minutes on 2 cores, both loss settings; rewrites
-# docs/study-results-*.md and docs/study-pareto-*.png.
+# The study on the demo task (docs/study.md): 10 methods, both orders, 7 seeds (~133 runs; the time is in
+# docs/study.md); rewrites docs/study-results.md and docs/study-frontier.png.
 study: venv
 	$(PY) study/run_study.py --docs
-	$(PY) study/run_study.py --docs --sft-weight 0
 
-# The real-data part of the study: SmolLM2 on HH-RLHF, SPO vs sequential DPO (~30 minutes on 2 cores).
+# The real-data study: SmolLM2 + LoRA on HH-RLHF, 5 methods, 2 seeds, through spoctl compare (docs/study.md).
 study-real: venv
 	bash study/run_real.sh
 

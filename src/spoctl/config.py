@@ -323,8 +323,9 @@ def _check_replay_shares(replay: dict[str, float] | None) -> dict[str, float] | 
 
 
 class KeepControl(StrictModel):
-    """How `keep` constraints are measured and enforced (docs/align.md, "Keeping earlier dimensions"). The dual
-    ascent step size is fixed (spoctl.engine.keep.STEP_SIZE): the constraint is normalised, so it needs no tuning."""
+    """How `keep` constraints are measured and enforced (docs/align.md, "Keeping earlier dimensions"). The
+    controller's gains are fixed (spoctl.engine.dual.KP, KI): the violation is normalised and time is counted in
+    shares of the stage, so they need no tuning per run (docs/method.md §6.3)."""
 
     every: int | None = Field(None, gt=0, le=COUNT_MAX, description="Measure each kept dimension's constraint and update its "
                                                       "multiplier every N optimizer steps (default: 20 times a stage).")

@@ -54,7 +54,7 @@ class KeepExtension:
         self.keeper = keeper
 
     def offset(self, base: torch.Tensor) -> torch.Tensor:
-        return self.keeper.offset_train  # the stage's offset re-weighted by the multipliers (base while all are 0)
+        return self.keeper.offset_train  # the base offset: the multipliers act through the constraint term
 
     def before_step(self, step: int, scorer: Any) -> float:
         return self.keeper.replay(step, scorer)

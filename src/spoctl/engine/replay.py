@@ -90,11 +90,25 @@ def replay_draw(seed: int, stage: int, dim: str, step: int, pool: int, size: int
     return [perm[j % len(perm)] for j in range(size)]
 
 
-def replay_backward(scorer: Any, pool: Sequence[TokenPair], chosen: list[int], prev: FrozenLogps, *, weight: float,
-                    denominator: int, plan: Any, cfg: Any, pad_token_id: int, accelerator: Any) -> tuple[float, int]:
-    """Backward weight x (sum of the replay loss over this process's share of `chosen`) x world / denominator, under
-    no_sync (the stage's own last micro-batch synchronises the accumulated gradient). `prev`: pi_{n-1} on `pool`.
-    Returns this process's (loss sum, tokens). Shared by `--replay` and `--keep`'s replay."""
+def preference_replay_loss(plan: Any, prev: FrozenLogps) -> Callable[..., torch.Tensor]:
+    """`--replay`'s per-pair loss: the stage's preference loss against pi_{n-1} (`prev`, on the pool), no offset and
+    no SFT term (an NLL term on the earlier dimension's chosen responses would train them outright)."""
+
+    def per_pair(pc: torch.Tensor, pr: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        return losses.replay_loss(plan.beta, pc, pr, prev.chosen[sel].to(pc.device), prev.rejected[sel].to(pc.device),
+                                  plan.loss.type, plan.loss.label_smoothing)
+
+    return per_pair
+
+
+def replay_backward(scorer: Any, pool: Sequence[TokenPair], chosen: list[int],
+                    per_pair_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], *,
+                    weight: float, denominator: int, cfg: Any, pad_token_id: int,
+                    accelerator: Any) -> tuple[float, int]:
+    """Backward weight x (sum of `per_pair_loss(policy chosen, policy rejected, pool indices)` over this process's
+    share of `chosen`) x world / denominator, under no_sync (the stage's own last micro-batch synchronises the
+    accumulated gradient). Returns this process's (loss sum, tokens). Shared by `--replay` (the preference loss
+    against pi_{n-1}: `preference_replay_loss`) and `--keep` (its constraint term)."""
     acc = accelerator
     model = acc.unwrap_model(scorer).model
     layout, window = resolve_layout(cfg.layout, model), attention_window(model)
@@ -106,11 +120,7 @@ def replay_backward(scorer: Any, pool: Sequence[TokenPair], chosen: list[int], p
             pairs = [pool[i] for i in idx]
             batch = collate_pairs(pairs, pad_token_id, batch_layout(layout, pairs, window)).to(acc.device)
             pc, pr, _, _ = score_batch(scorer, batch)
-            sel = torch.tensor(idx)
-            # The stage's preference loss against pi_{n-1}, no offset and no SFT term: an NLL term on the earlier
-            # dimension's chosen responses would train them outright.
-            per_pair = losses.replay_loss(plan.beta, pc.float(), pr.float(), prev.chosen[sel].to(pc.device),
-                                          prev.rejected[sel].to(pc.device), plan.loss.type, plan.loss.label_smoothing)
+            per_pair = per_pair_loss(pc.float(), pr.float(), torch.tensor(idx))
             acc.backward(weight * per_pair.sum() * world / denominator)
         loss_sum += float(per_pair.detach().sum())
         tokens += batch.n_tokens
@@ -128,7 +138,8 @@ class Replayer:
         self.acc = inputs.dist.accelerator
         world = self.acc.num_processes
         self.pools = {t.dim: inputs.split_pairs(t.dim, "train") for t in rp.targets}
-        self.prev = {t.dim: inputs.logps(self.plan.reference, t.dim, "train") for t in rp.targets}
+        self.losses = {t.dim: preference_replay_loss(self.plan, inputs.logps(self.plan.reference, t.dim, "train"))
+                       for t in rp.targets}
         self.sizes = {t.dim: replay_size(t.share, self.plan.batch_size, world) for t in rp.targets}
         self.pairs = {t.dim: 0 for t in rp.targets}  # replayed so far (global)
         self.tokens, self.seconds = 0.0, 0.0
@@ -143,9 +154,9 @@ class Replayer:
         for t in self.rp.targets:
             chosen = replay_draw(self.cfg.seed, self.plan.index, t.dim, step, len(self.pools[t.dim]),
                                  self.sizes[t.dim])
-            sums += replay_backward(scorer, self.pools[t.dim], chosen, self.prev[t.dim], weight=1.0,
-                                    denominator=self.plan.batch_size, plan=self.plan, cfg=self.cfg,
-                                    pad_token_id=self.pad, accelerator=self.acc)
+            sums += replay_backward(scorer, self.pools[t.dim], chosen, self.losses[t.dim], weight=1.0,
+                                    denominator=self.plan.batch_size, cfg=self.cfg, pad_token_id=self.pad,
+                                    accelerator=self.acc)
         reduced = self.acc.reduce(torch.tensor(sums, dtype=torch.float64, device=self.acc.device),
                                   reduction="sum").tolist()
         step_tokens = 0.0
