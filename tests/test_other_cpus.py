@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROUNDING_TESTS = [
     "tests/test_engine_logprobs.py",
     "tests/test_engine_align.py::test_attention_and_layout_settings_change_rounding_only",
-    "tests/test_engine_align.py::test_two_processes_match_one_process_with_the_same_global_batch",
+    "tests/test_distributed_runs.py::test_ddp_on_two_processes_trains_what_one_process_trains",
     "tests/test_distributed_runs.py::test_fsdp_on_two_processes_trains_what_one_process_trains[full]",
     "tests/test_engine_invariants.py::test_demo_first_steps_match_the_pinned_reference",
     "tests/test_engine_invariants.py::test_the_first_logged_loss_is_the_loss_at_zero_margin",
