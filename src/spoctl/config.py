@@ -24,13 +24,13 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator,
                       model_validator)
 
-from .data.formats import FORMAT_FIELDS, FORMAT_NAMES
+from .data.formats import FORMAT_FIELDS, FORMAT_NAMES, PAIRINGS, REVERSE
 from .errors import UsageError
 from .evaluate.judges.registry import AUTO as JUDGE_AUTO, JUDGE_NAMES
 from .naming import DimName, HubId
 from .precision import PRECISIONS
 
-SECTIONS = ("prepare", "align", "eval", "export")
+SECTIONS = ("prepare", "align", "eval", "compare", "export")
 
 
 class StrictModel(BaseModel):
@@ -89,6 +89,8 @@ class SourceSpec(StrictModel):
                                               "PKU-SafeRLHF file); it is named after the --data DIM.")
     format: FormatName | None = Field(None, description="This source's format; default: prepare.format.")
     columns: dict[str, str] | None = Field(None, description="This source's FIELD -> COLUMN mapping; default: prepare.columns.")
+    weight: float = Field(1.0, gt=0.0, le=1.0, description="Several sources for one dimension: the share of this "
+                                                           "source's pairs taken (a seeded sample); default all.")
 
     @field_validator("columns")
     @classmethod
@@ -141,9 +143,10 @@ class SourceSpec(StrictModel):
 
 
 class PrepareConfig(StrictModel):
-    data: dict[DimName, str | SourceSpec] = Field(
+    data: dict[DimName, str | SourceSpec | list[str | SourceSpec]] = Field(
         default_factory=dict, description="DIM -> SOURCE: a file, a dataset folder or a Hub id (with ?options), "
-                                          "or the long form {source: ..., split: ...}.")
+                                          "or the long form {source: ..., split: ...}; a list of them mixes several "
+                                          "sources into one dimension (each with its weight).")
     format: FormatName = Field("auto", description="The format of every source (auto: detected per source).")
     columns: dict[str, str] | None = Field(
         None, description="FIELD -> COLUMN: which column of the data holds each field a format reads "
@@ -154,8 +157,13 @@ class PrepareConfig(StrictModel):
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of each dimension held out for eval.")
     seed: int = Field(0, description="Seed of the --max-pairs sample and of the train/eval split.")
     max_pairs: int | None = Field(None, gt=0, description="Keep at most this many pairs per dimension (after cleaning).")
-    min_score_gap: float = Field(1.0, ge=0.0, description="HelpSteer-style ratings: smallest score gap that makes a pair.")
-    attributes: list[str] | None = Field(None, description="HelpSteer-style ratings: which attributes become dimensions.")
+    min_score_gap: float = Field(1.0, ge=0.0, description="Rated or ranked answers (helpsteer, ranked, ultrafeedback): "
+                                                              "smallest score gap that makes a pair.")
+    attributes: list[str] | None = Field(None, description="HelpSteer-style ratings and UltraFeedback aspects: which "
+                                                          "become dimensions.")
+    pairing: Literal[PAIRINGS] = Field(  # type: ignore[valid-type]
+        "each", description="Ranked or rated answers to one prompt: chosen is the best; rejected is each answer at "
+                            "least min_score_gap worse (each) or one of them, seeded (sampled).")
     hub_split: str | None = Field(
         None, description="Split of a dataset folder or Hub id that names none: default train, or the only split.")
     system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
@@ -166,7 +174,7 @@ class PrepareConfig(StrictModel):
                                    "tokenizing (memory grows with the text).")
     max_source_bytes: int = Field(
         2_000_000_000, gt=0, description="Largest source file, in bytes after decompression (e.g. 2GB, 500MB); "
-                                         "records are held in memory.")
+                                         "its pairs are held in memory (docs/prepare.md#memory).")
 
     @field_validator("out", mode="before")
     @classmethod
@@ -191,12 +199,13 @@ def check_columns(columns: dict[str, str] | None) -> dict[str, str] | None:
     if not columns:
         return columns
     for target, column in columns.items():
-        if target not in FORMAT_FIELDS:
+        reverse = isinstance(column, str) and column.endswith(REVERSE)  # a rating's name may be any column's
+        if target not in FORMAT_FIELDS and not reverse:
             raise ValueError(f"{target!r}{_suggest(target, FORMAT_FIELDS)} is not a field any format reads;"
-                             f" fields: {', '.join(sorted(FORMAT_FIELDS))}")
+                             f" fields: {', '.join(sorted(FORMAT_FIELDS))} (or a rating stated as NAME=COLUMN{REVERSE})")
         if not isinstance(column, str) or not column.strip():
             raise ValueError(f"{target}: the column name is empty")
-    seen = [c for c in columns.values()]
+    seen = [c.removesuffix(REVERSE) or t for t, c in columns.items()]
     twice = sorted({c for c in seen if seen.count(c) > 1})
     if twice:
         raise ValueError(f"column {twice[0]!r} is mapped to two fields")
@@ -462,15 +471,21 @@ JudgeName = Literal[(JUDGE_AUTO, *JUDGE_NAMES)]
 
 
 class GenerationSettings(StrictModel):
-    """Sampling for judged win rates. Same seed, same settings, same models: the same responses."""
+    """Responses for judged win rates: greedy by default (each model's most likely answer). Same seed, same
+    settings, same models: the same responses."""
 
-    max_new_tokens: int = Field(128, gt=0, description="Longest response generated, in tokens.")
-    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 decodes greedily.")
+    # Defaults sized for a CPU: 3 models x 2 dims x 16 prompts x 64 tokens is about 6k generated tokens, ~2.5
+    # minutes for SmolLM2-135M at the ~40 tokens per CPU-second batched greedy decoding measured on one core.
+    max_new_tokens: int = Field(64, gt=0, description="Longest response generated, in tokens.")
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 (the default) decodes greedily.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    num_prompts: int = Field(32, gt=0, description="Held-out prompts per dimension: a seeded sample of distinct "
+    num_prompts: int = Field(16, gt=0, description="Held-out prompts per dimension: a seeded sample of distinct "
                                                    "prompts of its eval split (all of them when it has fewer).")
-    batch_size: int = Field(8, gt=0, description="Prompts per generate() call.")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate() call (prompts of similar length together).")
     seed: int = Field(0, description="Picks the sample of prompts and seeds the sampling (the same for every model).")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers: generate() with a KV cache, any device; vllm: needs vLLM and a "
+                                    "CUDA GPU (refused otherwise).")
 
 
 class JudgeSettings(StrictModel):
@@ -539,6 +554,24 @@ class EvalConfig(StrictModel):
     gate: GateSettings = Field(default_factory=GateSettings, description="CI bounds checked on the result (exit 1).")
     plot: bool = Field(True, description="Write the PNG plot (needs matplotlib).")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the base model's repository.")
+
+
+# ----------------------------------------------------------------------------------------------- compare
+class CompareConfig(StrictModel):
+    """`spoctl compare`: several runs' models on the same held-out pairs, with paired bootstrap intervals."""
+
+    runs: list[Path] = Field(default_factory=list, description="The run directories (from `spoctl align`); the "
+                                                               "first is the one the others are compared with.")
+    dims: list[str] = Field(default_factory=list, description="Dimensions compared (default: the first run's); "
+                                                              "every run's prepared data must hold their eval pairs.")
+    batch_size: int = Field(16, gt=0, le=65536, description="Pairs per forward in the log-prob pass.")
+    logprob_chunk: int = Field(256, gt=0, le=1_048_576,
+                               description="Sequence positions per chunk when computing log-probs.")
+    bootstrap_resamples: int = Field(2000, ge=100, le=1_000_000,
+                                     description="Paired bootstrap resamples behind each 95% interval.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Seeds the bootstrap resamples (the same for every run).")
+    plot: Path | None = Field(Path("compare.png"), description="Where to write the Pareto plot (PNG); null: none.")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the base models' repositories.")
 
 
 # ----------------------------------------------------------------------------------------------- export

@@ -92,4 +92,8 @@ def align(
 
         return run_align(cfg, out)
 
-    execute(opts, build, "align", act, header=lambda cfg: DEMO_VIA_ALIGN if runs_demo(cfg) else None)
+    result = execute(opts, build, "align", act, header=lambda cfg: DEMO_VIA_ALIGN if runs_demo(cfg) else None)
+    if result is not None:
+        import shlex
+
+        out.info(f"next: spoctl eval --run {shlex.quote(result['run_dir'])}")

@@ -19,7 +19,8 @@ from .common import CommonOptions, command, execute, parse_assignments
 def prepare(
     data: Optional[list[str]] = typer.Option(
         None, "--data", "-d", help="DIM=SOURCE (repeatable): a local file, a dataset folder or a Hub dataset id, "
-                                   "optionally with ?split=test&data_dir=...&dim=... (docs/data-formats.md)."),
+                                   "optionally with ?split=test&data_dir=...&dim=...; the same DIM again mixes "
+                                   "sources (?weight=0.3: that share of a source's pairs) (docs/data-formats.md)."),
     format: Optional[str] = typer.Option(None, "--format", "-f", help=format_choices() + "."),
     columns: Optional[str] = typer.Option(
         None, "--columns", help="FIELD=COLUMN,...: which columns hold the fields, e.g. prompt=question,chosen=good,rejected=bad."),
@@ -43,7 +44,7 @@ def prepare(
 
     def build() -> PrepareConfig:
         flags = {
-            "data": parse_assignments(data, "--data", "helpful=hh/helpful.jsonl.gz"),
+            "data": parse_data(data),
             "format": format,
             "columns": parse_columns(columns),
             "model": model,
@@ -68,6 +69,20 @@ def prepare(
         return run_prepare(cfg, out, debug=debug)
 
     execute(opts, build, "prepare", act)
+
+
+def parse_data(items: list[str] | None) -> dict[str, str | list[str]] | None:
+    """`--data DIM=SOURCE` (repeatable); a DIM given again adds a source to mix into that dimension."""
+    if not items:
+        return None
+    grouped: dict[str, list[str]] = {}
+    for item in items:
+        for key, raw in parse_assignments([item], "--data", "helpful=hh/helpful.jsonl.gz").items():  # type: ignore[union-attr]
+            if raw in grouped.get(key, []):
+                raise UsageError(f"--data: dimension '{key}' is given twice with the same source {raw}; give each"
+                                 " source once (different sources under one DIM are mixed into that dimension)")
+            grouped.setdefault(key, []).append(raw)
+    return {k: v[0] if len(v) == 1 else v for k, v in grouped.items()}
 
 
 def parse_columns(text: str | None) -> dict[str, str] | None:
