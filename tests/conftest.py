@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# Tiny models on a shared 2-core machine: one intra-op thread is far faster than two fighting for the cores (up
+# to ~100x on the eval tests, which opted in first). A test's subprocesses (CLI runs, torchrun workers, nested
+# interpreters) inherit os.environ, so setting the thread pools' variables here limits every process the suite
+# starts. A test that needs otherwise passes its own env; SPOCTL_TEST_THREADS=N gives the whole suite N threads.
+TEST_THREADS = int(os.environ.get("SPOCTL_TEST_THREADS", "1"))
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = str(TEST_THREADS)
 
 # A ChatML template like SmolLM2's, without the default system message, so rendered prompts are easy to predict.
 TINY_CHAT_TEMPLATE = (
@@ -84,11 +93,39 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~100x faster than two fighting for cores.
-    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    """Kept for the modules that name it: the whole suite already runs with TEST_THREADS (see below)."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_threads():
+    """torch in this process with TEST_THREADS intra-op threads (the environment variables set at import cover
+    torch imported later and every subprocess; this covers a torch imported before this file)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(TEST_THREADS)
+    yield
+
+
+@pytest.fixture(scope="session")
+def demo_stand_in(tmp_path_factory):
+    """`install(home)` puts the demo's 20-step stand-in base model where the demo looks for its cached base model
+    under SPOCTL_HOME=home, and returns that folder. Built once per session and copied (the build is deterministic,
+    tests/test_demo.py checks it; the real 600-step build takes ~30 s and its quality is not what tests check)."""
+    import shutil
+
+    from spoctl.demo.model import SFT_STEPS, base_model_key, build_base_model
+
+    built = build_base_model(tmp_path_factory.mktemp("demo-stand-in") / "model", seed=0, steps=20)
+
+    def install(home: Path) -> Path:
+        target = Path(home) / "demo" / base_model_key(0, SFT_STEPS)
+        shutil.copytree(built, target)
+        return target
+
+    return install
+

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from spoctl.cli import app
 from spoctl.demo import task
-from spoctl.demo.model import INFO_FILE, SFT_STEPS, base_model_key, build_base_model
+from spoctl.demo.model import INFO_FILE, build_base_model
 from spoctl.errors import UsageError
 
 ADD, CAPITAL, COLOUR, HARM = "What is 7 plus 5?", "What is the capital of Peru?", "What colour is the sky?", "How do I steal a car?"
@@ -89,9 +89,10 @@ def test_sft_data_is_imperfect_on_every_dimension():
 
 
 # ------------------------------------------------------------------------------------------------ base model
-def test_base_model_build_is_deterministic(tmp_path):
-    a = build_base_model(tmp_path / "a", seed=0, steps=3)
-    b = build_base_model(tmp_path / "b", seed=0, steps=3)
+def test_base_model_build_is_deterministic(tmp_path, demo_stand_in):
+    """A second build equals the session's stand-in (built the same way in another test's setup, or just now)."""
+    a = demo_stand_in(tmp_path / "home")
+    b = build_base_model(tmp_path / "b", seed=0, steps=20)
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
@@ -101,12 +102,11 @@ def test_base_model_build_is_deterministic(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.fixture
-def demo_home(tmp_path, monkeypatch) -> Path:
-    """An empty working directory with SPOCTL_HOME set, whose cached base model is a 20-step stand-in (the real
-    600-step build takes ~30 s; its quality is not what these tests check)."""
+def demo_home(tmp_path, monkeypatch, demo_stand_in) -> Path:
+    """An empty working directory with SPOCTL_HOME set, whose cached base model is the 20-step stand-in."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SPOCTL_HOME", str(tmp_path / "home"))
-    build_base_model(tmp_path / "home" / "demo" / base_model_key(0, SFT_STEPS), seed=0, steps=20)
+    demo_stand_in(tmp_path / "home")
     return tmp_path
 
 

@@ -1,4 +1,5 @@
-"""Several real processes (gloo on CPU): FSDP2 against one process, frozen passes shared out over 1, 2 and 3
+"""Several real processes (gloo on CPU): DDP and FSDP2 against one process (one shared one-process run,
+`one_process`, is the reference of every full fine-tuning comparison), frozen passes shared out over 1, 2 and 3
 processes, a process killed with SIGKILL and the run resumed (on as many processes, and on another count), two
 rendezvous "nodes" on this machine, damaged checkpoints, and `spoctl eval`'s scorecard under two processes.
 
@@ -27,7 +28,7 @@ from safetensors.torch import load_file
 from test_engine_align import (ROUNDING_RATIO, ROUNDING_RUN, SPOCTL, _env, assert_same, assert_same_to_rounding,
                                run_cli, weights)
 from spoctl.rundir import RunDir  # noqa: E402
-from tinyworld import checkpoints, kill_when, make_model_dir, make_prepared, make_world
+from tinyworld import checkpoints, kill_when, make_world
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -65,6 +66,50 @@ def world(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("dist"), ["helpful", "harmless"])
 
 
+ROUNDING_ALIGN = ["align", "--dims", "helpful,harmless", *ROUNDING_RUN, "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def one_process(world, tmp_path_factory) -> tuple[Path, Path]:
+    """(run, its prepared data): the one-process ROUNDING_RUN training, in this process, that every full
+    fine-tuning run on several processes is compared with. Its own copy of the data, so it computes (and keeps)
+    its own frozen passes. Tests read it and never write into it."""
+    root = tmp_path_factory.mktemp("one-process")
+    data = copy_prepared(world[2], root / "prepared")
+    code, out = run_cli([*ROUNDING_ALIGN, "--full", "--data", str(data), "--out", str(root / "run")])
+    assert code == 0, out
+    return root / "run", data
+
+
+@pytest.fixture(scope="module")
+def ddp_run(world, tmp_path_factory) -> tuple[Path, Path]:
+    """(run, its prepared data): the same training as `one_process` on two DDP processes, frozen passes included."""
+    root = tmp_path_factory.mktemp("ddp")
+    data = copy_prepared(world[2], root / "prepared")
+    run(torchrun(2, *ROUNDING_ALIGN, "--data", str(data), "--out", str(root / "run")))
+    return root / "run", data
+
+
+def cache(data: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The frozen-pass cache of prepared data, by file name (the name holds the split and the model's fingerprint)."""
+    return {p.name: load_file(str(p)) for p in sorted((data / "cache" / "logps").glob("*.safetensors"))}
+
+
+def assert_same_logps(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    for part in ("chosen", "rejected"):
+        # Summed log-probs of tens of nats; a pair scored in other batch company differs by float32 rounding
+        # (~1e-6 relative); a pair put in the wrong place differs by whole nats.
+        torch.testing.assert_close(a[part], b[part], rtol=1e-4, atol=1e-4)
+
+
+def assert_trains_what_one_process_trains(run_dir: Path, one: Path, model_dir: Path) -> None:
+    """Both stages' weights to rounding (stage 2 measured from where it started, pi_1), and the logged metrics."""
+    for stage, base in (("01-helpful", load_file(str(model_dir / "model.safetensors"))),
+                        ("02-harmless", weights(one, "01-helpful"))):
+        assert_same_to_rounding(weights(run_dir, stage), weights(one, stage), base)
+    assert_metrics_same_to_rounding(metrics(run_dir), metrics(one))
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -100,16 +145,19 @@ def lora_init(model_dir: Path, stage: int, seed: int = 0) -> dict[str, torch.Ten
 
 # ------------------------------------------------------------------------------------------------- FSDP vs one
 @pytest.mark.parametrize("kind", ["full", "lora"])
-def test_fsdp_on_two_processes_trains_what_one_process_trains(world, tmp_path, kind):
+def test_fsdp_on_two_processes_trains_what_one_process_trains(world, tmp_path, kind, request):
     """Two stages, FSDP2 over two processes (full fine-tuning launched with the shipped accelerate config and with
     activation checkpointing; LoRA through torchrun and the setting, with CPU offload) against one plain process:
     the same weights and logged metrics to rounding."""
     root, model_dir, prepared = world
     extra = ["--lora", "--set", "lora.r=4"] if kind == "lora" else ["--full"]
-    common = ["align", "--dims", "helpful,harmless", *ROUNDING_RUN, "--quiet", *extra]
-    code, out = run_cli([*common, "--data", str(copy_prepared(prepared, tmp_path / "p1")), "--out",
-                         str(tmp_path / "one")])
-    assert code == 0, out
+    common = [*ROUNDING_ALIGN, *extra]
+    if kind == "full":
+        one = request.getfixturevalue("one_process")[0]
+    else:
+        one = tmp_path / "one"
+        code, out = run_cli([*common, "--data", str(copy_prepared(prepared, tmp_path / "p1")), "--out", str(one)])
+        assert code == 0, out
     two = [*common, "--data", str(copy_prepared(prepared, tmp_path / "p2")), "--out", str(tmp_path / "two")]
     if kind == "full":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -123,61 +171,71 @@ def test_fsdp_on_two_processes_trains_what_one_process_trains(world, tmp_path, k
     assert (manifest["distributed"]["source"], manifest["distributed"]["gradient_checkpointing"],
             manifest["distributed"]["cpu_offload"]) == (("accelerate config", True, False) if kind == "full"
                                                          else ("align.distributed", False, True))
-    for n, stage in enumerate(("01-helpful", "02-harmless"), start=1):
-        base = (load_file(str(model_dir / "model.safetensors")) if kind == "full" else lora_init(model_dir, n))
-        if kind == "full" and n == 2:
-            base = weights(tmp_path / "one", "01-helpful")  # stage 2 starts from pi_1
-        assert_same_to_rounding(weights(tmp_path / "two", stage), weights(tmp_path / "one", stage), base)
+    if kind == "full":
+        assert_trains_what_one_process_trains(tmp_path / "two", one, model_dir)
+    else:  # LoRA: each stage's adapter, measured from the adapter it started from
+        for n, stage in enumerate(("01-helpful", "02-harmless"), start=1):
+            assert_same_to_rounding(weights(tmp_path / "two", stage), weights(one, stage), lora_init(model_dir, n))
+        assert_metrics_same_to_rounding(metrics(tmp_path / "two"), metrics(one))
     # The stage models are plain Hugging Face folders, as one process writes them.
     for stage in ("01-helpful", "02-harmless"):
         assert sorted(p.name for p in (tmp_path / "two" / "stages" / stage / "model").iterdir()) == \
-            sorted(p.name for p in (tmp_path / "one" / "stages" / stage / "model").iterdir())
-    assert_metrics_same_to_rounding(metrics(tmp_path / "two"), metrics(tmp_path / "one"))
+            sorted(p.name for p in (one / "stages" / stage / "model").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------- DDP vs one
+def test_ddp_on_two_processes_trains_what_one_process_trains(world, one_process, ddp_run):
+    """Two DDP processes with the same global batch (each a half of it): the same weights of both stages and the
+    same logged metrics as one process, to rounding."""
+    run_dir, _ = ddp_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and manifest["distributed"]["name"] == "ddp"
+    assert_trains_what_one_process_trains(run_dir, one_process[0], world[1])
 
 
 # ------------------------------------------------------------------------------------------------- frozen passes
-def test_the_frozen_pass_on_1_2_and_3_processes_writes_the_same_cache(tmp_path):
-    """22 training and 7 eval pairs: 3 processes get 8/7/7 and 3/2/2 pairs (FSDP, so the one with fewer runs a
-    padding batch to keep the collective forwards in step). Each run computes its own cache: the same files
-    (same keys) with the same log-probs to rounding, every pair scored once."""
-    model = make_model_dir(tmp_path / "model")
-    prepared = make_prepared(tmp_path / "prepared", model, ["helpful"], n_train=22, n_eval=7, seed=3)
-    args = ["align", "--dims", "helpful", "--batch-size", "6", "--max-steps", "1", "--lr", "1e-3", "--quiet",
-            "--set", "frozen_batch_size=2"]
-    caches = {}
-    for n, how in ((1, []), (2, ["--set", "distributed=ddp"]), (3, ["--set", "distributed=fsdp"])):
-        data = copy_prepared(prepared, tmp_path / f"p{n}")
-        out = tmp_path / f"run{n}"
-        if n == 1:
-            code, text = run_cli([*args, "--data", str(data), "--out", str(out)])
-            assert code == 0, text
-        else:
-            run(torchrun(n, *args, "--data", str(data), "--out", str(out), *how))
-        caches[n] = {p.name: load_file(str(p)) for p in sorted((data / "cache" / "logps").glob("*.safetensors"))}
-        stage = json.loads((out / "manifest.json").read_text())["stages"][0]
-        assert stage["cost"]["frozen_pairs_scored"] == 22 + 7  # all processes together, each pair once
-    assert len(caches[1]) == 2 and caches[1].keys() == caches[2].keys() == caches[3].keys()
-    for name, one in caches[1].items():
-        for n in (2, 3):
-            for part in ("chosen", "rejected"):
-                # Summed log-probs of tens of nats; a pair scored in other batch company differs by float32
-                # rounding (~1e-6 relative); a pair put in the wrong place differs by whole nats.
-                torch.testing.assert_close(caches[n][name][part], one[part], rtol=1e-4, atol=1e-4)
-        assert one["chosen"].shape == (22,) or one["chosen"].shape == (7,)
+def test_the_frozen_pass_on_1_2_and_3_processes_writes_the_same_cache(world, one_process, ddp_run, tmp_path):
+    """The frozen passes shared out over 2 (DDP) and 3 (FSDP) processes write the cache one process writes: the
+    same files with the same log-probs to rounding, and every pair scored once in all (each stage's count of
+    scored pairs equals one process's). Three processes get 8/8/8 training and 3/3/2 eval pairs; with two pairs a
+    batch the one with fewer eval pairs runs a padding batch to keep FSDP's collective forwards in step."""
+    one_run, one_data = one_process
+    ddp_dir, ddp_data = ddp_run
+    data = copy_prepared(world[2], tmp_path / "p3")
+    run(torchrun(3, "align", "--dims", "helpful", "--batch-size", "6", "--max-steps", "1", "--lr", "1e-3", "--quiet",
+                 "--set", "frozen_batch_size=2", "--set", "distributed=fsdp", "--data", str(data), "--out",
+                 str(tmp_path / "run3")))
+    stage = json.loads((tmp_path / "run3" / "manifest.json").read_text())["stages"][0]
+    assert stage["cost"]["frozen_pairs_scored"] == 24 + 8  # pi_0 on helpful's train and eval pairs, each once
+    scored = {name: [st["cost"]["frozen_pairs_scored"] for st in json.loads((d / "manifest.json").read_text())["stages"]]
+              for name, d in (("one", one_run), ("ddp", ddp_dir))}
+    assert scored["one"] == scored["ddp"] and all(scored["one"]), scored
+
+    one, two, three = cache(one_data), cache(ddp_data), cache(data)
+    # pi_0's entries have the same names everywhere (pi_1's name holds its fingerprint, which rounding changes).
+    base = {n for n in one if json.loads((one_run / "manifest.json").read_text())["base_fingerprint"][:16] in n}
+    assert len(base) == 4 and base <= two.keys(), (sorted(one), sorted(two))  # 2 dims x train, eval
+    assert len(three) == 2 and three.keys() <= base, (sorted(three), sorted(base))
+    assert len(two) == len(one)
+    for name in base:
+        assert one[name]["chosen"].shape in ((24,), (8,))
+        assert_same_logps(two[name], one[name])
+        if name in three:
+            assert_same_logps(three[name], one[name])
 
 
-def test_eval_scorecard_under_two_processes_equals_one_process(world, tmp_path):
-    root, _, prepared = world
+def test_eval_scorecard_under_two_processes_equals_one_process(one_process, tmp_path):
     run_dir = tmp_path / "run"
-    code, out = run_cli(["align", "--dims", "helpful,harmless", "--lr", "1e-2", "--batch-size", "4",
-                         "--max-steps", "2", "--quiet", "--data", str(copy_prepared(prepared, tmp_path / "p0")),
-                         "--out", str(run_dir)])
-    assert code == 0, out
+    shutil.copytree(one_process[0], run_dir)
     reports = {}
     for n in (1, 2):
-        data = copy_prepared(prepared, tmp_path / f"e{n}")  # its own cache: every model scored here
+        data = copy_prepared(one_process[1], tmp_path / f"e{n}")  # its own cache: every model scored here
         args = ["eval", str(run_dir), "--data", str(data), "--no-plot", "--json"]
-        run(torchrun(n, *args) if n > 1 else [*SPOCTL, *args])
+        if n == 1:
+            code, out = run_cli(args)
+            assert code == 0, out
+        else:
+            run(torchrun(n, *args))
         reports[n] = json.loads(RunDir(run_dir).eval_report_path.read_text())
         assert len(list((data / "cache" / "logps").glob("*.safetensors"))) == 3 * 2  # pi_0..pi_2 on 2 dims
     one, two = reports[1]["scorecard"], reports[2]["scorecard"]
@@ -279,15 +337,12 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one_and_the_result_is_u
 
 
 # ------------------------------------------------------------------------------------------------- two nodes
-def test_two_rendezvous_nodes_on_one_machine(world, tmp_path):
+def test_two_rendezvous_nodes_on_one_machine(world, one_process, tmp_path):
     """Two torchrun agents (--nnodes 2, c10d rendezvous on 127.0.0.1), one process each, FSDP: each "node" reads
     its own copy of the prepared data at its own path and has its own home and temporary folder; the run
     directory is shared. Only the global main process writes (the frozen-pass cache appears on one node only),
     and the result is the one-process result to rounding."""
     root, model_dir, prepared = world
-    code, out = run_cli(["align", "--dims", "helpful,harmless", *ROUNDING_RUN, "--quiet", "--data",
-                         str(copy_prepared(prepared, tmp_path / "p1")), "--out", str(tmp_path / "one")])
-    assert code == 0, out
     port, procs = free_port(), []
     for node in (0, 1):
         home = tmp_path / f"node{node}"
@@ -306,5 +361,5 @@ def test_two_rendezvous_nodes_on_one_machine(world, tmp_path):
     assert manifest["processes"] == 2
     written = [bool(list((tmp_path / f"node{n}" / "prepared").glob("cache/logps/*.safetensors"))) for n in (0, 1)]
     assert sorted(written) == [False, True], written
-    assert_same_to_rounding(weights(tmp_path / "two", "02-harmless"), weights(tmp_path / "one", "02-harmless"),
+    assert_same_to_rounding(weights(tmp_path / "two", "02-harmless"), weights(one_process[0], "02-harmless"),
                             load_file(str(model_dir / "model.safetensors")))

@@ -1,5 +1,5 @@
-"""The engine end to end on a tiny local model: determinism, resume after SIGKILL, two processes, LoRA lineage,
-NaN handling, locks, and the errors `spoctl align` promises."""
+"""The engine end to end on a tiny local model: determinism, resume after SIGKILL, LoRA lineage, NaN handling,
+locks, and the errors `spoctl align` promises. Runs on several processes are in test_distributed_runs.py."""
 
 from __future__ import annotations
 
@@ -279,18 +279,6 @@ def test_resume_after_sigkill_in_stage_2_gives_the_same_final_weights(world, tmp
     steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["stage"] == 2 and "stage2/harmless/loss" in l]
     assert steps == sorted(set(steps)), "the metrics log repeats steps after the resume"
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_process_with_the_same_global_batch(world, tmp_path):
-    _, _, prepared = world
-    args = ["align", "--dims", "helpful,harmless", "--data", str(prepared), *ROUNDING_RUN, "--quiet"]
-    subprocess.run([*SPOCTL, *args, "--out", str(tmp_path / "one")], check=True, env=_env())
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    subprocess.run([*torchrun, "-m", "spoctl", *args, "--out", str(tmp_path / "two")], check=True, env=_env())
-    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["processes"] == 2
-    one, two = weights(tmp_path / "one", "02-harmless"), weights(tmp_path / "two", "02-harmless")
-    assert_same_to_rounding(two, one, load_file(str(world[1] / "model.safetensors")))
 
 
 def test_label_smoothing_with_ipo_is_refused(world):

@@ -209,16 +209,14 @@ def test_mlflow_defaults_to_a_store_inside_the_run_directory(world, tmp_path, mo
 
 # ------------------------------------------------------------------------------------------- the demo, pinned
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run(tmp_path_factory, demo_stand_in):
     """The demo task and settings, two stages of 4 steps, on the 20-step stand-in base model the demo tests use (its
     weights hardly depend on the CPU: 20 SFT steps, against the real build's 600)."""
-    from spoctl.demo.model import SFT_STEPS, base_model_key, build_base_model
-
     root = tmp_path_factory.mktemp("demo-invariants")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPOCTL_HOME", str(root / "home"))
         mp.chdir(root)
-        build_base_model(root / "home" / "demo" / base_model_key(0, SFT_STEPS), seed=0, steps=20)
+        demo_stand_in(root / "home")
         result = CliRunner().invoke(app, ["align", "--dims", "helpful,harmless", "--max-steps", "4", "--out", "runs/p",
                                           "--quiet"], catch_exceptions=False)
         assert result.exit_code == 0, result.output

@@ -1,4 +1,4 @@
-"""`--keep DIM=FRACTION` (engine/keep.py): the pure rules, the offset re-weighting against the all-mode offset, and
+"""`--keep DIM=FRACTION` (engine/keep.py): the pure rules and
 the engine end to end on a tiny model: a slack constraint is plain SPO bit for bit, an impossible one grows its
 multiplier, replays and says it was violated, a resumed keeping stage ends where an uninterrupted one does, and
 the eval gate reads the same fractions."""
@@ -50,31 +50,6 @@ def metrics(run: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- pure rules
-def test_offset_reweighting_equals_the_all_mode_offset_for_the_same_weights():
-    """offset(previous, alpha) + mu * Delta r_1 is the all-mode offset with lambda_1 = alpha + mu; at stage 3 with two
-    kept dimensions, the all-mode offset with every lambda raised by its multiplier."""
-    g = torch.Generator().manual_seed(0)
-    D = torch.float64
-    n, b = 3, 32
-    chosen = [-torch.rand(b, generator=g, dtype=D) * 40 for _ in range(n)]
-    rejected = [-torch.rand(b, generator=g, dtype=D) * 40 for _ in range(n)]
-    betas, alpha = [0.1, 0.3], 0.5
-    weights = [[], losses.previous_mode_weights(alpha, 2)]
-    margins = losses.implicit_reward_margins(betas, weights, chosen, rejected)
-    lam = losses.previous_mode_weights(alpha, 3)  # [alpha^2, alpha]
-    base = losses.spo_offset_previous(alpha, betas[-1], chosen[2], rejected[2], chosen[1], rejected[1])
-    mus = [0.7, 2.5]
-    got = losses.reweighted_offset(base, mus, margins)
-    want = losses.spo_offset_all([w + m for w, m in zip(lam, mus)], margins)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    # All mode, float32: the same identity, to float32 rounding.
-    m32 = [m.float() for m in margins]
-    got32 = losses.reweighted_offset(losses.spo_offset_all([0.2, 0.0], m32), [0.0, 1.5], m32)
-    torch.testing.assert_close(got32, losses.spo_offset_all([0.2, 1.5], m32))
-    # Zero multipliers hand back the very tensor: nothing is recomputed, so a slack constraint is plain SPO.
-    assert losses.reweighted_offset(base, [0.0, 0.0], margins) is base
-
-
 def test_replay_loss_is_the_stage_loss_against_the_previous_model():
     pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
     rc, rr = torch.tensor([-3.5, -4.0]), torch.tensor([-3.5, -3.0])
@@ -85,18 +60,45 @@ def test_replay_loss_is_the_stage_loss_against_the_previous_model():
     assert h[1] < 0 < h[0] and got[1] > got[0]
 
 
-def test_dual_ascent_is_projected_and_normalised():
-    bound = K.threshold(2.0, 0.9)
-    assert bound == pytest.approx(1.8)
-    assert K.threshold(-1.0, 0.9) == pytest.approx(-1.1)  # never above the start for FRACTION <= 1
-    # Violated by 10% of the start value: one step of STEP_SIZE * 0.1, on any scale of margins.
-    assert K.dual_ascent(0.0, 1.6, bound, 2.0) == pytest.approx(K.STEP_SIZE * 0.1)
-    assert K.dual_ascent(0.0, 16.0, 18.0, 20.0) == pytest.approx(K.STEP_SIZE * 0.1)
-    # Slack: the multiplier falls, and never below zero.
-    assert K.dual_ascent(0.3, 2.0, bound, 2.0) == pytest.approx(0.3 - K.STEP_SIZE * 0.1)
-    assert K.dual_ascent(0.1, 3.0, bound, 2.0) == 0.0
-    # A start margin near zero cannot blow the step up.
-    assert K.dual_ascent(0.0, -1.0, 0.0, 1e-9) == pytest.approx(K.STEP_SIZE / K.MIN_SCALE)
+def test_the_keep_constraint_term_is_minus_beta_times_the_margin_and_its_gradient_is_the_constraints():
+    pc = torch.tensor([-3.0, -5.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-4.0, -2.0], dtype=torch.float64, requires_grad=True)
+    bc, br = torch.tensor([-3.5, -4.0], dtype=torch.float64), torch.tensor([-3.5, -3.0], dtype=torch.float64)
+    got = losses.keep_constraint_loss(0.5, pc, pr, bc, br)
+    v = losses.log_ratio_margin(pc, pr, bc, br)
+    torch.testing.assert_close(got, -0.5 * v)
+    got.sum().backward()
+    # Linear: the same pull (raise y_w, lower y_l) at every margin, unlike the sigmoid replay loss.
+    assert pc.grad.tolist() == [-0.5, -0.5] and pr.grad.tolist() == [0.5, 0.5]
+
+
+def test_the_pi_dual_step_is_projected_normalised_and_counts_time_in_shares_of_the_stage():
+    from spoctl.engine import dual
+
+    bound = dual.threshold(2.0, 0.9)
+    assert bound == pytest.approx(1.8) == pytest.approx(0.9 * 2.0)  # FRACTION x start for a start >= 0
+    assert dual.threshold(-1.0, 0.9) == pytest.approx(-1.1)  # never above the start for FRACTION <= 1
+    assert dual.threshold(-1.0, 1.2) == pytest.approx(-0.8)  # above 1 asks for more, whatever the sign
+    # The same relative violation gives the same step on any scale of margins.
+    e = dual.violation(1.6, bound, 2.0)
+    assert e == pytest.approx(0.1) == pytest.approx(dual.violation(16.0, 18.0, 20.0))
+    s = dual.dual_step(dual.Dual(), e, elapsed=0.05)
+    assert s.integral == pytest.approx(dual.KI * 0.05 * 0.1)
+    assert s.multiplier == pytest.approx(s.integral + dual.KP * 0.1)
+    # Slack with no integral: exactly zero (the stage stays plain SPO); never below zero.
+    assert dual.dual_step(dual.Dual(), -0.3, 0.05) == dual.Dual(0.0, 0.0)
+    assert dual.dual_step(dual.Dual(0.01, 0.05), -0.5, 0.5).multiplier == 0.0
+    # A margin scale of zero (stage i moved none of the pairs) is 1 nat, not a division by zero.
+    assert dual.margin_scale(0.0) == 1.0 and dual.margin_scale(0.4) == 0.4
+
+
+def test_the_lr_clock_is_the_share_of_the_stages_learning_rate_budget():
+    cfg = AlignConfig(dims=["a", "b"], scheduler="linear", warmup_ratio=0.1)
+    clock = K.lr_clock(cfg, 40)
+    assert clock[0] == 0.0 and clock[-1] == pytest.approx(1.0) and len(clock) == 41
+    assert all(b >= a for a, b in zip(clock, clock[1:]))
+    flat = K.lr_clock(AlignConfig(dims=["a", "b"], scheduler="constant", warmup_ratio=0.0), 40)
+    assert flat[4] == pytest.approx(0.1)
 
 
 def test_constraint_split_is_seeded_disjoint_and_bounded():
@@ -118,10 +120,10 @@ def test_plans_resolve_keep_per_stage():
     assert p1.keep is None and "keep" not in p1.to_manifest()
     assert p2.keep.targets == (K.KeepTarget("a", 1, 0.9),)
     assert p3.keep.targets == (K.KeepTarget("b", 2, 1.0),)  # the stage's own map replaces the global one
-    # Frozen models for stage 3 keeping b: pi_0, pi_2 (= b's own and the reference) on b's training pairs, and
-    # every earlier model on c's training pairs (the reward margins the multiplier re-weights).
+    # Frozen models for stage 3 keeping b: pi_0 (the constraint's base) and pi_2 (b's own stage: the start value) on
+    # b's training pairs; pi_1 is not needed there (the multiplier no longer re-weights the offset).
     need = p3.frozen_requests(["a", "b", "c"])
-    assert ("b", "train") in need[0] and ("b", "train") in need[2] and all(("c", "train") in need[k] for k in range(3))
+    assert ("b", "train") in need[0] and ("b", "train") in need[2] and ("b", "train") not in need[1]
     # Without keep the plan is what it was: no key in the manifest, the same identity.
     plain = stage_plans(AlignConfig(dims=["a", "b"]))[1]
     assert "keep" not in plain.to_manifest() and "keep_fractions" not in plain.manifest_entry(str)

@@ -5,7 +5,7 @@ on another (it did: an AVX-512 machine failed a weight comparison that passed he
 PyTorch picks its kernels by ATEN_CPU_CAPABILITY and MKL by MKL_ENABLE_INSTRUCTIONS, so the tests whose assertions
 are about rounding (layouts, kernels, process splits) are run again here in a subprocess with the kernels of
 other CPUs. A capability above what this CPU has is ignored by PyTorch, so "default" (no vector units) and "avx2"
-are what every x86 CPU can run.
+are what every x86 CPU can run. The sessions for the CPUs run side by side.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROUNDING_TESTS = [
     "tests/test_engine_logprobs.py",
     "tests/test_engine_align.py::test_attention_and_layout_settings_change_rounding_only",
-    "tests/test_engine_align.py::test_two_processes_match_one_process_with_the_same_global_batch",
+    "tests/test_distributed_runs.py::test_ddp_on_two_processes_trains_what_one_process_trains",
     "tests/test_distributed_runs.py::test_fsdp_on_two_processes_trains_what_one_process_trains[full]",
     "tests/test_engine_invariants.py::test_demo_first_steps_match_the_pinned_reference",
     "tests/test_engine_invariants.py::test_the_first_logged_loss_is_the_loss_at_zero_margin",
@@ -32,12 +32,31 @@ OTHER_CPUS = {
 }
 
 
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """One pytest session per other CPU, all started at once: each runs on one thread (conftest), so on a 2-core
+    machine they take a core each instead of queueing (the tests run one after the other inside a session).
+    Output goes to a file (a full pipe would stall a session while the other one is waited for)."""
+    started = {}
+    for cpu, kernels in sorted(OTHER_CPUS.items()):
+        folder = tmp_path_factory.mktemp(f"cpu-{cpu}")
+        with open(folder / "output.txt", "w") as out:
+            started[cpu] = (subprocess.Popen(
+                [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"--basetemp={folder / 'tmp'}",
+                 *ROUNDING_TESTS], cwd=ROOT, env={**os.environ, **kernels}, stdout=out, stderr=subprocess.STDOUT),
+                folder / "output.txt")
+    yield started
+    for proc, _ in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cpu", sorted(OTHER_CPUS))
-def test_rounding_comparisons_hold_with_another_cpus_kernels(cpu):
-    env = {**os.environ, **OTHER_CPUS[cpu]}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *ROUNDING_TESTS],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"with {OTHER_CPUS[cpu]}:\n{proc.stdout[-12000:]}\n{proc.stderr[-2000:]}"
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+def test_rounding_comparisons_hold_with_another_cpus_kernels(sessions, cpu):
+    proc, output = sessions[cpu]
+    proc.wait(timeout=1800)
+    text = output.read_text()
+    assert proc.returncode == 0, f"with {OTHER_CPUS[cpu]}:\n{text[-14000:]}"
+    assert " passed" in text and "skipped" not in text.splitlines()[-1], text[-2000:]

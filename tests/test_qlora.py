@@ -32,37 +32,44 @@ def world(tmp_path_factory):
     return root, model, prepared
 
 
+@pytest.fixture(scope="module")
+def qlora_run(world, tmp_path_factory):
+    """Two QLoRA stages on the world, made once: the tests below read it and never write into it."""
+    run = tmp_path_factory.mktemp("qlora-run") / "run"
+    code, out = align(world[2], run, *QLORA)
+    assert code == 0, out
+    return run
+
+
 def align(prepared, out, *args):
     r = CliRunner().invoke(app, ["align", "--dims", "helpful,harmless", "--data", str(prepared), "--out", str(out),
                                  "--quiet", *args], catch_exceptions=False)
     return r.exit_code, r.output
 
 
-def test_two_qlora_stages_train_adapters_on_the_quantized_chain(world, tmp_path):
+def test_two_qlora_stages_train_adapters_on_the_quantized_chain(world, qlora_run):
     _, model_dir, prepared = world
-    code, out = align(prepared, tmp_path / "run", *QLORA)
-    assert code == 0, out
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    manifest = json.loads((qlora_run / "manifest.json").read_text())
     assert manifest["quantize"] == {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "fp32"}
     for st in manifest["stages"]:
-        folder = tmp_path / "run" / st["checkpoint"]
+        folder = qlora_run / st["checkpoint"]
         assert (folder / "adapter_model.safetensors").exists() and not (folder / "model.safetensors").exists()
 
     # Stage 2's reference, rebuilt independently: the 4-bit base with stage 1's adapter merged into it. Its
     # log-probs are what the frozen pass cached for stage 2's training pairs.
     q = Quantization("nf4", True, "fp32")
-    pi1 = merge_adapter(load_causal_lm(str(model_dir), quantization=q), tmp_path / "run/stages/01-helpful/model").eval()
+    pi1 = merge_adapter(load_causal_lm(str(model_dir), quantization=q), qlora_run / "stages/01-helpful/model").eval()
     assert type(pi1.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     data = load_prepared(prepared)
     pairs = pairs_from_split(data.split("harmless", "train"))
     want = compute_logps(pi1, pairs, batch_size=8, pad_token_id=load_tokenizer(str(model_dir)).pad_token_id,
                          chunk_size=256, device=torch.device("cpu"))
-    chain = ModelChain(str(model_dir), RunDir(tmp_path / "run"), manifest)
+    chain = ModelChain(str(model_dir), RunDir(qlora_run), manifest)
     cached = LogpsCache(prepared / "cache" / "logps", data, chain.fingerprint, torch.float32).get(1, "harmless", "train")
     torch.testing.assert_close(cached.chosen, want.chosen, rtol=1e-5, atol=1e-4)
 
     # The float chain of the same adapters (what export merges) is another model: close, not equal, and keyed apart.
-    float_chain = ModelChain(str(model_dir), RunDir(tmp_path / "run"), manifest, quantized=False)
+    float_chain = ModelChain(str(model_dir), RunDir(qlora_run), manifest, quantized=False)
     assert float_chain.fingerprint(0) != chain.fingerprint(0)
     floats = compute_logps(float_chain.load(1), pairs, batch_size=8, pad_token_id=load_tokenizer(str(model_dir)).pad_token_id,
                            chunk_size=256, device=torch.device("cpu"))
@@ -79,12 +86,10 @@ def test_qlora_is_refused_without_lora_and_for_a_gguf_base(world, tmp_path, smol
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_export_merges_qlora_adapters_into_a_float_model(world, tmp_path):
+def test_export_merges_qlora_adapters_into_a_float_model(qlora_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    _, _, prepared = world
-    assert align(prepared, tmp_path / "run", *QLORA)[0] == 0
-    r = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "exp"),
+    r = CliRunner().invoke(app, ["export", "--run", str(qlora_run), "--out", str(tmp_path / "exp"),
                                  "--dtype", "fp32", "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exp"), dtype=torch.float32)

@@ -207,12 +207,11 @@ def _cases():
 
 
 @pytest.fixture(scope="module")
-def docs_env(shared_dir, tmp_path_factory):
-    """SPOCTL_HOME with a stand-in demo base model, and the environment every command runs in."""
-    from spoctl.demo.model import SFT_STEPS, base_model_key, build_base_model
-
+def docs_env(shared_dir, tmp_path_factory, demo_stand_in):
+    """SPOCTL_HOME with a stand-in demo base model, and the environment every command runs in (with conftest's
+    thread limits, as every process the suite starts)."""
     home = tmp_path_factory.mktemp("docs-home")
-    build_base_model(home / "demo" / base_model_key(0, SFT_STEPS), seed=0, steps=20)
+    demo_stand_in(home)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "SPOCTL_"))}
     env.update(SPOCTL_HOME=str(home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")

@@ -313,9 +313,19 @@ def _check_keep_fractions(keep: dict[str, float] | None) -> dict[str, float] | N
     return keep
 
 
+def _check_replay_shares(replay: dict[str, float] | None) -> dict[str, float] | None:
+    for dim, share in (replay or {}).items():
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"replay.{dim}={share:g}: SHARE is the pairs replayed per step as a share of the batch, "
+                             f"in (0, 1]: 0.2 adds 2 of {dim}'s pairs to a batch of 10, 1.0 as many as the batch "
+                             f"(leave {dim} out to replay none)")
+    return replay
+
+
 class KeepControl(StrictModel):
-    """How `keep` constraints are measured and enforced (docs/align.md, "Keeping earlier dimensions"). The dual
-    ascent step size is fixed (spoctl.engine.keep.STEP_SIZE): the constraint is normalised, so it needs no tuning."""
+    """How `keep` constraints are measured and enforced (docs/align.md, "Keeping earlier dimensions"). The
+    controller's gains are fixed (spoctl.engine.dual.KP, KI): the violation is normalised and time is counted in
+    shares of the stage, so they need no tuning per run (docs/method.md §6.3)."""
 
     every: int | None = Field(None, gt=0, le=COUNT_MAX, description="Measure each kept dimension's constraint and update its "
                                                       "multiplier every N optimizer steps (default: 20 times a stage).")
@@ -359,10 +369,19 @@ class StageOverrides(StrictModel):
                                                             "earlier dimension must keep at least FRACTION of its value "
                                                             "at the end of its own stage (replaces `align.keep` here).")
 
+    replay: dict[str, float] | None = Field(None, description="This stage's replay, DIM -> SHARE: each named earlier "
+                                                              "dimension's training pairs mixed into every batch "
+                                                              "(replaces `align.replay` here; {} replays none).")
+
     @field_validator("keep")
     @classmethod
     def _keep_range(cls, keep: dict[str, float] | None) -> dict[str, float] | None:
         return _check_keep_fractions(keep)
+
+    @field_validator("replay")
+    @classmethod
+    def _replay_range(cls, replay: dict[str, float] | None) -> dict[str, float] | None:
+        return _check_replay_shares(replay)
 
 
 class AlignConfig(StrictModel):
@@ -388,6 +407,10 @@ class AlignConfig(StrictModel):
                                        "above FRACTION of its value at the end of DIM's own stage, enforced by a "
                                        "Lagrange multiplier (docs/align.md).")
     keep_control: KeepControl = Field(default_factory=KeepControl, description="How `keep` is measured and enforced.")
+    replay: dict[DimName, float] = Field(default_factory=dict, description="DIM -> SHARE (--replay): every later "
+                                         "stage mixes SHARE x batch_size of DIM's training pairs into each batch, "
+                                         "trained with the stage's loss against its reference at a fixed weight "
+                                         "(rehearsal, the baseline for keep; docs/align.md).")
     loss: LossConfig = Field(default_factory=LossConfig, description="The per-pair loss.")
     # Optimisation
     learning_rate: LearningRate | None = Field(
@@ -478,6 +501,11 @@ class AlignConfig(StrictModel):
     def _keep_range(cls, keep: dict[str, float] | None) -> dict[str, float] | None:
         return _check_keep_fractions(keep)
 
+    @field_validator("replay")
+    @classmethod
+    def _replay_range(cls, replay: dict[str, float] | None) -> dict[str, float] | None:
+        return _check_replay_shares(replay)
+
     @model_validator(mode="after")
     def _default_learning_rate(self) -> "AlignConfig":
         if self.learning_rate is None:
@@ -499,17 +527,19 @@ class AlignConfig(StrictModel):
             for dim, st in self.stages.items():
                 if dim not in self.dims:
                     raise ValueError(f"stages.{dim}: no such dimension in dims {self.dims}")
-                for key, named in (("weights", st.weights), ("keep", st.keep)):
+                for key, named in (("weights", st.weights), ("keep", st.keep), ("replay", st.replay)):
                     for other in (named or {}):
                         if other not in self.dims or self.dims.index(other) >= self.dims.index(dim):
                             raise ValueError(f"stages.{dim}.{key}.{other}: {key} may only name dimensions aligned "
                                              f"before {dim!r}")
-            for dim in self.keep:
-                if dim not in self.dims:
-                    raise ValueError(f"keep.{dim}: no such dimension in dims {self.dims}")
-                if dim == self.dims[-1]:
-                    raise ValueError(f"keep.{dim}: {dim!r} is the last stage, so no later stage could lose it; "
-                                     "keep names a dimension aligned before another")
+            for key, named in (("keep", self.keep), ("replay", self.replay)):
+                for dim in named:
+                    if dim not in self.dims:
+                        raise ValueError(f"{key}.{dim}: no such dimension in dims {self.dims}")
+                    if dim == self.dims[-1]:
+                        raise ValueError(f"{key}.{dim}: {dim!r} is the last stage, so no later stage could "
+                                         + ("lose it" if key == "keep" else "replay it")
+                                         + f"; {key} names a dimension aligned before another")
         return self
 
 

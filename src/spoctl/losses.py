@@ -273,21 +273,6 @@ def reward_metrics(
 # --- keeping earlier dimensions (--keep; docs/align.md) -------------------------------------------------------
 
 
-def reweighted_offset(offset: Tensor, multipliers: Sequence[float], reward_margins: Sequence[Tensor]) -> Tensor:
-    """The SPO offset with earlier dimensions' weights raised by Lagrange multipliers: offset + sum_i mu_i * Delta r_i.
-
-    The offset is linear in the weights (`spo_offset_all`), so raising lambda_i^(n) by mu_i adds mu_i * Delta r_i,
-    whatever mode produced `offset`: the per-pair margins are computed once and re-weighting costs one multiply-add
-    per pair. `multipliers[j]` goes with `reward_margins[j]`. With every multiplier 0 it returns `offset` itself (the
-    same tensor, not a recomputed one), so a slack constraint leaves the stage plain SPO bit for bit.
-    """
-    if len(multipliers) != len(reward_margins):
-        raise ValueError(f"{len(multipliers)} multipliers for {len(reward_margins)} reward margins")
-    if not any(multipliers):
-        return offset
-    return offset + spo_offset_all(multipliers, reward_margins)
-
-
 def replay_loss(
     beta: float,
     policy_chosen: Tensor,
@@ -308,3 +293,15 @@ def replay_loss(
     """
     h = spo_logits(beta, policy_chosen, policy_rejected, prev_chosen, prev_rejected)
     return preference_loss(h, beta, loss_type, label_smoothing)
+
+
+def keep_constraint_loss(beta: float, policy_chosen: Tensor, policy_rejected: Tensor, base_chosen: Tensor,
+                         base_rejected: Tensor) -> Tensor:
+    """Per-pair -beta_n * Delta(pi_theta, pi_0) [B] on a kept dimension's replayed pairs: `--keep`'s Lagrangian term.
+
+    The constraint is v(theta) = mean Delta(pi_theta, pi_0) >= H over the dimension's pairs, so its Lagrangian term
+    is -mu * beta_n * (v - H): the mean of this over replayed pairs, times the multiplier, is an unbiased estimate of
+    it (H is a constant). Linear in the margin, its gradient is the constraint's own, at every margin: a fixed point
+    of the primal-dual loop is a KKT point of the constrained problem (engine/dual.py). beta_n puts mu on the stage
+    loss's scale (a new pair at zero margin pulls with beta_n / 2)."""
+    return -beta * log_ratio_margin(policy_chosen, policy_rejected, base_chosen, base_rejected)

@@ -23,6 +23,7 @@ ALIGN_FLAGS = [
     Flag("weights", ("--weight",), "pairs", metavar="DIM=W", convert=float, example="helpful=0.5"),
     Flag("beta", ("--beta",)),
     Flag("keep", ("--keep",), "pairs", metavar="DIM=FRACTION", convert=float, example="helpful=0.95"),
+    Flag("replay", ("--replay",), "pairs", metavar="DIM=SHARE", convert=float, example="helpful=0.2"),
     Flag("lora.enabled", ("--lora/--full",), "toggle"),
     Flag("quantize", ("--quantize",)),
     Flag("learning_rate", ("--lr",)),

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..fsutil import atomic_directory, sha256_file
 from .chain import hash_problems, size_problems
-from .distributed import Processes
+from .processes import Processes
 
 STATE_DIR = "state"
 RNG_DIR = "rng"

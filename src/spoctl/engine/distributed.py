@@ -18,115 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 
-from .. import errors
 from ..config import AlignConfig
-from ..errors import SpoctlError, UsageError
+from ..errors import UsageError
+from .processes import Processes
 
-T = TypeVar("T")
-
-
-# ------------------------------------------------------------------------------------------------- processes
-class Processes:
-    """This process's place among the run's processes, and the collectives spoctl uses (all no-ops alone)."""
-
-    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | None = None):
-        self.rank, self.world = rank, world
-        self.device = device or torch.device("cpu")
-
-    @classmethod
-    def current(cls, device: torch.device | None = None) -> "Processes":
-        """The processes of the initialised process group, else this process alone."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), device)
-        return cls(device=device)
-
-    @classmethod
-    def from_launcher(cls, device: torch.device) -> "Processes":
-        """For commands without an Accelerator of their own (`spoctl eval`): join the process group a launcher
-        (torchrun, accelerate launch) asked for in the environment, through accelerate, as `align` does."""
-        import torch.distributed as dist
-
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized()):
-            from accelerate import PartialState
-
-            PartialState(cpu=device.type == "cpu")
-        return cls.current(device)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def broadcast(self, value: T) -> T:
-        """The main process's `value` on every process (any picklable object; small ones)."""
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def share(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the main process only and give its result to every process. When it raises, every process
-        raises: a spoctl error with the same message (so each ends with the same exit code), anything else as a
-        RuntimeError naming it, while the main process keeps its own exception and traceback."""
-        result, failure = None, None
-        if self.main:
-            try:
-                result = fn()
-            except SpoctlError as err:
-                failure = (type(err).__name__, str(err), True)
-                if self.world == 1:
-                    raise
-            except Exception as err:
-                if self.world == 1:
-                    raise
-                self.broadcast((None, (type(err).__name__, str(err), False)))
-                raise
-        result, failure = self.broadcast((result, failure))
-        if failure is not None:
-            name, message, ours = failure
-            if ours:
-                raise getattr(errors, name, SpoctlError)(message)
-            raise RuntimeError(f"the main process failed ({name}: {message})")
-        return result
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum over the processes (on this process's device, as NCCL needs)."""
-        if self.world == 1:
-            return tensor
-        import torch.distributed as dist
-
-        tensor = tensor.to(self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def gather(self, value: T) -> list[T]:
-        """Every process's `value`, in rank order, on every process."""
-        if self.world == 1:
-            return [value]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, value)
-        return out
-
-    def barrier(self) -> None:
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        if self.device.type == "cuda":
-            dist.barrier(device_ids=[self.device.index or 0])
-        else:
-            dist.barrier()
+__all__ = ["DDP", "Distributed", "Processes", "Strategy", "resolve_strategy"]
 
 
 # ------------------------------------------------------------------------------------------------- strategy
@@ -264,126 +165,104 @@ def _check_combinations(cfg: AlignConfig, strategy: Strategy) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- at run time
-@dataclass
 class Distributed:
-    """The strategy at run time: how policies and frozen models are prepared, kept in sync and gathered back."""
+    """A strategy at run time: how policies and frozen models are prepared, kept in sync and gathered back. One
+    subclass per strategy (`DDP` here, `FSDP2` in engine/sharding.py), chosen by `align.distributed` through
+    engine/strategies.py: a new strategy is one subclass and one config value, and no caller branches on which."""
 
-    accelerator: Any
-    strategy: Strategy = field(default_factory=Strategy)
-    precision: str = "fp32"
-    procs: Processes = field(init=False)
-    _own_group: bool = field(default=False, init=False)
+    name = ""
+    # Only the main process reads weights; the others build the model on the meta device and receive their part
+    # from it (a node then holds one full copy in host memory, not one per process).
+    loads_on_main_only = False
+    # A forward pass needs every process (FSDP gathers each block's parameters from all of them).
+    collective_forward = False
+    # A frozen model's scorer can serve as the next stage's policy (a sharded frozen model is no policy).
+    frozen_model_is_policy = True
 
-    def __post_init__(self) -> None:
-        import torch.distributed as dist
+    def __init__(self, accelerator: Any, strategy: Strategy | None = None, precision: str | None = None):
+        from ..precision import normalize
 
-        if self.strategy.fsdp and not dist.is_initialized():
-            # FSDP needs a process group even alone (one process on one GPU: the same code path as eight).
-            backend = "nccl" if self.accelerator.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-            self._own_group = True
-        self.procs = Processes.current(self.accelerator.device)
-
-    @property
-    def fsdp(self) -> bool:
-        return self.strategy.fsdp
-
-    @property
-    def loads_on_main_only(self) -> bool:
-        """FSDP: only the main process reads weights; the others build the model on the meta device and receive
-        their shards from it, so a node holds one full copy in host memory, not one per process."""
-        return self.fsdp
+        # Not given: the accelerator's mixed precision (accelerate's "no" is fp32).
+        self.accelerator = accelerator
+        self.precision = precision or normalize(getattr(accelerator, "mixed_precision", None))
+        self.strategy = strategy or Strategy(self.name)
+        self.procs = Processes.current(accelerator.device)
 
     @property
     def parameter_device(self) -> torch.device:
-        """Where the trained parameters (and so the optimizer's work) live: the host under FSDP CPU offload."""
-        return torch.device("cpu") if self.fsdp and self.strategy.cpu_offload else self.accelerator.device
-
-    @property
-    def collective_forward(self) -> bool:
-        """A forward pass needs every process (FSDP gathers each block's parameters from all of them)."""
-        return self.fsdp
+        """Where the trained parameters (and so the optimizer's work) live."""
+        return self.accelerator.device
 
     def close(self) -> None:
-        if self._own_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-            self._own_group = False
-
-    # ---- preparing models ------------------------------------------------------------------------------
-    def prepare_training(self, scorer: torch.nn.Module,
-                         make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]) -> tuple[Any, Any]:
-        """(the scorer as it trains, its optimizer). The optimizer is made over the parameters as they are after
-        preparing (FSDP replaces them with shards)."""
-        if not self.fsdp:
-            optimizer = make_optimizer(scorer.model)
-            return self.accelerator.prepare(scorer, optimizer)
-        from .sharding import shard_and_fill
-
-        shard_and_fill(scorer, self.strategy, self.procs, param_dtype=self._param_dtype(), training=True)
-        return scorer, make_optimizer(scorer.model)
-
-    def prepare_frozen(self, model: torch.nn.Module, chunk_size: int) -> torch.nn.Module:
-        """A scorer of a frozen model for a no-grad pass."""
-        from .logprobs import SequenceScorer
-
-        if not self.fsdp:
-            return SequenceScorer(model.to(self.accelerator.device), chunk_size=chunk_size)
-        from .sharding import shard_and_fill
-
-        model.requires_grad_(False)
-        scorer = SequenceScorer(model, chunk_size=chunk_size)
-        shard_and_fill(scorer, self.strategy, self.procs, param_dtype=self._param_dtype(), training=False)
-        return scorer
+        """Release what the strategy set up for itself (a process group of its own)."""
 
     def _param_dtype(self) -> torch.dtype | None:
         from ..precision import dtype_of
 
         return None if self.precision == "fp32" else dtype_of(self.precision)
 
+    # ---- preparing models ------------------------------------------------------------------------------
+    def prepare_training(self, scorer: torch.nn.Module,
+                         make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]) -> tuple[Any, Any]:
+        """(the scorer as it trains, its optimizer). The optimizer is made over the parameters as they are after
+        preparing (FSDP replaces them with shards)."""
+        raise NotImplementedError
+
+    def prepare_frozen(self, model: torch.nn.Module, chunk_size: int) -> torch.nn.Module:
+        """A scorer of a frozen model for a no-grad pass."""
+        raise NotImplementedError
+
     # ---- during training -------------------------------------------------------------------------------
     def no_sync(self, scorer: Any) -> contextlib.AbstractContextManager:
-        """For micro-batches before the last of a step. DDP: accumulate locally, all-reduce once. FSDP reduces
-        every micro-batch's gradients to shards as they come, so that no process ever holds whole gradients
-        (deferring would keep them unsharded until the step: the memory FSDP is there to save)."""
-        return contextlib.nullcontext() if self.fsdp else self.accelerator.no_sync(scorer)
+        """For micro-batches before the last of a step."""
+        raise NotImplementedError
 
     def clip_grad_norm_(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
         """Clip to `max_norm` (inf: only measure) and return the norm of the whole, unsharded gradient."""
-        if not self.fsdp:
-            return float(self.accelerator.clip_grad_norm_(params, max_norm))
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        raise NotImplementedError
 
     def evaluation_scorer(self, scorer: Any) -> Any:
-        """The scorer an evaluation pass calls: DDP's replica without the DDP wrapper (whose forward may
-        communicate), FSDP's sharded scorer itself (its forward is collective)."""
-        return scorer if self.fsdp else self.accelerator.unwrap_model(scorer)
+        """The scorer an evaluation pass (and a checkpoint) calls."""
+        raise NotImplementedError
 
     def trained_model(self, scorer: Any) -> torch.nn.Module:
-        """The trained causal LM inside the scorer, FSDP's resharded (ready for its state to be gathered)."""
-        if not self.fsdp:
-            return self.accelerator.unwrap_model(scorer).model
-        from .sharding import reshard
-
-        reshard(scorer)
-        return scorer.model
+        """The trained causal LM inside the scorer, ready for `full_state`."""
+        raise NotImplementedError
 
     def full_state(self, model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
-        """FSDP: the whole (trainable) state of a sharded model, gathered on the main process's CPU ({} on the
-        others; every process must call it). DDP: None -- the model is whole on every process already."""
-        if not self.fsdp:
-            return None
-        from .sharding import full_state_dict
-
-        return full_state_dict(model, trainable_only=trainable_only)
+        """The whole (trainable) state on the main process, where the model is not whole there already (None
+        then: save the model itself). Every process must call it."""
+        raise NotImplementedError
 
 
-@contextlib.contextmanager
-def distributed(accelerator: Any, strategy: Strategy, precision: str) -> Iterator[Distributed]:
-    d = Distributed(accelerator, strategy, precision)
-    try:
-        yield d
-    finally:
-        d.close()
+class DDP(Distributed):
+    """DistributedDataParallel through accelerate (also one process alone): every process holds the whole model."""
+
+    name = "ddp"
+
+    def prepare_training(self, scorer: torch.nn.Module,
+                         make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]) -> tuple[Any, Any]:
+        optimizer = make_optimizer(scorer.model)
+        return self.accelerator.prepare(scorer, optimizer)
+
+    def prepare_frozen(self, model: torch.nn.Module, chunk_size: int) -> torch.nn.Module:
+        from .logprobs import SequenceScorer
+
+        return SequenceScorer(model.to(self.accelerator.device), chunk_size=chunk_size)
+
+    def no_sync(self, scorer: Any) -> contextlib.AbstractContextManager:
+        """Accumulate locally, all-reduce once, at the step's last micro-batch."""
+        return self.accelerator.no_sync(scorer)
+
+    def clip_grad_norm_(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+
+    def evaluation_scorer(self, scorer: Any) -> Any:
+        """The replica without the DDP wrapper (whose forward may communicate)."""
+        return self.accelerator.unwrap_model(scorer)
+
+    def trained_model(self, scorer: Any) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(scorer).model
+
+    def full_state(self, model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+        return None  # whole on every process already

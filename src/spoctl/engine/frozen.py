@@ -25,7 +25,7 @@ from torch import nn
 from .batching import TokenPair, collate_pairs, inference_batches
 from ..fsutil import atomic_file
 from ..rundir import RunDir
-from .distributed import Processes
+from .processes import Processes
 from .logprobs import SequenceScorer, attention_window, batch_layout, resolve_layout, score_batch
 
 
@@ -165,10 +165,12 @@ def balanced_shards(lengths: Sequence[int], world: int) -> list[list[int]]:
 
 def score_pairs(scorer: nn.Module, pairs: Sequence[TokenPair], *, batch_size: int, pad_token_id: int,
                 device: torch.device, layout: str = "auto", procs: Processes | None = None,
-                collective: bool = False) -> FrozenLogps:
+                collective: bool = False, advance: Callable[[int], None] | None = None) -> FrozenLogps:
     """Summed completion log-probs of every pair under `scorer` (a `SequenceScorer`, possibly sharded), in pair
     order, on every process; each process scores its shard (`balanced_shards`). `collective`: the scorer's forward
-    needs every process (FSDP), so each runs the same number of batches, padding with a repeated short one."""
+    needs every process (FSDP), so each runs the same number of batches, padding with a repeated short one.
+    `advance(n)`: called after each batch with the pairs this process scored in it (progress display).
+    Callers go through `scoring.Scoring`, which adds the precision's autocast and the progress display."""
     procs = procs or Processes()
     model = getattr(scorer, "model", scorer)
     layout, window = resolve_layout(layout, model), attention_window(model)
@@ -191,6 +193,8 @@ def score_pairs(scorer: nn.Module, pairs: Sequence[TokenPair], *, batch_size: in
                 scored[0, idx] = c.float().cpu()
                 scored[1, idx] = r.float().cpu()
                 scored[2, idx] += 1
+                if advance is not None:
+                    advance(len(idx))
     if procs.world > 1:
         # Each pair is scored by one process and zero elsewhere, so the sum is exact.
         scored = procs.sum(scored).cpu()

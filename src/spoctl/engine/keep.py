@@ -1,22 +1,21 @@
-"""`--keep DIM=FRACTION`: hold an earlier dimension during a later stage (Lagrangian SPO with replay).
+"""`--keep DIM=FRACTION`: hold an earlier dimension during a later stage (a constrained stage, solved primal-dual).
 
 Stage n's problem (method §2) asks E[R_i] >= H_i of every earlier dimension i. Plain SPO turns that constraint into
 a weight chosen by hand; here it is enforced, one Lagrange multiplier mu_i per kept dimension:
 
 - **The constraint.** R_i is read the way the engine's forgetting view reads it: the implicit-reward margin
   Delta(pi_theta, pi_0) = log(pi_theta/pi_0)(y_w) - log(pi_theta/pi_0)(y_l), averaged over a *constraint split* of
-  dimension i's pairs. H_i is FRACTION of that average at the end of stage i (from the frozen pi_i and pi_0).
-- **The multiplier**, by projected dual ascent every K steps on the normalised violation:
-      mu_i <- max(0, mu_i + STEP_SIZE * (H_i - v_i) / |v_i at the end of stage i|)
-  Normalised, the violation is "the share of what stage i learnt that is missing", the same scale on every model,
-  beta and dataset: hence one documented step size and no tuning per run.
-- **Where it acts.** (a) Dimension i's weight in the SPO offset becomes lambda_i + mu_i; the offset is linear in the
-  weights, so the per-pair implicit reward margins Delta r_i on the stage's pairs are computed once and the offset
-  is re-weighted at each update for one multiply-add per pair (`losses.reweighted_offset`). (b) Replay: a few of
-  dimension i's own training pairs join every step, with the stage's loss against pi_{n-1} weighted by mu_i
-  (`losses.replay_loss`). (a) alone fails where every new pair conflicts with dimension i alike (the offset then
-  lowers every pair's weight alike, and Adam undoes a uniform scale); (b) is a gradient towards R_i itself.
-  While every multiplier is 0 neither runs: the stage is plain SPO, bit for bit.
+  dimension i's pairs (v_i). H_i = `dual.threshold(start, FRACTION)`, start = v_i at the end of stage i.
+- **The Lagrangian term**, its exact gradient: mu_i * mean over replayed pairs of dimension i of
+  -beta_n * Delta(pi_theta, pi_0) (`losses.keep_constraint_loss`). Linear in the margin, so a fixed point of the loop
+  is a KKT point of the constrained problem (engine/dual.py; tests/test_keep_convergence.py against bisection).
+- **The multiplier**, a PI function of the normalised violation, measured every K steps (`dual.dual_step`).
+  While every multiplier is 0 nothing of this runs: the stage is plain SPO, bit for bit.
+
+Why the multiplier no longer also raises the SPO offset (it did until issue 20): the offset is the Lagrangian term of
+a different constraint (E_pi[R_i], method §3), which is not what is measured; one multiplier driving both terms
+settled where neither problem's multiplier is (0.31 against the true 0.18 on the tabular problem). And the DPO-loss
+replay it also drove is rehearsal, now its own baseline, `--replay DIM=SHARE`, at a fixed weight.
 
 **Why the mean margin, not the accuracy users read.** The constraint split comes from training pairs that stage i
 fitted, so their accuracy starts near 1 and stays there while the margins erode, then falls in a step once many
@@ -44,26 +43,24 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .. import losses
-from .batching import TokenPair, collate_pairs, local_micro_batches
-from .frozen import FrozenLogps, score_pairs
-from .logprobs import attention_window, batch_layout, resolve_layout, score_batch
+from . import dual
+from .dual import threshold  # noqa: F401  (the bound's one definition; evaluate.gate reads it from here)
+from .batching import TokenPair
+from .frozen import FrozenLogps
+from .replay import replay_backward, replay_draw
+from .scoring import run_scoring
 
 if TYPE_CHECKING:
     from ..config import AlignConfig
     from .distributed import Distributed
-    from .plan import StagePlan
 
-# Dual ascent step on the normalised violation. Derivation: a violation of 10% of the kept value, sustained over a
-# quarter of a stage (5 of its 20 updates), should bring the multiplier to 1 -- an earlier dimension then weighs as
-# much as the new one: 0.1 * 5 * STEP_SIZE = 1.
-STEP_SIZE = 2.0
+# engine.plan.StagePlan: not imported, as plan.py builds stages' keep plans (engine/extensions.py).
+StagePlan = Any
+
 UPDATES_PER_STAGE = 20  # default K = total steps / 20
 MAX_CONSTRAINT_PAIRS = 256  # "a few hundred pairs at most": the measurement is a forward pass over them every K steps
 CONSTRAINT_SHARE = 4  # default constraint split: a quarter of the dimension's training pairs (the rest can be replayed)
 REPLAY_SHARE = 4  # default replay pairs per step: a quarter of the batch
-# A margin at the end of stage i below this many nats counts as this much when normalising the violation, so a stage
-# that learnt almost nothing cannot make the step size explode.
-MIN_SCALE = 0.1
 
 
 @dataclass(frozen=True)
@@ -83,15 +80,12 @@ class KeepPlan:
     replay_pairs: int | None = None
 
     def frozen_requests(self, index: int, dim: str) -> dict[int, list[tuple[str, str]]]:
-        """pi_0, pi_i and pi_{n-1} on each kept dimension's training pairs (start value, constraint, replay
-        reference), and every earlier model on the stage's own training pairs (the implicit reward margins the
-        multipliers re-weight)."""
+        """pi_0 and pi_i on each kept dimension's training pairs: the start value and bound (pi_i against pi_0 on the
+        constraint split) and the constraint's base (pi_0, on the split and on the replayed pairs)."""
         need: dict[int, list[tuple[str, str]]] = {}
         for t in self.targets:
-            for k in (0, t.stage, index - 1):
+            for k in (0, t.stage):
                 need.setdefault(k, []).append((t.dim, "train"))
-        for k in range(index):
-            need.setdefault(k, []).append((dim, "train"))
         return {k: list(dict.fromkeys(v)) for k, v in need.items()}
 
 
@@ -108,17 +102,6 @@ def keep_plan(cfg: "AlignConfig", index: int, stage_keep: dict[str, float] | Non
 
 
 # ------------------------------------------------------------------------------------------------ small pure rules
-def threshold(start: float, fraction: float) -> float:
-    """H = FRACTION of the value at the end of the dimension's own stage; for a value <= 0 (a stage that learnt
-    nothing there) the same distance below it, so the bound is never above the start for FRACTION <= 1."""
-    return start - (1.0 - fraction) * abs(start)
-
-
-def dual_ascent(multiplier: float, value: float, bound: float, scale: float, step: float = STEP_SIZE) -> float:
-    """Projected dual ascent on the normalised violation (bound - value) / scale."""
-    return max(0.0, multiplier + step * (bound - value) / max(abs(scale), MIN_SCALE))
-
-
 def every_steps(every: int | None, total: int) -> int:
     return every or max(1, round(total / UPDATES_PER_STAGE))
 
@@ -153,17 +136,22 @@ class KeptDim:
     start_margin: float  # mean Delta(pi_i, pi_0) on the constraint split
     start_accuracy: float
     bound: float  # H_i
+    scale: float  # the violation's unit: mean |Delta(pi_i, pi_0)| on the constraint split (dual.margin_scale)
     pool: list[TokenPair]  # replayable training pairs (never the constraint split, unless it is all of them)
-    pool_prev: FrozenLogps  # pi_{n-1} on the pool
-    reward_margin: torch.Tensor  # Delta r_i on stage n's training pairs
+    pool_base: FrozenLogps  # pi_0 on the pool: the constraint term's base
     overlap: bool  # the constraint split is all the training data, so replay trains on it
     n_train: int
-    multiplier: float = 0.0
+    control: dual.Dual = field(default_factory=dual.Dual)
     trajectory: list[dict[str, float]] = field(default_factory=list)
     replayed: int = 0  # replay pairs trained on (global)
 
+    @property
+    def multiplier(self) -> float:
+        return self.control.multiplier
+
     def state(self) -> dict[str, Any]:
-        return {"multiplier": self.multiplier, "trajectory": self.trajectory, "replayed": self.replayed}
+        return {"multiplier": self.multiplier, "integral": self.control.integral, "trajectory": self.trajectory,
+                "replayed": self.replayed}
 
 
 def _subset(logps: FrozenLogps, idx: list[int]) -> FrozenLogps:
@@ -176,7 +164,6 @@ def kept_dims(plan: "StagePlan", seed: int, split_pairs: Callable[[str, str], li
     """Everything the keeping needs from frozen models, resolved to tensors (`logps(k, dim, split)` reads pi_k's
     frozen log-probs; the plan's `frozen_requests` made sure they exist)."""
     assert plan.keep is not None
-    margins = plan.reward_margins(lambda k: logps(k, plan.dim, "train"))
     out = []
     for t in plan.keep.targets:
         pairs = split_pairs(t.dim, "train")
@@ -185,10 +172,11 @@ def kept_dims(plan: "StagePlan", seed: int, split_pairs: Callable[[str, str], li
         base, own = _subset(logps(0, t.dim, "train"), cidx), _subset(logps(t.stage, t.dim, "train"), cidx)
         start = losses.log_ratio_margin(own.chosen, own.rejected, base.chosen, base.rejected)
         kd = KeptDim(target=t, constraint=[pairs[i] for i in cidx], base=base, start_margin=float(start.mean()),
-                     start_accuracy=float((start > 0).float().mean()), bound=0.0, pool=[pairs[i] for i in pool],
-                     pool_prev=_subset(logps(plan.reference, t.dim, "train"), pool),
-                     reward_margin=margins[t.stage - 1], overlap=size == len(pairs), n_train=len(pairs))
-        kd.bound = threshold(kd.start_margin, t.fraction)
+                     start_accuracy=float((start > 0).float().mean()), bound=0.0,
+                     scale=dual.margin_scale(float(start.abs().mean())), pool=[pairs[i] for i in pool],
+                     pool_base=_subset(logps(0, t.dim, "train"), pool), overlap=size == len(pairs),
+                     n_train=len(pairs))
+        kd.bound = dual.threshold(kd.start_margin, t.fraction)
         if kd.overlap:
             warn(f"stage {plan.index} ({plan.dim}): the constraint split of {t.dim} is all {len(pairs)} of its "
                  "training pairs, so replay trains on the pairs the constraint is measured on")
@@ -216,59 +204,43 @@ class Keeper:
         self.seconds = {"measure": 0.0, "replay": 0.0}
         self.tokens = 0.0  # replay tokens (global)
         self.measured_pairs = 0
-        self._offset = base_offset
         self._replay_loss: dict[str, float] = {}
+        self._clock = lr_clock(cfg, total)
+        self._measured_at = 0  # the step of the last measurement (0: the stage's start)
 
     # ---- (a) the offset -------------------------------------------------------------------------------
     @property
     def offset_train(self) -> torch.Tensor:
-        return self._offset
+        """The stage's own SPO offset, unchanged: the multipliers act through the constraint term only (module doc)."""
+        return self.base_offset
 
-    def _reweight(self) -> None:
-        self._offset = losses.reweighted_offset(self.base_offset, [k.multiplier for k in self.kept],
-                                                [k.reward_margin for k in self.kept])
-
-    # ---- (b) replay -----------------------------------------------------------------------------------
+    # ---- (b) the constraint term on replayed pairs ------------------------------------------------------------------------------------
     def _replay_batch(self, kd: KeptDim, step: int) -> list[int]:
         """The pool indices replayed at `step`: a pure function of (seed, stage, dimension, step), so a resumed
         stage replays what an uninterrupted one would."""
-        seed = ((self.cfg.seed * 1000 + self.plan.index) * 1_000_003 + step) * 7919 + zlib.crc32(kd.target.dim.encode())
-        perm = torch.randperm(len(kd.pool), generator=torch.Generator().manual_seed(seed)).tolist()
-        return [perm[j % len(perm)] for j in range(self.replay_pairs)]
+        return replay_draw(self.cfg.seed, self.plan.index, kd.target.dim, step, len(kd.pool), self.replay_pairs)
 
     def replay(self, step: int, scorer: Any) -> float:
-        """Backward the replay loss of every dimension whose multiplier is positive, under no_sync (the stage's own
+        """Backward mu_i times the constraint term (`losses.keep_constraint_loss`) of every dimension whose multiplier
+        is positive, under no_sync (the stage's own
         last micro-batch synchronises the accumulated gradient). Returns the replay tokens (all processes)."""
         active = [kd for kd in self.kept if kd.multiplier > 0]
         if not active:
             return 0.0
         started = time.perf_counter()
-        acc, plan, loss_cfg = self.acc, self.plan, self.plan.loss
-        model = acc.unwrap_model(scorer).model
-        layout, window = resolve_layout(self.cfg.layout, model), attention_window(model)
-        rank, world = acc.process_index, acc.num_processes
+        acc, plan = self.acc, self.plan
         sums = []
         for kd in active:
-            glob = self._replay_batch(kd, step)
-            lengths = [p.sort_length for p in kd.pool]
-            loss_sum, tokens = 0.0, 0
-            for idx in local_micro_batches(glob, lengths, rank, world, self.cfg.micro_batch_size):
-                with acc.no_sync(scorer), acc.autocast():
-                    pairs = [kd.pool[i] for i in idx]
-                    batch = collate_pairs(pairs, self.pad, batch_layout(layout, pairs, window)).to(acc.device)
-                    pc, pr, _, _ = score_batch(scorer, batch)
-                    sel = torch.tensor(idx)
-                    # The stage's preference loss against pi_{n-1}, no offset and no SFT term: the Lagrangian's R_i
-                    # part only (an NLL term on the kept dimension's chosen responses would train them outright).
-                    per_pair = losses.replay_loss(plan.beta, pc.float(), pr.float(),
-                                                  kd.pool_prev.chosen[sel].to(pc.device),
-                                                  kd.pool_prev.rejected[sel].to(pc.device), loss_cfg.type,
-                                                  loss_cfg.label_smoothing)
-                    # Mean over the global replay batch (DDP averages over processes), weighted by the multiplier.
-                    acc.backward(kd.multiplier * per_pair.sum() * world / len(glob))
-                loss_sum += float(per_pair.detach().sum())
-                tokens += batch.n_tokens
-            sums += [loss_sum, float(tokens)]
+            def constraint_term(pc: torch.Tensor, pr: torch.Tensor, sel: torch.Tensor, kd: KeptDim = kd) -> torch.Tensor:
+                # The Lagrangian's constraint term, -beta_n * Delta(pi_theta, pi_0): its gradient is the
+                # constraint's own (engine/dual.py), whatever the stage's loss type.
+                return losses.keep_constraint_loss(plan.beta, pc, pr, kd.pool_base.chosen[sel].to(pc.device),
+                                                   kd.pool_base.rejected[sel].to(pc.device))
+
+            # Mean over the global replay batch (DDP averages over processes), weighted by the multiplier.
+            sums += replay_backward(scorer, kd.pool, self._replay_batch(kd, step), constraint_term,
+                                    weight=kd.multiplier, denominator=self.replay_pairs, cfg=self.cfg,
+                                    pad_token_id=self.pad, accelerator=acc)
         reduced = acc.reduce(torch.tensor(sums, device=acc.device), reduction="sum").tolist()
         step_tokens = 0.0
         for j, kd in enumerate(active):
@@ -282,42 +254,41 @@ class Keeper:
     # ---- measurement and dual ascent ------------------------------------------------------------------
     def _measure(self, scorer: Any) -> dict[str, tuple[float, float]]:
         """(mean margin, accuracy) of Delta(pi_theta, pi_0) on each constraint split, on every process: each scores
-        a share of the split and gets all the log-probs (`frozen.score_pairs`, as the eval views do), so every
+        a share of the split and gets all the log-probs (`scoring.Scoring`, as the eval views do), so every
         process takes the same multiplier step."""
         scorer = self.dist.evaluation_scorer(scorer)
         was_training = scorer.training
         scorer.eval()
         found = {}
-        with self.acc.autocast():
-            for kd in self.kept:
-                pol = score_pairs(scorer, kd.constraint, batch_size=self.cfg.frozen_batch_size, pad_token_id=self.pad,
-                                  device=self.acc.device, layout=self.cfg.layout, procs=self.dist.procs,
-                                  collective=self.dist.collective_forward)
-                m = losses.log_ratio_margin(pol.chosen, pol.rejected, kd.base.chosen, kd.base.rejected)
-                found[kd.target.dim] = (float(m.mean()), float((m > 0).float().mean()))
-                self.measured_pairs += len(kd.constraint)
+        scoring = run_scoring(self.dist, self.cfg, self.pad)
+        for kd in self.kept:
+            pol = scoring.score(scorer, kd.constraint)
+            m = losses.log_ratio_margin(pol.chosen, pol.rejected, kd.base.chosen, kd.base.rejected)
+            found[kd.target.dim] = (float(m.mean()), float((m > 0).float().mean()))
+            self.measured_pairs += len(kd.constraint)
         if was_training:
             scorer.train()
         return found
 
     def after_step(self, done: int, scorer: Any) -> dict[str, float]:
-        """After optimizer step `done`: every K steps measure the constraints and take a dual ascent step (at the
-        stage's last step measure only: nothing is left to act on). Returns the step's keep metrics."""
+        """After optimizer step `done`: every K steps measure the constraints and take a PI step (`dual.dual_step`;
+        at the stage's last step measure only: nothing is left to act on). Returns the step's keep metrics."""
         prefix = f"stage{self.plan.index}"
         metrics: dict[str, float] = {}
         if done % self.every == 0 or done == self.total:
             started = time.perf_counter()
             values = self._measure(scorer)
+            elapsed = self._clock[done] - self._clock[self._measured_at]
             for kd in self.kept:
                 margin, accuracy = values[kd.target.dim]
                 if done != self.total:
-                    kd.multiplier = dual_ascent(kd.multiplier, margin, kd.bound, kd.start_margin)
+                    kd.control = dual.dual_step(kd.control, dual.violation(margin, kd.bound, kd.scale), elapsed)
                 kd.trajectory.append({"step": done, "margin": margin, "accuracy": accuracy,
-                                      "multiplier": kd.multiplier})
+                                      "multiplier": kd.multiplier, "integral": kd.control.integral})
                 p = f"{prefix}/{kd.target.dim}/keep"
                 metrics.update({f"{p}/margin": margin, f"{p}/accuracy": accuracy, f"{p}/threshold": kd.bound,
                                 f"{p}/slack": margin - kd.bound})
-            self._reweight()
+            self._measured_at = done
             self.seconds["measure"] += time.perf_counter() - started
         for kd in self.kept:
             p = f"{prefix}/{kd.target.dim}/keep"
@@ -338,10 +309,11 @@ class Keeper:
         for kd in self.kept:
             s = state["dims"].get(kd.target.dim)
             if s:
-                kd.multiplier, kd.trajectory, kd.replayed = float(s["multiplier"]), list(s["trajectory"]), int(s["replayed"])
+                kd.control = dual.Dual(float(s.get("integral", s["multiplier"])), float(s["multiplier"]))
+                kd.trajectory, kd.replayed = list(s["trajectory"]), int(s["replayed"])
+                self._measured_at = max(self._measured_at, max((p["step"] for p in kd.trajectory), default=0))
         self.seconds = {k: float(v) for k, v in state["seconds"].items()}
         self.tokens, self.measured_pairs = float(state["tokens"]), int(state["measured_pairs"])
-        self._reweight()
 
     # ---- what users see -------------------------------------------------------------------------------
     @property
@@ -358,7 +330,7 @@ class Keeper:
                 "fraction": kd.target.fraction, "own_stage": kd.target.stage,
                 "constraint_pairs": len(kd.constraint), "train_pairs": kd.n_train, "overlap": kd.overlap,
                 "replay_pool": len(kd.pool), "replay_pairs_per_step": self.replay_pairs, "replayed_pairs": kd.replayed,
-                "every": self.every, "step_size": STEP_SIZE,
+                "every": self.every, "controller": {"kp": dual.KP, "ki": dual.KI}, "scale": kd.scale,
                 "start": {"margin": kd.start_margin, "accuracy": kd.start_accuracy}, "threshold": kd.bound,
                 "final": {"margin": last["margin"], "accuracy": last["accuracy"], "multiplier": last["multiplier"],
                           "satisfied": last["margin"] >= kd.bound},
@@ -375,16 +347,24 @@ class Keeper:
                 "keep_measured_pairs": self.measured_pairs, "keep_replay_tokens": int(self.tokens)}
 
 
-def start_keeping(plan: "StagePlan", cfg: "AlignConfig", dist: "Distributed", pad_token_id: int, train_pairs: int,
-                  base_offset: torch.Tensor, split_pairs: Callable[[str, str], list[TokenPair]],
-                  logps: Callable[[int, str, str], FrozenLogps], warn: Callable[[str], None]) -> Keeper | None:
-    """The stage's Keeper, or None when it keeps nothing (then nothing of this module runs)."""
-    if plan.keep is None:
-        return None
-    kept = kept_dims(plan, cfg.seed, split_pairs, logps, warn)
-    total = plan.total_steps(plan.steps_per_epoch(train_pairs))
-    return Keeper(kept, plan=plan, cfg=cfg, dist=dist, pad_token_id=pad_token_id, total=total,
-                  base_offset=base_offset)
+def lr_clock(cfg: "AlignConfig", total: int) -> list[float]:
+    """clock[s] = the share of the stage's learning-rate budget spent by the end of step s (clock[0] = 0,
+    clock[total] = 1), under the stage's own schedule (`train.make_scheduler`, the same warmup). The controller
+    counts time in it: K, the step count and the schedule then drop out of its gains (engine/dual.py)."""
+    from .train import make_scheduler  # train imports plan, which imports this module
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = make_scheduler(opt, cfg.scheduler, total, int(cfg.warmup_ratio * total))
+    lrs = []
+    for _ in range(total):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    budget = sum(lrs) or 1.0
+    clock = [0.0]
+    for lr in lrs:
+        clock.append(clock[-1] + lr / budget)
+    return clock
 
 
 def report(keeper: Keeper, plan: "StagePlan", train_seconds: float, info: Callable[[str], None],

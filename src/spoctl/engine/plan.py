@@ -8,14 +8,14 @@ identity all read it; nothing else re-derives it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
 from .. import losses
 from ..config import AlignConfig, LossConfig
-from .keep import KeepPlan, keep_plan
+from . import extensions
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,17 @@ class StagePlan:
     max_steps: int | None = None
     loss: LossConfig = field(default_factory=LossConfig)
     earlier: tuple[EarlierStage, ...] = ()  # stages 1..n-1, in order
-    keep: KeepPlan | None = None  # --keep: earlier dimensions this stage must hold (engine/keep.py)
+    # Stage extensions (engine/extension.py: --keep, --replay), in the order they act; none: plain SPO.
+    extensions: tuple[Any, ...] = ()
+
+    def extension(self, key: str) -> Any:
+        """This stage's plan of the extension named `key`, or None when it has none."""
+        return next((e for e in self.extensions if e.key == key), None)
+
+    @property
+    def keep(self) -> Any:
+        """The stage's --keep plan (engine/keep.py reads it), or None."""
+        return self.extension("keep")
 
     # ---- the method: which models, which weights -----------------------------------------------------------
     @property
@@ -106,8 +116,8 @@ class StagePlan:
         need: dict[int, list[tuple[str, str]]] = {k: list(own) for k in [self.reference, *self.offset_models]}
         base = need.setdefault(0, [])
         base += [(d, "eval") for d in all_dims if (d, "eval") not in base]
-        if self.keep is not None:
-            for k, requests in self.keep.frozen_requests(self.index, self.dim).items():
+        for ext in self.extensions:
+            for k, requests in ext.frozen_requests(self.index, self.dim).items():
                 have = need.setdefault(k, [])
                 have += [r for r in requests if r not in have]
         return need
@@ -116,8 +126,8 @@ class StagePlan:
         """What the manifest records of the plan: settings, models (as `describe(k)` names them) and weights."""
         entry = {"plan": self.to_manifest(), "reference_model": describe(self.reference),
                  "offset_models": [describe(k) for k in self.offset_models], "weights": self.earlier_weights}
-        if self.keep is not None:
-            entry["keep_fractions"] = {t.dim: t.fraction for t in self.keep.targets}
+        for ext in self.extensions:
+            entry.update(ext.manifest_entry())
         return entry
 
     # ---- training length -----------------------------------------------------------------------------------
@@ -130,10 +140,12 @@ class StagePlan:
         return min(steps, self.max_steps) if self.max_steps else steps
 
     def to_manifest(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = asdict(replace(self, earlier=(), extensions=()))
         d.pop("earlier")
-        if d["keep"] is None:  # a stage that keeps nothing records (and is identified by) exactly what it did before
-            d.pop("keep")
+        # Each extension under its key; a stage without extensions records (and is identified by) exactly what a
+        # plain SPO stage always did.
+        d.pop("extensions")
+        d.update({ext.key: ext.to_manifest() for ext in self.extensions})
         d["loss"] = self.loss.model_dump()
         return d
 
@@ -157,7 +169,7 @@ def stage_plans(cfg: AlignConfig) -> list[StagePlan]:
             learning_rate=pick("learning_rate"), epochs=pick("epochs"), batch_size=pick("batch_size"),
             max_steps=pick("max_steps"), loss=pick("loss"),
             earlier=tuple(EarlierStage(p.dim, p.beta, p.alpha, p.weight_vector) for p in plans),
-            keep=keep_plan(cfg, n, o.keep if o is not None else None),
+            extensions=tuple(e for e in (kind.plan(cfg, n) for kind in extensions.KINDS) if e is not None),
         )
         plans.append(plan)
     return plans

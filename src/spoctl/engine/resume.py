@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..config import AlignConfig
 from ..errors import UsageError
@@ -32,7 +33,7 @@ RUNTIME_KEYS = {"out", "resume", "report_to", "log_every", "save_every", "eval_e
                 "distributed", "fsdp"}
 # Set per stage (in each stage's plan) or by the data's content: not compared as shared settings.
 PER_STAGE_KEYS = {"dims", "data", "model", "stages", "beta", "alpha", "weights", "learning_rate", "epochs",
-                  "batch_size", "max_steps", "loss", "keep", "keep_control"}
+                  "batch_size", "max_steps", "loss", "keep", "keep_control", "replay"}
 # Plan fields that only set how long the stage trains: changing them continues from the latest checkpoint.
 SCHEDULE_KEYS = {"max_steps", "epochs"}
 
@@ -160,3 +161,61 @@ def with_later_defaults(old: dict[str, Any], new: dict[str, Any]) -> dict[str, A
 
 def _schedule_only(diffs: list[tuple[str, Any, Any]]) -> bool:
     return all(k.rsplit(".", 1)[-1] in SCHEDULE_KEYS for k, _, _ in diffs)
+
+
+# ------------------------------------------------------------------------------------------------ applied to a run
+def read_and_reopen(run: Any, identity: dict[str, Any], resume: bool) -> tuple[dict[str, Any] | None, Reopened]:
+    """On the main process: the manifest a run directory holds (None: none) and what this command may do with it."""
+    existing = run.read_manifest() if run.exists() else None
+    return existing, reopen(existing, identity, resume=resume, where=str(run.root),
+                            has_checkpoints=lambda i, d: run.latest_checkpoint(i, d) is not None)
+
+
+def verify_finished_models(chain: Any, plans: list[StagePlan], manifest: dict[str, Any], dims: list[str]) -> None:
+    """Check the files of every finished stage's model that an unfinished stage will read: as its starting policy
+    (pi_{n-1}) or as a frozen model (reference, offset, extensions). The same check the chain makes when it loads
+    them, made before anything is written, so a resume refused for a changed model leaves the run as it was; each
+    model is hashed once per run either way."""
+    done = {st["index"] for st in manifest["stages"] if st.get("status") == "completed"}
+    needed = {k for plan in plans if plan.index not in done
+              for k in (plan.index - 1, *plan.frozen_requests(dims))}
+    for k in sorted(needed & done):
+        chain.verify(k)
+
+
+def continue_manifest(manifest: dict[str, Any], reopened: Reopened, run: Any, dims: list[str], key: str,
+                      out: Any, main: bool) -> dict[str, Any]:
+    """The manifest of a run being continued, brought up to these settings: stages that start again from their
+    beginning lose their checkpoints, appended dimensions get pending entries."""
+    for index, why in reopened.restart.items():
+        st = manifest["stages"][index - 1]
+        if main:
+            out.warn(f"stage {index} ({st['dim']}) starts again from its beginning: {why}")
+            shutil.rmtree(run.checkpoints_dir(index, st["dim"]), ignore_errors=True)
+    for index, why in reopened.reschedule.items():
+        out.info(f"stage {index}: continuing from its latest checkpoint with a new schedule ({why})")
+    manifest["stages"] = run.stage_entries(dims, keep=manifest["stages"])
+    manifest.update(run_key=key, dims=dims)
+    return manifest
+
+
+def checkpoint_to_resume(run: Any, plan: StagePlan, total: int, procs: Any,
+                         warn: Callable[[str], None]) -> tuple[int, Any] | None:
+    """(step, folder) of the newest intact checkpoint a stage continues from, or None: it starts from step 0. A
+    checkpoint past the stage's (new, shorter) total is removed; metrics lines logged after the step training
+    continues from (by a crashed or restarted attempt) are dropped."""
+    from .checkpoint import intact_checkpoint
+
+    n, dim = plan.index, plan.dim
+    # The newest checkpoint whose files are as written (damaged ones are named, removed and skipped).
+    latest = intact_checkpoint(lambda: run.checkpoints(n, dim), procs, warn)
+    if latest and latest[0] > total:  # a resume that shortened the stage below where it had got to
+        warn(f"stage {n} ({dim}): its checkpoint at step {latest[0]} is past the new total of {total} steps;"
+             " the stage starts again from its beginning")
+        if procs.main:
+            shutil.rmtree(run.checkpoints_dir(n, dim), ignore_errors=True)
+        procs.barrier()
+        latest = None
+    if procs.main:
+        run.truncate_metrics_after(n, latest[0] if latest else 0)
+    return latest

@@ -12,13 +12,15 @@ process (one scatter per tensor), so no process but the main one ever holds the 
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import UsageError
-from .distributed import Processes, Strategy
+from .distributed import Distributed, Strategy
+from .processes import Processes
 
 
 def block_classes(model: nn.Module, strategy: Strategy) -> set[str]:
@@ -123,7 +125,69 @@ def full_state_dict(module: nn.Module, *, trainable_only: bool) -> dict[str, tor
                                                                  ignore_frozen_params=trainable_only))
 
 
-def is_sharded(module: Any) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+class FSDP2(Distributed):
+    """FSDP2 (`fully_shard`, ZeRO-3): every transformer block and the root are sharded over the processes. Only the
+    main process reads weights; the others receive their shards from it. It needs a process group even alone (one
+    process on one GPU runs the same code path as eight), and makes one when the launcher did not."""
 
-    return isinstance(module, FSDPModule)
+    name = "fsdp"
+    loads_on_main_only = True
+    collective_forward = True
+    frozen_model_is_policy = False  # FSDP prepares the policy anew from the unsharded model
+
+    def __init__(self, accelerator: Any, strategy: Strategy | None = None, precision: str | None = None):
+        import torch.distributed as dist
+
+        self._own_group = False
+        if not dist.is_initialized():
+            backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            self._own_group = True
+        super().__init__(accelerator, strategy, precision)
+
+    @property
+    def parameter_device(self) -> torch.device:
+        """The host under CPU offload."""
+        return torch.device("cpu") if self.strategy.cpu_offload else self.accelerator.device
+
+    def close(self) -> None:
+        if self._own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._own_group = False
+
+    def prepare_training(self, scorer: nn.Module,
+                         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> tuple[Any, Any]:
+        shard_and_fill(scorer, self.strategy, self.procs, param_dtype=self._param_dtype(), training=True)
+        return scorer, make_optimizer(scorer.model)
+
+    def prepare_frozen(self, model: nn.Module, chunk_size: int) -> nn.Module:
+        from .logprobs import SequenceScorer
+
+        model.requires_grad_(False)
+        scorer = SequenceScorer(model, chunk_size=chunk_size)
+        shard_and_fill(scorer, self.strategy, self.procs, param_dtype=self._param_dtype(), training=False)
+        return scorer
+
+    def no_sync(self, scorer: Any) -> contextlib.AbstractContextManager:
+        """FSDP reduces every micro-batch's gradients to shards as they come, so that no process ever holds whole
+        gradients (deferring would keep them unsharded until the step: the memory FSDP is there to save)."""
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, params: list[nn.Parameter], max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def evaluation_scorer(self, scorer: Any) -> Any:
+        """The sharded scorer itself (its forward is collective)."""
+        return scorer
+
+    def trained_model(self, scorer: Any) -> nn.Module:
+        """Resharded, ready for its state to be gathered."""
+        reshard(scorer)
+        return scorer.model
+
+    def full_state(self, model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+        """Gathered on the main process's CPU ({} on the others). Collective."""
+        return full_state_dict(model, trainable_only=trainable_only)

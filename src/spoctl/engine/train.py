@@ -21,11 +21,13 @@ from ..config import AlignConfig
 from ..errors import TrainingError
 from .batching import TokenPair, collate_pairs, epoch_order, local_micro_batches
 from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import Distributed
-from .frozen import FrozenLogps, score_pairs
+from .distributed import DDP, Distributed
+from .extension import StageExtension
+from .frozen import FrozenLogps
 from .logprobs import (SequenceScorer, attention_window, batch_layout, compile_backbone, resolve_layout,
                        score_batch)
 from .plan import StagePlan
+from .scoring import Scoring, run_scoring
 
 
 @dataclass
@@ -36,7 +38,8 @@ class StageData:
     ref_train: FrozenLogps  # pi_{n-1}
     offset_train: torch.Tensor  # the SPO constant per pair (zeros at stage 1 or alpha = 0)
     evals: dict[str, "EvalSet"] = field(default_factory=dict)  # by dimension
-    keep: Any = None  # engine.keep.Keeper with --keep: the multipliers, their offset and replay; None without
+    # Stage extensions at run time (engine/extension.py), in the order they act; none: plain SPO.
+    extensions: list[StageExtension] = field(default_factory=list)
 
 
 @dataclass
@@ -97,11 +100,12 @@ def wrap_lora(model: nn.Module, cfg: AlignConfig) -> nn.Module:
 
 def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: nn.Module, data: StageData,
                 pad_token_id: int, hooks: StageHooks,
-                dist: Distributed | None = None) -> tuple[nn.Module, dict[str, float]]:
+                dist: Distributed | None = None, scoring: Scoring | None = None) -> tuple[nn.Module, dict[str, float]]:
     """Train pi_n from pi_{n-1} (`policy`, already loaded and LoRA-wrapped if asked; under FSDP, on processes
     other than the main one, its skeleton on the meta device). Returns the trained model (unwrapped; under FSDP
     still sharded, see `Distributed.full_state`) and the final evaluation metrics. `dist`: DDP when not given."""
-    dist = dist or Distributed(accelerator)
+    dist = dist or DDP(accelerator)
+    scoring = scoring or run_scoring(dist, cfg, pad_token_id)
     prefix = f"stage{plan.index}/{plan.dim}"
     rank, world = accelerator.process_index, accelerator.num_processes
     lengths = [p.sort_length for p in data.train]
@@ -130,8 +134,8 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         meta = load_checkpoint(found[1], procs=dist.procs, scorer=dist.evaluation_scorer(scorer),
                                optimizer=optimizer, scheduler=scheduler)
         start = int(meta["step"])
-        if data.keep is not None:
-            data.keep.load_state(meta.get("keep"))
+        for ext in data.extensions:
+            ext.load_state(meta.get(ext.key))
         accelerator.print(f"{prefix}: resuming from step {start} ({found[1]})"
                           + (f"; it was written by {meta['processes']} processes, resharded to {dist.procs.world}:"
                              " the result equals an uninterrupted run to float rounding, not bit for bit"
@@ -148,9 +152,11 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         micro = local_micro_batches(global_batch, lengths, rank, world, cfg.micro_batch_size)
 
         sums: dict[str, torch.Tensor] = {}
-        offset_train = data.offset_train if data.keep is None else data.keep.offset_train
-        # --keep: earlier dimensions' replayed pairs, while their multipliers are positive (none otherwise).
-        keep_tokens = data.keep.replay(step, scorer) if data.keep is not None else 0.0
+        offset_train = data.offset_train
+        extra_tokens = 0.0
+        for ext in data.extensions:  # each may change the offset and backward an extra loss (under no_sync)
+            offset_train = ext.offset(offset_train)
+            extra_tokens += ext.before_step(step, scorer)
         for j, idx in enumerate(micro):
             last = j == len(micro) - 1
             sync = contextlib.nullcontext() if last else dist.no_sync(scorer)
@@ -205,54 +211,53 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        tokens_seen += totals.pop("tokens") + keep_tokens
+        tokens_seen += totals.pop("tokens") + extra_tokens
         metrics = {f"{prefix}/{k}": v for k, v in losses.metrics_from_sums(totals).items()}
         elapsed = time.perf_counter() - t0
         metrics.update({f"{prefix}/learning_rate": lr, f"{prefix}/grad_norm": grad_norm,
                         f"{prefix}/epoch": (step + 1) / steps_per_epoch,
                         f"{prefix}/tokens_per_second": tokens_seen / max(elapsed, 1e-9)})
         done = step + 1
-        if data.keep is not None:  # every K steps: measure the constraints, update the multipliers
-            metrics.update(data.keep.after_step(done, scorer))
+        for ext in data.extensions:
+            metrics.update(ext.after_step(done, scorer))
         if done % cfg.log_every == 0 or done == total:
             hooks.log({"step": done, **metrics})
         hooks.progress(done, total, metrics)
         if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
-            hooks.log({"step": done, **eval_metrics(accelerator, scorer, plan, data, pad_token_id, cfg, dist)})
+            hooks.log({"step": done, **eval_metrics(scorer, plan, data, scoring, dist)})
         if cfg.save_every and done % cfg.save_every == 0 and done != total:
             save_checkpoint(hooks.checkpoint_dir(done), procs=dist.procs, scorer=dist.evaluation_scorer(scorer),
                             optimizer=optimizer, scheduler=scheduler,
                             meta={"step": done, "stage": plan.index, "dim": plan.dim, "total": total,
                                   "strategy": dist.strategy.name,
-                                  **({"keep": data.keep.state()} if data.keep is not None else {})})
+                                  **{ext.key: ext.state() for ext in data.extensions}})
 
-    final = eval_metrics(accelerator, scorer, plan, data, pad_token_id, cfg, dist)
+    final = eval_metrics(scorer, plan, data, scoring, dist)
     hooks.log({"step": total, **final})
     return dist.trained_model(scorer), final
 
 
-def eval_metrics(accelerator: Any, scorer: nn.Module, plan: StagePlan, data: StageData, pad_token_id: int,
-                 cfg: AlignConfig, dist: Distributed | None = None) -> dict[str, float]:
+def eval_metrics(scorer: nn.Module, plan: StagePlan, data: StageData, scoring: Scoring,
+                 dist: Distributed) -> dict[str, float]:
     """Eval metrics: TRL's set against the reference on the stage's own dimension, and for every dimension
     evaluated the implicit reward of everything aligned so far, log(pi_theta / pi_0), so forgetting shows.
-    Every process scores a share of each eval split and gets all the log-probs (`frozen.score_pairs`)."""
-    dist = dist or Distributed(accelerator)
+    Every process scores a share of each eval split and gets all the log-probs (`scoring.Scoring`)."""
     scorer = dist.evaluation_scorer(scorer)
     was_training = scorer.training
     scorer.eval()
     out: dict[str, float] = {}
-    with accelerator.autocast():
-        for dim, ev in data.evals.items():
-            pol = score_pairs(scorer, ev.pairs, batch_size=cfg.frozen_batch_size, pad_token_id=pad_token_id,
-                              device=accelerator.device, layout=cfg.layout, procs=dist.procs,
-                              collective=dist.collective_forward)
-            prefix = f"stage{plan.index}/{dim}"
-            if ev.ref is not None:
-                m = losses.reward_metrics(plan.beta, pol.chosen, pol.rejected, ev.ref.chosen, ev.ref.rejected, ev.offset)
-                out.update({f"{prefix}/eval_{k}": v for k, v in m.items()})
-            base_margin = losses.log_ratio_margin(pol.chosen, pol.rejected, ev.base.chosen, ev.base.rejected)
-            out[f"{prefix}/eval_base_rewards/accuracies"] = float((base_margin > 0).float().mean())
-            out[f"{prefix}/eval_base_rewards/margins"] = float(base_margin.mean())
+    scoring.announce(f"stage {plan.index} ({plan.dim}): forgetting view on "
+                     f"{', '.join(f'{d}/eval' for d in data.evals)}: {sum(len(ev.pairs) for ev in data.evals.values())}"
+                     " pairs, one pass")
+    for dim, ev in data.evals.items():
+        pol = scoring.score(scorer, ev.pairs, label=f"stage{plan.index} forgetting view {dim}/eval")
+        prefix = f"stage{plan.index}/{dim}"
+        if ev.ref is not None:
+            m = losses.reward_metrics(plan.beta, pol.chosen, pol.rejected, ev.ref.chosen, ev.ref.rejected, ev.offset)
+            out.update({f"{prefix}/eval_{k}": v for k, v in m.items()})
+        base_margin = losses.log_ratio_margin(pol.chosen, pol.rejected, ev.base.chosen, ev.base.rejected)
+        out[f"{prefix}/eval_base_rewards/accuracies"] = float((base_margin > 0).float().mean())
+        out[f"{prefix}/eval_base_rewards/margins"] = float(base_margin.mean())
     if was_training:
         scorer.train()
     return out

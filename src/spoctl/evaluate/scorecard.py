@@ -78,8 +78,9 @@ class EvalLogps:
     GGUF or LoRA-chain models, loading costs far more than scoring a few hundred pairs."""
 
     def __init__(self, er: EvalRun, cfg: EvalConfig, device: torch.device):
-        from ..engine.distributed import Processes
         from ..engine.frozen import LogpsCache, logps_cache_dir
+        from ..engine.processes import Processes
+        from ..engine.scoring import Scoring
         from ..precision import dtype_of, normalize
 
         self.er, self.cfg, self.device = er, cfg, device
@@ -90,6 +91,8 @@ class EvalLogps:
         self.dtype = dtype_of(precision)
         # Under several processes (torchrun -m spoctl eval) each scores a share of the pairs; the main one writes.
         self.procs = Processes.from_launcher(device)
+        self.scoring = Scoring(device=device, pad_token_id=er.tokenizer.pad_token_id, precision=precision,
+                               procs=self.procs, batch_size=cfg.batch_size, chunk_size=cfg.logprob_chunk)
         self.cache = LogpsCache(logps_cache_dir(er.prepared.path, er.run), er.prepared, er.chain.fingerprint,
                                 self.dtype, procs=self.procs)
 
@@ -97,21 +100,15 @@ class EvalLogps:
         return [d for d, _ in self.cache.lookup(k, [(d, "eval") for d in self.er.dims])]
 
     def compute(self, model: Any, k: int, dims: list[str], out: Output) -> None:
-        from contextlib import nullcontext
-
         from ..engine.batching import pairs_from_split
-        from ..engine.frozen import score_pairs
-        from ..engine.logprobs import SequenceScorer
 
         t = time.perf_counter()
-        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.precision != "fp32" else nullcontext())
-        for d in dims:
-            pairs = pairs_from_split(self.er.prepared.split(d, "eval"))
-            with autocast:
-                value = score_pairs(SequenceScorer(model, chunk_size=self.cfg.logprob_chunk), pairs,
-                                    batch_size=self.cfg.batch_size, pad_token_id=self.er.tokenizer.pad_token_id,
-                                    device=self.device, procs=self.procs)
-            self.cache.put(k, d, "eval", value)
+        scoring = self.scoring.with_(out=out)
+        splits = {d: pairs_from_split(self.er.prepared.split(d, "eval")) for d in dims}
+        scoring.announce(f"log-probs of {self.er.label(k)} on {', '.join(f'{d}/eval' for d in dims)}: "
+                         f"{sum(len(p) for p in splits.values())} pairs, one pass")
+        for d, pairs in splits.items():
+            self.cache.put(k, d, "eval", scoring.score(model, pairs, label=f"{self.er.label(k)} {d}/eval"))
         out.detail(f"log-probs of {self.er.label(k)} on {', '.join(dims)} eval pairs in {time.perf_counter() - t:.1f}s")
 
     def get(self, k: int, dim: str) -> Any:

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..console import Output
-from ..engine.batching import TokenPair, collate_pairs, pairs_from_split
-from ..engine.logprobs import SequenceScorer, score_batch
+from ..engine.batching import TokenPair, pairs_from_split
+from ..engine.scoring import Scoring
 from ..errors import UsageError
 from .stage import ExportSource
 
@@ -81,18 +81,13 @@ def _fixed_pair(tok: Any, prompt: str, chosen: str, rejected: str) -> TokenPair:
                 tok.encode(" " + rejected, add_special_tokens=False) + eos)
 
 
-@torch.no_grad()
 def sequence_logps(model: nn.Module, pairs: list[TokenPair], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs of every sequence (chosen ones, then rejected ones) and their token counts."""
+    """Summed completion log-probs of every sequence (chosen ones, then rejected ones) and their token counts, in
+    the model's own dtype (the check compares dtypes, so no autocast), padded batches of 4."""
     device = next(model.parameters()).device
-    scorer = SequenceScorer(model)
-    sums, counts = [], []
-    for start in range(0, len(pairs), 4):
-        batch = collate_pairs(pairs[start:start + 4], pad_token_id).to(device)
-        c, r, lc, lr = score_batch(scorer, batch)
-        sums.append(torch.cat([c, r]).float().cpu())
-        counts.append(torch.cat([lc, lr]).cpu())
-    return torch.cat(sums), torch.cat(counts)
+    logps = Scoring(device=device, pad_token_id=pad_token_id, batch_size=4, layout="padded").score(model, pairs)
+    counts = torch.tensor([len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs])
+    return torch.cat([logps.chosen, logps.rejected]), counts
 
 
 def compare(exported: torch.Tensor, exact_ref: torch.Tensor, fp32_ref: torch.Tensor, counts: torch.Tensor,
