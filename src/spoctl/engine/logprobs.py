@@ -52,6 +52,44 @@ def _head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, so
     return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
 
 
+class _LinearTokenLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] for a plain float32 linear head, holding one [chunk x vocab] tensor at
+    a time in the forward and in the backward (the generic path holds the logits, their log-softmax and, in the
+    backward, a gradient of each: about four). The backward recomputes the logits and turns them into the
+    gradient in place: d/dlogits of (logit_t - logsumexp) is onehot(t) - softmax."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = hidden @ weight.t()
+        picked = logits.gather(1, targets[:, None]).squeeze(1)
+        # logsumexp in place (torch.logsumexp would allocate a second [chunk x vocab] tensor for exp(x - max)).
+        top = logits.amax(dim=-1)
+        lse = logits.sub_(top[:, None]).exp_().sum(-1).log_().add_(top)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        g = hidden @ weight.t()
+        g.sub_(lse[:, None]).exp_()  # softmax
+        g.scatter_add_(1, targets[:, None], -torch.ones_like(lse)[:, None])  # softmax - onehot
+        g.mul_(-grad[:, None])  # d out / d logits = onehot - softmax, times the incoming gradient
+        grad_hidden = g @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = g.t() @ hidden if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None
+
+
+def _fused_head_ok(head: nn.Module, hidden: torch.Tensor, softcap: float | None, scale: float | None) -> bool:
+    """The one-tensor path covers what it computes exactly like the generic one: a plain bias-free nn.Linear head
+    (not a PEFT/bitsandbytes/FSDP-wrapped one, whose weight is not a plain tensor), float32 throughout, no autocast
+    (which would compute the head in another dtype) and no logit post-processing."""
+    weight = getattr(head, "weight", None)
+    return (type(head) is nn.Linear and head.bias is None and type(weight) is nn.Parameter
+            and weight.dtype == torch.float32 and hidden.dtype == torch.float32 and softcap is None and scale is None
+            and not torch.is_autocast_enabled(hidden.device.type))
+
+
 class SequenceScorer(nn.Module):
     """Wraps a causal LM so that `forward(batch)` returns per-sequence summed completion log-probs.
 
@@ -83,7 +121,10 @@ class SequenceScorer(nn.Module):
         pieces = []
         for start in range(0, states.shape[0], self.chunk_size):
             h, t = states[start:start + self.chunk_size], score_target[start:start + self.chunk_size]
-            if torch.is_grad_enabled() and h.requires_grad:
+            if _fused_head_ok(head, h, self._softcap, self._scale):
+                # Its backward recomputes the logits itself: nothing to checkpoint.
+                pieces.append(_LinearTokenLogps.apply(h, head.weight, t))
+            elif torch.is_grad_enabled() and h.requires_grad:
                 pieces.append(checkpoint(_head_logps, head, h, t, self._softcap, self._scale, use_reentrant=False))
             else:
                 pieces.append(_head_logps(head, h, t, self._softcap, self._scale))
