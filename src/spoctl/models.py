@@ -262,3 +262,18 @@ def tokenizer_identity(tok, spec: str) -> dict[str, Any]:
         "has_chat_template": bool(getattr(tok, "chat_template", None)),
         "sha256": h.hexdigest(),
     }
+
+
+def tied_aliases(module: Any) -> dict[str, str]:
+    """Every name of a parameter that `module` also holds under an earlier name (tied weights), mapped to that
+    first name: {"model.lm_head.weight": "model.model.embed_tokens.weight"} for a model with tied embeddings.
+    Found by identity of the parameter objects, as `save_pretrained` finds them by storage: FSDP2 shards a tied
+    parameter once, so it stays one object under every name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
