@@ -8,12 +8,14 @@ dimension it lacks is an error that points to `--data`.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..config import AlignConfig
+from ..errors import Interrupted
 from .common import CommonOptions, comma_list, command, execute, parse_assignments
 
 
@@ -90,6 +92,11 @@ def align(
             return run_demo(out, cfg)
         from ..engine.align import align as run_align
 
-        return run_align(cfg, out)
+        try:
+            return run_align(cfg, out)
+        except Interrupted as err:  # SIGTERM / SIGHUP: a checkpoint is saved; say how to go on
+            again = [*opts.argv, *([] if "--resume" in opts.argv else ["--resume"])]
+            raise Interrupted(f"{err}; continue the run with the same command and --resume: "
+                              f"{shlex.join(['spoctl', *again])}", err.signum) from None
 
     execute(opts, build, "align", act, header=lambda cfg: DEMO_VIA_ALIGN if runs_demo(cfg) else None)

@@ -8,7 +8,7 @@ Every subcommand is declared with `@command(...)`, which gives it the same conve
 - readable metavars (`DIM=SOURCE`, `KEY=VALUE`, `PATH`, `INT`) and help examples printed verbatim;
 - one error handler (`SpoctlGroup`, via `spoctl.errors.describe_error`): `error: ...` on stderr and, with
   `--json`, one error object on stdout; exit codes 0 success, 1 a check failed, 2 usage/input/file-system error,
-  70 a bug (with the traceback), 130 interrupted.
+  70 a bug (with the traceback), 130 interrupted (Ctrl-C), 143 / 129 stopped by SIGTERM / SIGHUP (spoctl.signals).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .. import __version__
 from ..config import ConfigError, StrictModel, dump_config, resolve_config
 from ..console import Output, is_main_process
 from ..errors import EXIT_INTERNAL, CheckFailed, ErrorInfo, UsageError, describe_error
+from ..signals import stop_signals
 
 ISSUES = "the spoctl issue tracker"
 M = TypeVar("M", bound=StrictModel)
@@ -106,7 +107,8 @@ class SpoctlGroup(TyperGroup):
     def invoke(self, ctx: typer.Context) -> Any:
         try:
             quiet_library_output()
-            return super().invoke(ctx)
+            with stop_signals():  # SIGTERM / SIGHUP end the command as an error (align: after a checkpoint)
+                return super().invoke(ctx)
         except (typer.Exit, typer.Abort):
             raise
         except ClickException as err:  # bad flags: Typer prints usage and the message itself, exit 2
@@ -157,6 +159,8 @@ class CommonOptions:
     json: bool = False
     quiet: bool = False
     verbose: bool = False
+    # The command line as given after `spoctl` (subcommand first), for messages that say what to run next.
+    argv: list[str] = field(default_factory=list, repr=False)
     # The command's own parameters: name -> (the option strings, whether the user gave it), for error messages.
     params: dict[str, tuple[list[str], bool]] = field(default_factory=dict, repr=False)
     _output: Output | None = field(default=None, repr=False)
@@ -276,6 +280,7 @@ def with_common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             source = ctx.get_parameter_source(param.name) if param.name else None
             given = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
             opts.params[param.name] = ([*param.opts, *getattr(param, "secondary_opts", [])], given)
+        opts.argv = list(ctx.meta.get(_ARGV, []))
         ctx.meta[_OPTS] = opts
         return fn(**kwargs, opts=opts)
 

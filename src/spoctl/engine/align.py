@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,13 @@ from typing import Any
 
 import torch
 
+from .. import signals
 from ..config import AlignConfig, dump_config
 from ..console import Output
-from ..errors import TrainingError, UsageError
+from ..errors import Interrupted, TrainingError, UsageError
 from ..fsutil import atomic_directory, remove_litter
 from ..models import (Quantization, check_attention_available, check_model_loadable, check_quantization_available,
-                      load_causal_lm, load_tokenizer, tokenizer_identity)
+                      check_vocabulary_fits, load_causal_lm, load_tokenizer, tokenizer_identity)
 from ..precision import accelerate_mixed_precision, dtype_of as precision_dtype, resolve as resolve_precision
 from ..rundir import RunDir, default_run_dir, now_iso
 from .batching import TokenPair, pairs_from_split
@@ -286,6 +288,7 @@ def _check_against(cfg: AlignConfig, prepared: Any) -> tuple[str, Any, list[Stag
     if cfg.quantize != "none":
         check_quantization_available(base_spec)
     tokenizer = load_tokenizer(base_spec, trust_remote_code=cfg.trust_remote_code)
+    check_vocabulary_fits(base_spec, tokenizer, trust_remote_code=cfg.trust_remote_code)
     prep_tok = (prepared.manifest.get("tokenizer") or {}).get("sha256")
     if prep_tok and tokenizer_identity(tokenizer, base_spec)["sha256"] != prep_tok:
         raise UsageError(f"{cfg.data} was prepared with another tokenizer than {base_spec}'s; "
@@ -302,13 +305,15 @@ def _check_against(cfg: AlignConfig, prepared: Any) -> tuple[str, Any, list[Stag
 
 def _verify_finished_models(chain: ModelChain, plans: list[StagePlan], manifest: dict[str, Any],
                             dims: list[str]) -> None:
-    """Check the files of every finished stage's model that an unfinished stage will read: as its starting policy
-    (pi_{n-1}) or as a frozen model (reference, offset, kept dimensions). The same check the chain makes when it
-    loads them, made before anything is written; each model is hashed once per run either way."""
+    """Check the files of every finished stage's model: those an unfinished stage will read (as its starting
+    policy pi_{n-1} or as a frozen model), and those the resume skips as done -- a stage is only done while its
+    model is there as it was saved (eval and export read it next). The check eval and export make (`chain.verify`),
+    made before anything is written; each model is hashed once per run either way."""
     done = {st["index"] for st in manifest["stages"] if st.get("status") == "completed"}
     needed = {k for plan in plans if plan.index not in done
               for k in (plan.index - 1, *plan.frozen_requests(dims))}
-    for k in sorted(needed & done):
+    skipped = {plan.index for plan in plans}
+    for k in sorted((needed | skipped) & done):
         chain.verify(k)
 
 
@@ -360,13 +365,21 @@ def _run_stage(ctx: RunContext, plan: StagePlan) -> None:
     data, frozen_cost = _frozen_inputs(ctx, plan)
     _record_start(ctx, plan, entry, data)
     policy = _stage_policy(ctx, plan, entry)
-    model, final, train_seconds = _train(ctx, plan, entry, policy, data)
-    cost = {**frozen_cost, "train_seconds": round(train_seconds, 2)}
-    if data.keep is not None:  # --keep: what it cost, and whether each constraint held (manifest and console)
-        entry["keep"] = data.keep.summary()
-        entry["keep_violations"] = keeping.report(data.keep, plan, train_seconds, ctx.out.info, ctx.out.warn)
-        cost.update(data.keep.cost(train_seconds))
-    _save_stage(ctx, plan, entry, model, final, cost, time.perf_counter() - started)
+    # From here a SIGTERM / SIGHUP waits: for the end of the step under way (training saves a checkpoint and
+    # stops), or, once training is over, for the stage model to be saved (spoctl.signals).
+    with signals.held():
+        model, final, train_seconds = _train(ctx, plan, entry, policy, data)
+        cost = {**frozen_cost, "train_seconds": round(train_seconds, 2)}
+        if data.keep is not None:  # --keep: what it cost, and whether each constraint held (manifest and console)
+            entry["keep"] = data.keep.summary()
+            entry["keep_violations"] = keeping.report(data.keep, plan, train_seconds, ctx.out.info, ctx.out.warn)
+            cost.update(data.keep.cost(train_seconds))
+        _save_stage(ctx, plan, entry, model, final, cost, time.perf_counter() - started)
+        stop = [s for s in ctx.dist.procs.gather(signals.pending()) if s is not None]
+        if stop:  # every process agrees (one collective per stage); the next stage would start over anyway
+            signals.acknowledge()
+            raise signals.interrupted(stop[0], f"stopped by {signal.Signals(stop[0]).name} after stage {plan.index} "
+                                               f"({plan.dim}) was saved")
 
 
 def _frozen_inputs(ctx: RunContext, plan: StagePlan) -> tuple[StageData, dict[str, Any]]:
@@ -453,6 +466,10 @@ def _train(ctx: RunContext, plan: StagePlan, entry: dict[str, Any], policy: Any,
                                        pad_token_id=ctx.tokenizer.pad_token_id, hooks=hooks, dist=ctx.dist)
     except TrainingError as err:
         entry.update({"status": "failed", "error": str(err)})
+        ctx.write_manifest()
+        raise
+    except Interrupted as err:  # a checkpoint of the last complete step is saved: --resume continues from it
+        entry.update({"status": "interrupted", "error": str(err)})
         ctx.write_manifest()
         raise
     return model, final, time.perf_counter() - started
