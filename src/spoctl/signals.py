@@ -31,6 +31,34 @@ def interrupted(signum: int, message: str | None = None) -> Interrupted:
     return Interrupted(message or f"stopped by {name}", signum)
 
 
+def exit_before_start(argv: list[str]) -> None:
+    """Until a command installs `stop_signals` (Python starting, the CLI's imports): SIGTERM or SIGHUP ends the
+    process at once, nothing having been done, with the same `error:` line, JSON document and exit code."""
+    json_mode = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
+
+    def stop(signum: int, frame: object) -> None:
+        import json
+        import os
+        import sys
+
+        from .console import is_main_process
+
+        message = f"stopped by {signal.Signals(signum).name} outside the command's work (nothing was being written)"
+        sys.stderr.write(f"error: {message}\n")
+        if json_mode and is_main_process():
+            sys.stdout.write(json.dumps({"error": message, "exit_code": 128 + signum, "kind": "interrupted"}) + "\n")
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, stop)
+
+
 def _handler(signum: int, frame: object) -> None:
     if _holding[0]:
         _received.append(signum)
