@@ -197,7 +197,8 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         keys = sorted(sums)
         reduced = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
         totals = dict(zip(keys, reduced.tolist()))
-        stop = next((signum for signum in signals.SIGNALS if totals.pop(f"stop/{signum}")), None)
+        stopping = [signum for signum in signals.SIGNALS if totals.pop(f"stop/{signum}")]
+        stop = stopping[0] if stopping else None
         # The norm is computed even without clipping (max_norm=inf): an overflowing gradient can come with a
         # finite loss, and one Adam step on it would poison every weight.
         grad_norm = dist.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
