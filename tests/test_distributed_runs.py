@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from test_engine_align import (ROUNDING_RATIO, ROUNDING_RUN, SPOCTL, _env, assert_same, assert_same_to_rounding,
                                run_cli, weights)
+from spoctl.rundir import RunDir  # noqa: E402
 from tinyworld import checkpoints, kill_when, make_model_dir, make_prepared, make_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def test_eval_scorecard_under_two_processes_equals_one_process(world, tmp_path):
         data = copy_prepared(prepared, tmp_path / f"e{n}")  # its own cache: every model scored here
         args = ["eval", str(run_dir), "--data", str(data), "--no-plot", "--json"]
         run(torchrun(n, *args) if n > 1 else [*SPOCTL, *args])
-        reports[n] = json.loads((run_dir / "eval" / "report.json").read_text())
+        reports[n] = json.loads(RunDir(run_dir).eval_report_path.read_text())
         assert len(list((data / "cache" / "logps").glob("*.safetensors"))) == 3 * 2  # pi_0..pi_2 on 2 dims
     one, two = reports[1]["scorecard"], reports[2]["scorecard"]
     assert [r["k"] for r in one] == [r["k"] for r in two] == [0, 1, 2]

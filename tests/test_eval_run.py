@@ -259,9 +259,11 @@ def test_a_stage_model_changed_after_the_run_is_refused(world):
     name = sorted(tensors)[0]
     tensors[name] = tensors[name] + 0.01
     save_file(tensors, str(weights), metadata={"format": "pt"})
+    evaluations = sorted((run / "eval").iterdir())
     res = invoke(str(run), "--no-plot")
     assert res.exit_code == 2
     assert "model.safetensors" in res.stderr and "02-harmless" in res.stderr
+    assert sorted((run / "eval").iterdir()) == evaluations  # refused in the pre-flight: nothing written
 
 
 # ---------------------------------------------------------------------------------------------- judged
@@ -321,9 +323,8 @@ def test_unreachable_judge_exits_2_before_generating(world):
                  "--set", "judge.backoff_s=0", "--no-plot", env={"SPOCTL_EVAL_TEST_KEY": KEY})
     assert res.exit_code == 2
     assert "cannot reach" in res.stderr
-    report = json.loads(RunDir(run).eval_report_path.read_text())
-    assert report["complete"] is False and "cannot reach" in report["error"]
-    assert not RunDir(run).eval_samples_path.exists()  # the endpoint was checked before any generation
+    # A failed pre-flight writes nothing: no evaluation folder, no pointer, no report.
+    assert RunDir(run).latest_eval() is None and not (run / "eval").exists()
 
 
 def test_judge_failing_half_way_keeps_the_scorecard_and_samples(world):
@@ -419,3 +420,111 @@ def test_prompts_are_a_seeded_sample_of_distinct_prompts(world):
     assert len({tuple(r["prompt_input_ids"]) for r in rows}) == 5
     assert [r["pair_id"] for r in prompt_rows(er, "helpful", 5, seed=0)] == [r["pair_id"] for r in rows]
     assert len(prompt_rows(er, "helpful", 100, seed=0)) == len(ds)
+
+
+# ---------------------------------------------------------------------------------------------- eval history
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_every_eval_keeps_its_folder_and_a_failed_preflight_writes_nothing(world, tmp_path):
+    """Issue 18.4: a missing API key used to turn a complete report into {complete: false, scorecard: null}.
+    Each evaluation now has its own folder; eval/latest.json names the latest (and the latest complete) one; a
+    pre-flight failure leaves every file as it was; a half-way failure adds its own folder and moves `latest`,
+    while `latest_complete` -- what export's model card reads -- stays on the last complete evaluation."""
+    run = copy_run(world, "run-history")
+    rd = RunDir(run)
+    with FakeOpenAI(KEY) as server:
+        judged = [str(run), "--judge", "openai:m", "--judge-url", server.url, "--judge-key-env", "SPOCTL_EVAL_TEST_KEY",
+                  "--num-prompts", "2", "--max-new-tokens", "3", "--set", "judge.calibration_pairs=1", "--no-plot"]
+        first = invoke(*judged, env={"SPOCTL_EVAL_TEST_KEY": KEY})
+        assert first.exit_code == 0, first.output
+        one = rd.latest_eval()
+        assert one is not None and one.root.parent == run / "eval"
+        assert json.loads(one.report_path.read_text())["eval_id"] == one.eval_id
+        assert {p.name for p in one.root.iterdir()} >= {"report.json", "report.md", "samples.jsonl",
+                                                         "samples.alpaca.json", "judge.json"}
+        settings = json.loads(one.judge_settings_path.read_text())
+        assert settings["judge"]["name"] == "openai" and settings["generation"]["temperature"] == 0.0
+        assert KEY not in one.judge_settings_path.read_text()
+
+        second = invoke(str(run), "--no-plot", "--quiet")  # scorecard only: a second folder, the first untouched
+        assert second.exit_code == 0, second.output
+        two = rd.latest_eval()
+        assert two.eval_id != one.eval_id and one.report_path.is_file() and one.samples_path.is_file()
+        assert rd.eval_pointer() == {"latest": two.eval_id, "latest_complete": two.eval_id}
+        assert rd.eval_report_path == two.report_path and not two.samples_path.exists()
+
+        before = _tree(run / "eval")
+        missing_key = invoke(*judged, env={"SPOCTL_EVAL_TEST_KEY": None})
+        assert missing_key.exit_code == 2 and "SPOCTL_EVAL_TEST_KEY" in missing_key.stderr
+        assert _tree(run / "eval") == before
+
+    with FakeOpenAI(KEY, bad_replies=1000) as server:  # passes the pre-flight, then no verdict parses
+        judged[judged.index("--judge-url") + 1] = server.url
+        half = invoke(*judged, "--set", "judge.max_retries=0", env={"SPOCTL_EVAL_TEST_KEY": KEY})
+    assert half.exit_code == 2
+    three = rd.latest_eval()
+    assert three.eval_id not in (one.eval_id, two.eval_id)
+    assert json.loads(three.report_path.read_text())["complete"] is False
+    assert rd.latest_eval(complete=True).eval_id == two.eval_id
+    assert _tree(two.root) == {k[len(two.eval_id) + 1:]: v for k, v in before.items() if k.startswith(two.eval_id + "/")}
+
+
+def test_a_run_evaluated_before_eval_history_stays_readable(world):
+    """Older runs have a bare eval/report.json: it is the latest evaluation until a new one is made, and a new
+    evaluation leaves it where it is."""
+    run = copy_run(world, "run-legacy")
+    rd = RunDir(run)
+    legacy = {"run_dir": str(run), "complete": True, "dims": DIMS, "scorecard": [], "note": "written by spoctl 0.x"}
+    (run / "eval").mkdir()
+    (run / "eval" / "report.json").write_text(json.dumps(legacy))
+    assert rd.eval_report_path == run / "eval" / "report.json"
+    assert rd.latest_eval(complete=True).eval_id is None
+    assert invoke(str(run), "--no-plot", "--quiet").exit_code == 0
+    assert rd.latest_eval().eval_id is not None and rd.eval_report_path != run / "eval" / "report.json"
+    assert json.loads((run / "eval" / "report.json").read_text()) == legacy
+
+
+def test_a_forged_pointer_is_refused(world):
+    run = copy_run(world, "run-forged")
+    (run / "eval").mkdir()
+    (run / "eval" / "latest.json").write_text(json.dumps({"latest": "../../etc", "latest_complete": None}))
+    res = invoke(str(run), "--no-plot")  # the pointer is only read, never followed out of eval/
+    assert res.exit_code == 0, res.output
+    with pytest.raises(Exception, match="not an evaluation of this run"):
+        RunDir(run / "nope").eval_files("../../etc")
+
+
+def test_eval_and_align_end_with_the_next_command(world):
+    run = copy_run(world, "run-next")
+    res = invoke(str(run), "--no-plot")
+    assert res.exit_code == 0, res.output
+    assert f"spoctl compare {run} OTHER_RUN" in res.stdout and f"spoctl export --run {run}" in res.stdout
+
+
+def test_generation_and_judging_show_progress_with_their_sizes(world):
+    """Output captured as a non-terminal: plain progress lines, naming --num-prompts and --max-new-tokens."""
+    run = copy_run(world, "run-progress")
+    with FakeOpenAI(KEY) as server:
+        res = invoke(str(run), "--judge", "openai:m", "--judge-url", server.url, "--judge-key-env",
+                     "SPOCTL_EVAL_TEST_KEY", "--num-prompts", "3", "--max-new-tokens", "4", "--set",
+                     "judge.calibration_pairs=2", "--no-plot", env={"SPOCTL_EVAL_TEST_KEY": KEY})
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert any(l.startswith("generation: 3 models x 6 prompts") and "--num-prompts 3" in l and
+               "--max-new-tokens 4" in l and "greedy" in l for l in lines), res.stdout
+    for k, label in enumerate(["base", "stage 1 helpful", "stage 2 harmless"]):
+        done = [l for l in lines if l.startswith(f"generating: {label} (--num-prompts 3, --max-new-tokens 4): ")]
+        assert done and done[-1].split(": ")[-1].startswith("6/6 prompts"), res.stdout
+    judging = [l for l in lines if l.startswith("judging: ")]
+    assert judging and "12/12 matchups" in judging[-1]
+    assert any(l.startswith("judge calibration: helpful human pairs: 2/2") for l in lines)
+
+
+def test_vllm_backend_is_refused_before_anything_is_written(world):
+    run = copy_run(world, "run-vllm")
+    res = invoke(str(run), "--judge", "openai:m", "--set", "generation.backend=vllm", "--no-plot")
+    assert res.exit_code == 2
+    assert "eval.generation.backend=vllm" in res.stderr and "generation.backend=transformers" in res.stderr
+    assert not (run / "eval").exists()

@@ -512,6 +512,37 @@ def test_without_prepared_data_the_check_uses_fixed_sequences_and_the_card_says_
     card = (tmp_path / "out" / "README.md").read_text()
     assert "unknown (prepared data no longer available)" in card and "| 24 | 8 |" in card
     assert "## Evaluation" in card and "| 2 harmless | 75.0% (r 62.5%) | 75.0% (r 62.5%) |" in card
+    # Progress of the long steps, on stderr under --json (the captured output is not a terminal: plain lines).
+    assert "export: reference, merge, write, numerical check: 4/4 steps" in r.stderr
+
+
+def test_the_card_shows_the_latest_complete_evaluation(world, tmp_path):
+    """Eval history: eval/latest.json names the latest evaluation and the latest complete one; an evaluation
+    that stopped half-way does not replace the card's numbers."""
+    from spoctl.rundir import RunDir
+
+    run = tmp_path / "evaluated"
+    shutil.copytree(world["lora"], run)
+    rd = RunDir(run)
+
+    def evaluation(accuracy: float, complete: bool) -> None:
+        files = rd.new_eval()
+        cell = {"vs_base": {"accuracy": accuracy}, "implicit_reward": {"accuracy": accuracy}}
+        files.report_path.write_text(json.dumps({"dims": DIMS, "complete": complete, "eval_id": files.eval_id,
+                                                 "scorecard": [{"k": 2, "model": "harmless",
+                                                                "dims": {d: cell for d in DIMS}}]}))
+        rd.point_to_eval(files, complete=complete)
+
+    evaluation(0.25, True)
+    evaluation(0.75, True)
+    kept = rd.latest_eval(complete=True)
+    evaluation(0.5, False)
+    assert rd.latest_eval().eval_id != kept.eval_id
+    r = cli("export", "--run", run, "--out", tmp_path / "out", "--dtype", "fp32", "--quiet")
+    assert r.exit_code == 0, r.output
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| 2 harmless | 75.0% (r 75.0%) | 75.0% (r 75.0%) |" in card
+    assert f"eval/{kept.eval_id}/report.json" in card
 
 
 def test_print_config_and_set(world):

@@ -61,7 +61,7 @@ SHRINK = {
     "demo": {"--max-steps": "2"},
     "eval": {"--num-prompts": "2", "--max-new-tokens": "8"},
 }
-SLOW_PAGES = {"docs/align.md", "docs/eval.md", "docs/export.md", "docs/index.md", "docs/study.md",
+SLOW_PAGES = {"docs/align.md", "docs/compare.md", "docs/eval.md", "docs/export.md", "docs/index.md", "docs/study.md",
               "configs/hh-rlhf-lora.yaml", "configs/pku-saferlhf.yaml"}
 RUN_SLOW = os.environ.get("SPOCTL_DOCS_TEST") == "all"
 RECURSIVE = re.compile(r"^\s*(make test|bash \.ci/run|\.ci/run)\b")

@@ -30,7 +30,7 @@ from .evaluate.judges.registry import AUTO as JUDGE_AUTO, JUDGE_NAMES
 from .naming import DimName, HubId
 from .precision import PRECISIONS
 
-SECTIONS = ("prepare", "align", "eval", "export")
+SECTIONS = ("prepare", "align", "eval", "compare", "export")
 
 
 class StrictModel(BaseModel):
@@ -462,15 +462,21 @@ JudgeName = Literal[(JUDGE_AUTO, *JUDGE_NAMES)]
 
 
 class GenerationSettings(StrictModel):
-    """Sampling for judged win rates. Same seed, same settings, same models: the same responses."""
+    """Responses for judged win rates: greedy by default (each model's most likely answer). Same seed, same
+    settings, same models: the same responses."""
 
-    max_new_tokens: int = Field(128, gt=0, description="Longest response generated, in tokens.")
-    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 decodes greedily.")
+    # Defaults sized for a CPU: 3 models x 2 dims x 16 prompts x 64 tokens is about 6k generated tokens, ~2.5
+    # minutes for SmolLM2-135M at the ~40 tokens per CPU-second batched greedy decoding measured on one core.
+    max_new_tokens: int = Field(64, gt=0, description="Longest response generated, in tokens.")
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 (the default) decodes greedily.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    num_prompts: int = Field(32, gt=0, description="Held-out prompts per dimension: a seeded sample of distinct "
+    num_prompts: int = Field(16, gt=0, description="Held-out prompts per dimension: a seeded sample of distinct "
                                                    "prompts of its eval split (all of them when it has fewer).")
-    batch_size: int = Field(8, gt=0, description="Prompts per generate() call.")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate() call (prompts of similar length together).")
     seed: int = Field(0, description="Picks the sample of prompts and seeds the sampling (the same for every model).")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers: generate() with a KV cache, any device; vllm: needs vLLM and a "
+                                    "CUDA GPU (refused otherwise).")
 
 
 class JudgeSettings(StrictModel):
@@ -539,6 +545,24 @@ class EvalConfig(StrictModel):
     gate: GateSettings = Field(default_factory=GateSettings, description="CI bounds checked on the result (exit 1).")
     plot: bool = Field(True, description="Write the PNG plot (needs matplotlib).")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the base model's repository.")
+
+
+# ----------------------------------------------------------------------------------------------- compare
+class CompareConfig(StrictModel):
+    """`spoctl compare`: several runs' models on the same held-out pairs, with paired bootstrap intervals."""
+
+    runs: list[Path] = Field(default_factory=list, description="The run directories (from `spoctl align`); the "
+                                                               "first is the one the others are compared with.")
+    dims: list[str] = Field(default_factory=list, description="Dimensions compared (default: the first run's); "
+                                                              "every run's prepared data must hold their eval pairs.")
+    batch_size: int = Field(16, gt=0, le=65536, description="Pairs per forward in the log-prob pass.")
+    logprob_chunk: int = Field(256, gt=0, le=1_048_576,
+                               description="Sequence positions per chunk when computing log-probs.")
+    bootstrap_resamples: int = Field(2000, ge=100, le=1_000_000,
+                                     description="Paired bootstrap resamples behind each 95% interval.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Seeds the bootstrap resamples (the same for every run).")
+    plot: Path | None = Field(Path("compare.png"), description="Where to write the Pareto plot (PNG); null: none.")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the base models' repositories.")
 
 
 # ----------------------------------------------------------------------------------------------- export

@@ -36,6 +36,7 @@ SECTIONS: dict[str, tuple[type[BaseModel], str]] = {
     "prepare": (config.PrepareConfig, "prepare"),
     "align": (config.AlignConfig, "align"),
     "eval": (config.EvalConfig, "eval"),
+    "compare": (config.CompareConfig, "compare"),
     "export": (config.ExportConfig, "export"),
 }
 BLOCK = re.compile(r"(<!-- config:(?P<section>[a-z]+) -->\n)(?P<body>.*?)(<!-- /config:(?P=section) -->)", re.S)

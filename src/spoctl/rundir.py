@@ -12,8 +12,12 @@
       cache/logps/               frozen log-probs when the prepared-data folder is not writable
       trackers/                  only with report_to: TensorBoard/Aim logs, MLflow's file store (mlruns/)
       demo-scores.json           only for the built-in demo (`spoctl demo`): rule-judged scores per stage
-      eval/                      `spoctl eval`: report.json, report.md, scores.png, samples.jsonl,
-                                 samples.alpaca.json, judge-cache/ (judgments keyed by judge, dim and texts)
+      eval/                      `spoctl eval`, one folder per evaluation (none is ever replaced):
+        latest.json              the pointer: {"latest": ID, "latest_complete": ID or null} (a file, not a link)
+        20261206-051500/         one evaluation (ID): report.json, report.md, scores.png, samples.jsonl,
+                                 samples.alpaca.json, judge.json (the judge's and generation's settings)
+        judge-cache/             judgments keyed by judge, dim and texts, shared by every evaluation
+        report.json              runs evaluated before eval history: the one report (read when there is no pointer)
 
 Everything is written atomically (temporary file or folder, then rename), so whatever looks complete is complete.
 """
@@ -33,8 +37,10 @@ from .fsutil import is_litter, read_json, write_json_atomic, write_text_atomic
 from .locks import ExclusiveLock
 
 RUN_MANIFEST = "manifest.json"
+EVAL_POINTER = "latest.json"
 MANIFEST_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+_EVAL_ID = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
 
 
 def default_run_dir() -> Path:
@@ -94,30 +100,86 @@ class RunDir:
         return self.root / "eval"
 
     @property
+    def eval_pointer_path(self) -> Path:
+        """eval/latest.json: which evaluation is the latest (and the latest complete one)."""
+        return self.eval_dir / EVAL_POINTER
+
+    def eval_files(self, eval_id: str) -> "EvalFiles":
+        """The files of evaluation `eval_id` (a folder name under eval/, see `new_eval`)."""
+        if not _EVAL_ID.match(eval_id):
+            raise UsageError(f"{self.eval_pointer_path}: {eval_id!r} is not an evaluation of this run")
+        return EvalFiles(self.eval_dir / eval_id, eval_id)
+
+    def new_eval(self) -> "EvalFiles":
+        """A new, empty evaluation folder named by the time it starts (a suffix when two start in one second).
+        Created here, by the one process writing it, so two evaluations never share a folder."""
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.eval_dir.mkdir(parents=True, exist_ok=True)
+        for n in range(1000):
+            files = self.eval_files(stamp if n == 0 else f"{stamp}-{n}")
+            try:
+                files.root.mkdir()
+            except FileExistsError:
+                continue
+            return files
+        raise UsageError(f"{self.eval_dir}: cannot make a new evaluation folder (1000 made in {stamp})")
+
+    def eval_pointer(self) -> dict[str, Any]:
+        """{"latest": ID | None, "latest_complete": ID | None}; both None when no evaluation has a pointer."""
+        path = self.eval_pointer_path
+        if not path.is_file():
+            return {"latest": None, "latest_complete": None}
+        try:
+            pointer = read_json(path)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UsageError(f"{path}: unreadable ({err}); delete it, or run `spoctl eval` again") from None
+        return {"latest": pointer.get("latest"), "latest_complete": pointer.get("latest_complete")}
+
+    def point_to_eval(self, files: "EvalFiles", *, complete: bool) -> None:
+        """Make `files` the latest evaluation (and the latest complete one, when it completed): written after
+        its report, atomically, so the pointer never names an evaluation without one."""
+        pointer = self.eval_pointer()
+        pointer["latest"] = files.eval_id
+        if complete:
+            pointer["latest_complete"] = files.eval_id
+        write_json_atomic(self.eval_pointer_path, pointer)
+
+    def latest_eval(self, *, complete: bool = False) -> "EvalFiles | None":
+        """The latest evaluation that wrote a report (with `complete`, the latest complete one), by the pointer;
+        a run evaluated before eval history has its one report in eval/ itself. None when never evaluated."""
+        eval_id = self.eval_pointer()["latest_complete" if complete else "latest"]
+        if eval_id is not None:
+            return self.eval_files(eval_id)
+        legacy = EvalFiles(self.eval_dir, None)
+        if legacy.report_path.is_file() and (not complete or _is_complete(legacy.report_path)):
+            return legacy
+        return None
+
+    @property
     def eval_report_path(self) -> Path:
-        """Everything `spoctl eval` measured, machine-readable."""
-        return self.eval_dir / "report.json"
+        """The latest evaluation's report.json (where one would be when the run was never evaluated)."""
+        return (self.latest_eval() or EvalFiles(self.eval_dir, None)).report_path
 
     @property
     def eval_markdown_path(self) -> Path:
-        return self.eval_dir / "report.md"
+        return (self.latest_eval() or EvalFiles(self.eval_dir, None)).markdown_path
 
     @property
     def eval_plot_path(self) -> Path:
-        return self.eval_dir / "scores.png"
+        return (self.latest_eval() or EvalFiles(self.eval_dir, None)).plot_path
 
     @property
     def eval_samples_path(self) -> Path:
-        """Generated responses, one JSON line per (model, dimension, prompt)."""
-        return self.eval_dir / "samples.jsonl"
+        """The latest evaluation's generated responses."""
+        return (self.latest_eval() or EvalFiles(self.eval_dir, None)).samples_path
 
     @property
     def eval_alpaca_path(self) -> Path:
-        """The same responses in alpaca_eval's list-of-{instruction, output, generator} form."""
-        return self.eval_dir / "samples.alpaca.json"
+        return (self.latest_eval() or EvalFiles(self.eval_dir, None)).alpaca_path
 
     @property
     def judge_cache_dir(self) -> Path:
+        """Shared by every evaluation of the run: a judgment asked once is never asked again."""
         return self.eval_dir / "judge-cache"
 
     @property
@@ -245,3 +307,46 @@ class RunDir:
                 continue
             kept.append(line)
         write_text_atomic(self.metrics_path, "".join(l + "\n" for l in kept))
+
+
+def _is_complete(report_path: Path) -> bool:
+    try:
+        return read_json(report_path).get("complete", True) is True  # only a report that says it stopped is not
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+class EvalFiles:
+    """The files of one evaluation (`RunDir.eval_files`, `new_eval`, `latest_eval`). `eval_id` is None for the
+    single report of a run evaluated before eval history (its files lie in eval/ itself)."""
+
+    def __init__(self, root: Path, eval_id: str | None):
+        self.root, self.eval_id = root, eval_id
+
+    @property
+    def report_path(self) -> Path:
+        """Everything the evaluation measured, machine-readable."""
+        return self.root / "report.json"
+
+    @property
+    def markdown_path(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def plot_path(self) -> Path:
+        return self.root / "scores.png"
+
+    @property
+    def samples_path(self) -> Path:
+        """Generated responses, one JSON line per (model, dimension, prompt)."""
+        return self.root / "samples.jsonl"
+
+    @property
+    def alpaca_path(self) -> Path:
+        """The same responses in alpaca_eval's list-of-{instruction, output, generator} form."""
+        return self.root / "samples.alpaca.json"
+
+    @property
+    def judge_settings_path(self) -> Path:
+        """The judge's settings (as it describes itself) and the generation settings the samples were made with."""
+        return self.root / "judge.json"

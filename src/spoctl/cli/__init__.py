@@ -6,7 +6,7 @@ Each subcommand lives in its own module and registers itself on the shared `app`
 from __future__ import annotations
 
 from .common import app
-from . import align, demo, eval, export, prepare  # noqa: F401,E402  (registers the subcommands)
+from . import align, compare, demo, eval, export, prepare  # noqa: F401,E402  (registers the subcommands)
 
 
 def main() -> None:

@@ -99,4 +99,8 @@ def align(
             raise Interrupted(f"{err}; continue the run with the same command and --resume: "
                               f"{shlex.join(['spoctl', *again])}", err.signum) from None
 
-    execute(opts, build, "align", act, header=lambda cfg: DEMO_VIA_ALIGN if runs_demo(cfg) else None)
+    result = execute(opts, build, "align", act, header=lambda cfg: DEMO_VIA_ALIGN if runs_demo(cfg) else None)
+    if result is not None:
+        import shlex
+
+        out.info(f"next: spoctl eval --run {shlex.quote(result['run_dir'])}")

@@ -200,7 +200,7 @@ def capture_flags() -> Iterator[list[tuple[dict[str, Any], dict[str, tuple[list[
 # name in CommonOptions -> (annotation, the Typer option). Every subcommand lists them after its own options.
 SHARED_OPTIONS: dict[str, tuple[Any, OptionInfo]] = {
     "config": (Optional[Path], typer.Option(None, "--config", "-c", metavar="PATH",
-                                            help="YAML config file (sections: prepare, align, eval, export).")),
+                                            help="YAML config file (sections: prepare, align, eval, compare, export).")),
     "set": (Optional[list[str]], typer.Option(None, "--set", help="Override any config key: --set KEY=VALUE"
                                                                   " (repeatable).")),
     "print_config": (bool, typer.Option(False, "--print-config", help="Print the resolved configuration and exit.")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -62,7 +63,7 @@ def eval_(
                                               help="Held-out prompts per dimension to generate for (a seeded"
                                               " sample of the eval split's distinct prompts)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest generated response."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (0: greedy)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 0: greedy)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the prompt sample and of sampling."),
     fail_under: Optional[list[str]] = typer.Option(None, "--fail-under", help="Gate: DIM=VALUE (0-1), exit 1 if the"
@@ -119,3 +120,6 @@ def eval_(
         reason = gate_failure(report)
         if reason:
             fail_check(f"gate: {reason}")
+        run, name = shlex.quote(report["run_dir"]), shlex.quote(f"exports/{Path(report['run_dir']).name}")
+        out.info(f"next: spoctl compare {run} OTHER_RUN   # against another run on the same held-out pairs\n"
+                 f"      spoctl export --run {run} --out {name}   # the final model, for sharing")

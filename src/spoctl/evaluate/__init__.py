@@ -4,11 +4,12 @@
     from spoctl.console import Output
     from spoctl.evaluate import evaluate
 
-    report = evaluate(EvalConfig(run="runs/hh"), Output(quiet=True))   # the dict written to eval/report.json
+    report = evaluate(EvalConfig(run="runs/hh"), Output(quiet=True))   # the dict written to eval/<id>/report.json
 
-Modules: runinfo (open a run), scorecard (implicit rewards, no generation), generate (responses), judges/
-(registry, rules, reward-model, embedding, openai), winrate (counts and intervals), gate (CI bounds), report
-(files), runner (the whole evaluation, with a partial report kept on failure).
+Modules: runinfo (open a run), scorecard (implicit rewards, no generation), generate (responses; vllm_backend on
+a GPU), judges/ (registry, rules, reward-model, embedding, openai), winrate (counts and intervals), gate (CI
+bounds), report (files), runner (the whole evaluation, with a partial report kept on failure), compare (several
+runs on the same held-out pairs: `spoctl compare`).
 """
 
 from __future__ import annotations

@@ -7,9 +7,17 @@ the file, not the split. The sample ranks each row by a hash of the seed and its
 row order, and a larger N keeps every prompt a smaller one chose.
 
 Prompts are the eval split's `prompt_input_ids` (already rendered with the chat template and ending with the
-generation prompt), left-padded into batches. Sampling is seeded per (dimension, batch) -- not per model -- so
-every model draws with the same random stream and the only difference between their responses is the model;
-the same settings give the same responses on the same hardware.
+generation prompt), sorted by length and left-padded into batches, so a batch holds prompts of similar length and
+pads little; `generate` keeps a KV cache, so each new token costs one position's forward, not the whole sequence's.
+Decoding is greedy by default (temperature 0): each model's answer is its most likely one, and with exact
+arithmetic a prompt's greedy response does not depend on the other prompts of its batch (padding is masked out;
+tests/test_eval_generate.py checks that batched and one-at-a-time greedy responses agree token for token). With
+a temperature, sampling is seeded per (dimension, batch) -- not per model -- so every model draws with the same
+random stream and the only difference between their responses is the model; the same settings give the same
+responses on the same hardware.
+
+Backends (`eval.generation.backend`): `transformers` (the default, any device) and `vllm` (a CUDA GPU with vLLM
+installed; see `vllm_backend`).
 """
 
 from __future__ import annotations
@@ -67,10 +75,10 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.inference_mode()
-def generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], gen: GenerationSettings, seed: int,
-                   device: torch.device | None = None) -> list[str]:
-    """One response per prompt (token ids), decoded up to the first end-of-sequence token, special tokens
-    dropped. `temperature` 0 decodes greedily (and `seed` then changes nothing)."""
+def generate_tokens(model: Any, tokenizer: Any, prompts: list[list[int]], gen: GenerationSettings, seed: int,
+                    device: torch.device | None = None) -> list[list[int]]:
+    """Each prompt's (token ids) new tokens, left-padded into one batch, up to and without the first
+    end-of-sequence token. `temperature` 0 decodes greedily (and `seed` then changes nothing)."""
     from transformers import GenerationConfig
 
     device = device if device is not None else next(model.parameters()).device
@@ -78,15 +86,25 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], gen: Ge
     sample = gen.temperature > 0
     config = GenerationConfig(max_new_tokens=gen.max_new_tokens, do_sample=sample,
                               temperature=gen.temperature if sample else None, top_p=gen.top_p if sample else None,
-                              top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                              top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                              use_cache=True)
     torch.manual_seed(seed)
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-    texts = []
-    for row in out[:, ids.shape[1]:].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts
+    rows = out[:, ids.shape[1]:].tolist()
+    return [row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row for row in rows]
+
+
+def generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], gen: GenerationSettings, seed: int,
+                   device: torch.device | None = None) -> list[str]:
+    """One response per prompt (token ids): `generate_tokens`, decoded with special tokens dropped."""
+    return [decode_response(tokenizer, row) for row in generate_tokens(model, tokenizer, prompts, gen, seed, device)]
+
+
+def decode_response(tokenizer: Any, new_tokens: list[int]) -> str:
+    """A response's text: its new tokens up to the first end-of-sequence token, special tokens dropped."""
+    if tokenizer.eos_token_id in new_tokens:
+        new_tokens = new_tokens[: new_tokens.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
 def batch_seed(seed: int, dim: str, start: int) -> int:
@@ -94,18 +112,37 @@ def batch_seed(seed: int, dim: str, start: int) -> int:
     return seed * 1_000_003 + zlib.crc32(dim.encode()) + start
 
 
+def length_batches(rows: list[dict[str, Any]], batch_size: int) -> list[list[int]]:
+    """Indices of `rows` in batches of `batch_size`, by prompt length (longest first, so the largest batch --
+    the memory peak -- comes first; ties in row order): similar lengths share a batch and little is padded."""
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["prompt_input_ids"]), i))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def generate_for_model(er: EvalRun, model: Any, k: int, rows: dict[str, list[dict[str, Any]]],
-                       gen: GenerationSettings, device: torch.device) -> list[dict[str, Any]]:
-    """pi_k's responses to `rows[dim]` (from `prompt_rows`), one sample dict per prompt:
-    {k, model, dim, index, pair_id, prompt, messages, response}."""
-    samples: list[dict[str, Any]] = []
-    for d, dim_rows in rows.items():
-        for start in range(0, len(dim_rows), gen.batch_size):
-            batch = dim_rows[start:start + gen.batch_size]
-            texts = generate_batch(model, er.tokenizer, [r["prompt_input_ids"] for r in batch], gen,
-                                   batch_seed(gen.seed, d, start), device)
-            for r, text in zip(batch, texts):
-                samples.append({"k": k, "model": er.generator(k), "dim": d, "index": r["index"],
-                                "pair_id": r["pair_id"], "prompt": r["prompt"], "messages": list(r["messages"]),
-                                "response": text})
-    return samples
+                       gen: GenerationSettings, device: torch.device, progress: Any = None) -> list[dict[str, Any]]:
+    """pi_k's responses to `rows[dim]` (from `prompt_rows`), one sample dict per prompt, in `rows`' order:
+    {k, model, dim, index, pair_id, prompt, messages, response}. `progress` (an `Output.progress` handle)
+    advances by the prompts of each batch. With the vllm backend `model` is a folder vLLM loads."""
+    flat = [(d, r) for d, dim_rows in rows.items() for r in dim_rows]
+    if gen.backend == "vllm":
+        from .vllm_backend import generate_vllm
+
+        texts = generate_vllm(model, er.tokenizer, [r["prompt_input_ids"] for _, r in flat], gen, gen.seed)
+        if progress is not None:
+            progress.advance(len(flat))
+    else:
+        texts = []
+        for d, dim_rows in rows.items():
+            got = [""] * len(dim_rows)
+            for start, batch in enumerate(length_batches(dim_rows, gen.batch_size)):
+                answers = generate_batch(model, er.tokenizer, [dim_rows[i]["prompt_input_ids"] for i in batch], gen,
+                                         batch_seed(gen.seed, d, start * gen.batch_size), device)
+                for i, text in zip(batch, answers):
+                    got[i] = text
+                if progress is not None:
+                    progress.advance(len(batch))
+            texts += got
+    return [{"k": k, "model": er.generator(k), "dim": d, "index": r["index"], "pair_id": r["pair_id"],
+             "prompt": r["prompt"], "messages": list(r["messages"]), "response": text}
+            for (d, r), text in zip(flat, texts)]

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..console import Output
 from ..fsutil import write_json_atomic, write_text_atomic
-from ..rundir import RunDir
+from ..rundir import EvalFiles
 
 
 def _pct(x: float | None) -> str:
@@ -156,29 +156,42 @@ def plot(report: dict[str, Any], path: Any) -> bool:
         ax.set_ylim(0, 1)
         ax.axhline(0.5, color="grey", lw=0.5)
         ax.legend()
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig: Any, path: Any) -> None:
+    """Write a matplotlib figure as a PNG atomically (a temporary file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
-    return True
 
 
-def write_samples(run: RunDir, samples: list[dict[str, Any]], run_name: str) -> None:
-    write_text_atomic(run.eval_samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+def write_samples(files: EvalFiles, samples: list[dict[str, Any]], run_name: str) -> None:
+    write_text_atomic(files.samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     alpaca = [{"instruction": s["prompt"], "output": s["response"], "generator": f"{run_name}/{s['model']}",
                "dataset": s["dim"]} for s in samples]
-    write_json_atomic(run.eval_alpaca_path, alpaca)
+    write_json_atomic(files.alpaca_path, alpaca)
 
 
-def write_report(run: RunDir, report: dict[str, Any], *, with_plot: bool) -> None:
+def write_judge_settings(files: EvalFiles, judge: dict[str, Any], generation: dict[str, Any]) -> None:
+    """judge.json: how the evaluation's responses were made and judged, beside them."""
+    write_json_atomic(files.judge_settings_path, {"judge": judge, "generation": generation})
+
+
+def write_report(files: EvalFiles, report: dict[str, Any], *, with_plot: bool) -> None:
     """report.json, report.md and (when asked and possible) the plot; the paths are recorded in the report."""
-    files = {"report": str(run.eval_report_path), "markdown": str(run.eval_markdown_path)}
+    paths = {"report": str(files.report_path), "markdown": str(files.markdown_path)}
     if report.get("samples_written"):
-        files.update(samples=str(run.eval_samples_path), alpaca=str(run.eval_alpaca_path))
-    if with_plot and report.get("scorecard") and plot(report, run.eval_plot_path):
-        files["plot"] = str(run.eval_plot_path)
-    report["files"] = files
-    write_text_atomic(run.eval_markdown_path, markdown(report))
-    write_json_atomic(run.eval_report_path, report)
+        paths.update(samples=str(files.samples_path), alpaca=str(files.alpaca_path),
+                     judge=str(files.judge_settings_path))
+    if with_plot and report.get("scorecard") and plot(report, files.plot_path):
+        paths["plot"] = str(files.plot_path)
+    report["files"] = paths
+    write_text_atomic(files.markdown_path, markdown(report))
+    write_json_atomic(files.report_path, report)

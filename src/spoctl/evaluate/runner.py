@@ -1,7 +1,12 @@
 """The whole evaluation: scorecard, then (with a judge) generation, judging and calibration, then the gate.
 
-Whatever is finished is kept: if a later step fails (a judge that cannot be reached, a missing model), the
-report written so far -- marked incomplete, with the error -- is saved atomically before the error propagates.
+Every evaluation writes its own folder under RUN_DIR/eval/ (`RunDir.new_eval`), and the pointer eval/latest.json
+moves to it once its report is written: no evaluation replaces another's files. The pre-flight checks (the run,
+the gate's dimensions, every model's files against the run's record, the generation backend, a judge that must
+start: its model, its key, its endpoint) come
+before the folder exists, so a failed pre-flight writes nothing. Whatever is finished after that is kept: if a
+later step fails (a judge failing half-way, a missing model), the report so far -- marked incomplete, with the
+error -- is saved atomically before the error propagates.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from .. import __version__
 from ..config import EvalConfig
 from ..console import Output
 from ..errors import SpoctlError, UsageError
-from ..rundir import now_iso
+from ..rundir import EvalFiles, now_iso
 from . import gate as gate_mod
 from . import report as report_mod
 from .generate import generate_for_model, prompt_rows, seeded_sample
@@ -54,6 +59,12 @@ def model_pass(er: EvalRun, cfg: EvalConfig, out: Output, store: EvalLogps, gene
     with a judge, its responses. Returns the samples (empty without a judge)."""
     gen = cfg.generation
     rows = {d: prompt_rows(er, d, gen.num_prompts, gen.seed) for d in er.dims} if generate else {}
+    n_prompts = sum(len(v) for v in rows.values())
+    if generate:
+        decoding = "greedy" if gen.temperature == 0 else f"sampled at temperature {gen.temperature:g}"
+        out.info(f"generation: {er.k_max + 1} models x {n_prompts} prompts ({len(rows)} dims x up to"
+                 f" --num-prompts {gen.num_prompts}), up to --max-new-tokens {gen.max_new_tokens} tokens each,"
+                 f" {decoding}, {gen.backend} backend")
     samples: list[dict[str, Any]] = []
     for k in range(er.k_max + 1):
         # Before any of pi_k's numbers are used, cached or not: the files pi_k is built from must be the ones its
@@ -68,11 +79,34 @@ def model_pass(er: EvalRun, cfg: EvalConfig, out: Output, store: EvalLogps, gene
             out.info(f"log-probs: {er.label(k)} on {', '.join(f'{d}/eval' for d in missing)}")
             store.compute(model, k, missing, out)
         if generate:
-            samples += generate_for_model(er, model, k, rows, cfg.generation, device)
-            out.info(f"generated: {er.label(k)} on {sum(len(v) for v in rows.values())} prompts")
+            label = (f"generating: {er.label(k)} (--num-prompts {gen.num_prompts},"
+                     f" --max-new-tokens {gen.max_new_tokens})")
+            with out.progress(label, total=n_prompts, unit="prompts") as bar:
+                if gen.backend == "vllm":
+                    from .vllm_backend import model_folder
+
+                    with model_folder(model.cpu(), er.tokenizer, er.run.cache_dir) as folder:
+                        del model
+                        samples += generate_for_model(er, folder, k, rows, gen, device, bar)
+                else:
+                    samples += generate_for_model(er, model, k, rows, gen, device, bar)
         out.detail(f"{er.label(k)}: {time.perf_counter() - t:.1f}s")
-        del model
+        model = None
     return samples
+
+
+JUDGE_CHUNK = 32  # matchups per judge call: a progress step, large enough to keep a judge's requests in flight
+
+
+def judged(judge: Judge, matchups: list[Matchup], out: Output, label: str) -> list[float]:
+    """The judge's verdicts on `matchups`, asked in chunks so that a progress bar can follow them."""
+    verdicts: list[float] = []
+    with out.progress(label, total=len(matchups), unit="matchups") as bar:
+        for start in range(0, len(matchups), JUDGE_CHUNK):
+            chunk = matchups[start:start + JUDGE_CHUNK]
+            verdicts += judge.compare(chunk)
+            bar.advance(len(chunk))
+    return verdicts
 
 
 def judge_samples(er: EvalRun, cfg: EvalConfig, out: Output, judge: Judge, samples: list[dict[str, Any]],
@@ -85,8 +119,8 @@ def judge_samples(er: EvalRun, cfg: EvalConfig, out: Output, judge: Judge, sampl
             keys.append((s["k"], s["dim"]))
             matchups.append(Matchup(dim=s["dim"], prompt=s["prompt"], a=s["response"],
                                     b=base[(s["dim"], s["index"])]["response"], messages=tuple(s["messages"])))
-    out.info(f"judging {len(matchups)} responses against the base model's with the {judge.name} judge")
-    verdicts = judge.compare(matchups)
+    verdicts = judged(judge, matchups, out, f"judging: each stage's responses against the base model's"
+                                            f" ({judge.name} judge)")
     report["win_rates"] = [
         {"k": k, "model": er.stages[k - 1]["dim"],
          "dims": {d: summarize([v for key, v in zip(keys, verdicts) if key == (k, d)]) for d in er.dims}}
@@ -99,20 +133,26 @@ def judge_samples(er: EvalRun, cfg: EvalConfig, out: Output, judge: Judge, sampl
             chosen = seeded_sample(er.prepared.split(d, "eval")["pair_id"], cfg.judge.calibration_pairs,
                                    cfg.judge.seed)
             human = [pairs(d, "eval")[i] for i in chosen]
-            v = judge.compare([Matchup(dim=d, prompt=p, a=c, b=r) for p, c, r in human])
+            v = judged(judge, [Matchup(dim=d, prompt=p, a=c, b=r) for p, c, r in human], out,
+                       f"judge calibration: {d} human pairs")
             calibration[d] = {"agreement": agreement(v), "pairs": len(v)}
     report["judge"] = {**judge.describe(), "calibration": calibration}
 
 
 def evaluate(cfg: EvalConfig, out: Output) -> dict[str, Any]:
-    """Evaluate a run; returns the report (also written to RUN_DIR/eval/report.json). Raises UsageError (exit 2)
-    for a bad run or an unusable judge -- after saving the partial report -- and never raises for a failed
-    gate: the caller reads report["gate"]["passed"] (see `gate_failure`)."""
+    """Evaluate a run; returns the report (also written to RUN_DIR/eval/<id>/report.json, which the pointer
+    eval/latest.json then names). Raises UsageError (exit 2) for a bad run or an unusable judge -- before writing
+    anything when the pre-flight checks fail, after saving the partial report otherwise -- and never raises for a
+    failed gate: the caller reads report["gate"]["passed"] (see `gate_failure`)."""
     er = open_run(cfg, out)
     _check_gate_dims(cfg, er.dims)
+    if cfg.judge.name is not None and cfg.generation.backend == "vllm":
+        from .vllm_backend import check_vllm
+
+        check_vllm()
     report: dict[str, Any] = {
-        "run_dir": str(er.run.root), "created": now_iso(), "spoctl_version": __version__, "complete": False,
-        "error": None, "dims": er.dims,
+        "run_dir": str(er.run.root), "eval_id": None, "created": now_iso(), "spoctl_version": __version__,
+        "complete": False, "error": None, "dims": er.dims,
         "stages": [{"index": st["index"], "dim": st["dim"], "status": st.get("status"),
                     "beta": (st.get("plan") or {}).get("beta"), "weights": st.get("weights")}
                    for st in er.manifest.get("stages", [])],
@@ -121,21 +161,57 @@ def evaluate(cfg: EvalConfig, out: Output) -> dict[str, Any]:
     }
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     store = EvalLogps(er, cfg, device)
-    judge: Judge | None = None
+    for k in range(er.k_max + 1):  # every model's files as the run saved them (hashed once per process)
+        er.chain.verify(k)
     pairs = _pair_source(er)
+    judge = start_judge(er, cfg, pairs) if cfg.judge.name is not None else None
     try:
-        if cfg.judge.name is not None:
-            judge = make_judge(cfg.judge, manifest=er.manifest, pairs=pairs,
-                               cache_dir=er.run.judge_cache_dir, trust_remote_code=cfg.trust_remote_code)
+        if judge is not None:
             report["judge"] = judge.describe()
-            judge.prepare(er.dims)  # a missing key or model fails here, before minutes of generation
-            report["judge"] = judge.describe()
-        samples = model_pass(er, cfg, out, store, judge is not None, device)
+        # Under several processes (torchrun -m spoctl eval) the main one makes the folder and writes the files.
+        files = er.run.new_eval() if store.procs.main else None
+        report["eval_id"] = store.procs.broadcast(files.eval_id if files is not None else None)
+        _measure(er, cfg, out, store, judge, pairs, files, report)
+    finally:
+        if judge is not None:
+            judge.close()
+    if files is not None:
+        report_mod.write_report(files, report, with_plot=cfg.plot)
+        er.run.point_to_eval(files, complete=True)
+        if cfg.plot and "plot" not in report["files"]:
+            out.warn("no plot written: matplotlib is not installed (pip install matplotlib)")
+        out.info(f"report: {files.report_path}")
+    report_mod.print_tables(report, out)
+    return report
+
+
+def start_judge(er: EvalRun, cfg: EvalConfig, pairs: Any) -> Judge:
+    """The pre-flight of the judge: built and prepared (a missing key or model, an endpoint that does not answer
+    fails here), before minutes of generation and before anything is written."""
+    judge = make_judge(cfg.judge, manifest=er.manifest, pairs=pairs, cache_dir=er.run.judge_cache_dir,
+                       trust_remote_code=cfg.trust_remote_code)
+    try:
+        judge.prepare(er.dims)
+    except BaseException:
+        judge.close()
+        raise
+    return judge
+
+
+def _measure(er: EvalRun, cfg: EvalConfig, out: Output, store: EvalLogps, judge: Judge | None, pairs: Any,
+             files: EvalFiles | None, report: dict[str, Any]) -> None:
+    """Everything after the pre-flight, filling `report`; on an error the partial report is written to `files`
+    (and the pointer names it as the latest evaluation) before the error propagates. `files` is None on the
+    processes of a launch that write nothing."""
+    try:
+        samples = model_pass(er, cfg, out, store, judge is not None, device=store.device)
         report["scorecard"] = store.scorecard()
         if judge is not None:
-            report_mod.write_samples(er.run, samples, er.run.root.name)
-            report["samples_written"] = True
             report["generation"] = cfg.generation.model_dump(mode="json")
+            if files is not None:
+                report_mod.write_samples(files, samples, er.run.root.name)
+                report_mod.write_judge_settings(files, judge.describe(), report["generation"])
+            report["samples_written"] = True
             judge_samples(er, cfg, out, judge, samples, pairs, report)
         judged_scores = report["win_rates"] is not None
         scores = ({d: [r["dims"][d]["win_rate"] for r in report["win_rates"]] for d in er.dims} if judged_scores
@@ -147,18 +223,17 @@ def evaluate(cfg: EvalConfig, out: Output) -> dict[str, Any]:
         report["complete"] = True
     except SpoctlError as err:
         report["error"] = str(err)
-        report_mod.write_report(er.run, report, with_plot=cfg.plot)
-        out.warn(f"partial report kept: {er.run.eval_report_path}")
+        if files is not None:
+            report_mod.write_report(files, report, with_plot=cfg.plot)
+            er.run.point_to_eval(files, complete=False)
+            out.warn(f"partial report kept: {files.report_path}")
         raise
-    finally:
-        if judge is not None:
-            judge.close()
-    report_mod.write_report(er.run, report, with_plot=cfg.plot)
-    if cfg.plot and "plot" not in report["files"]:
-        out.warn("no plot written: matplotlib is not installed (pip install matplotlib)")
-    report_mod.print_tables(report, out)
-    out.info(f"report: {er.run.eval_report_path}")
-    return report
+    except BaseException:
+        # A bug or an interrupt: no report to keep. An evaluation folder with nothing in it is removed; one with
+        # samples stays (they cost minutes), and the pointer still names the last evaluation that has a report.
+        if files is not None and files.root.is_dir() and not any(files.root.iterdir()):
+            files.root.rmdir()
+        raise
 
 
 def gate_failure(report: dict[str, Any]) -> str | None:

@@ -111,7 +111,8 @@ def _scorecard(report: dict[str, Any] | None) -> list[str]:
     cannot read (another spoctl version) falls back to its list-of-records tables, or compact JSON."""
     if not report:
         return []
-    lines = ["## Evaluation", "", "From `spoctl eval` on the whole run (`eval/report.json`); k = stage.", ""]
+    where = f"eval/{report['eval_id']}/report.json" if report.get("eval_id") else "eval/report.json"
+    lines = ["## Evaluation", "", f"From `spoctl eval` on the whole run (`{where}`); k = stage.", ""]
     try:
         from ..evaluate.report import scorecard_table, winrate_table
 

@@ -110,8 +110,10 @@ def export_model(cfg: ExportConfig, out: Output) -> dict[str, Any]:
     base_id = cfg.base_model_id or hub_id(src.base_spec)
     tokenizer = build.export_tokenizer(src, trust_remote_code=cfg.trust_remote_code)
     sources = data_sources(src)
-    report_path = src.run.eval_report_path
-    report = read_json(report_path) if report_path.is_file() else None
+    # The latest complete `spoctl eval` (eval/latest.json; a bare eval/report.json for runs evaluated before eval
+    # history): an evaluation that stopped half-way does not replace the card's numbers.
+    evaluation = src.run.latest_eval(complete=True)
+    report = read_json(evaluation.report_path) if evaluation is not None else None
     out.info(f"exporting stage {src.index} ({src.dim}) of {src.run.root} as {kind} weights"
              + (f" ({dtype})" if dtype else "") + f" to {target}")
     # Every model file the export will read is checked against what the run recorded (the engine's model chain):
@@ -127,27 +129,37 @@ def export_model(cfg: ExportConfig, out: Output) -> dict[str, Any]:
         # A GGUF base is read from its unpacked float copy: the same weights, verified above as the original.
         chain.base_spec = base
         pairs, source = check_pairs(src, tokenizer, cfg.check_pairs, out)
-        reference = _reference_logps(chain, src.index, pairs, tokenizer.pad_token_id,
-                                     dtype if kind == "merged" else None)
-        with atomic_directory(target, replace=True) as tmp:
-            earlier: list[str] = []
-            if kind == "merged":
-                build.save_merged(build.merged_model(src, base, trust_remote_code=trust), tokenizer, tmp,
-                                  dtype=dtype, max_shard_bytes=parse_size(cfg.max_shard_size))
-            else:
-                earlier = build.save_adapters(src, tokenizer, tmp, base_name=model_name(src.base_spec, base_id),
-                                              dtype=dtype)
-            check = _check(cfg, src, base, tmp, pairs, source, reference, tokenizer.pad_token_id, kind,
-                           dtype or "fp32", earlier, out)
-            write_text_atomic(tmp / "README.md", render_card(src, kind=kind, dtype=dtype or "as trained",
-                                                             base_id=base_id, check=check, earlier=earlier,
-                                                             eval_report=report, sources=sources))
-            write_json_atomic(tmp / LINEAGE_NAME, lineage(src, tmp, kind=kind, dtype=dtype or "as trained",
-                                                          base_id=base_id, check=check, earlier=earlier,
-                                                          sources=sources, inputs=inputs))
-            _shareable(tmp)
-            files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-            size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        # Four steps, each a model load or write (seconds to minutes on a large model): the checkpoint's
+        # reference log-probs, the merge (or the adapters' copy), the write, and the reloaded export's check.
+        with out.progress("export: reference, merge, write, numerical check", total=4, unit="steps") as bar:
+            reference = _reference_logps(chain, src.index, pairs, tokenizer.pad_token_id,
+                                         dtype if kind == "merged" else None)
+            bar.advance()
+            with atomic_directory(target, replace=True) as tmp:
+                earlier: list[str] = []
+                if kind == "merged":
+                    merged = build.merged_model(src, base, trust_remote_code=trust)
+                    bar.advance()
+                    build.save_merged(merged, tokenizer, tmp, dtype=dtype,
+                                      max_shard_bytes=parse_size(cfg.max_shard_size))
+                    del merged
+                else:
+                    bar.advance()
+                    earlier = build.save_adapters(src, tokenizer, tmp, base_name=model_name(src.base_spec, base_id),
+                                                  dtype=dtype)
+                bar.advance()
+                check = _check(cfg, src, base, tmp, pairs, source, reference, tokenizer.pad_token_id, kind,
+                               dtype or "fp32", earlier, out)
+                bar.advance()
+                write_text_atomic(tmp / "README.md", render_card(src, kind=kind, dtype=dtype or "as trained",
+                                                                 base_id=base_id, check=check, earlier=earlier,
+                                                                 eval_report=report, sources=sources))
+                write_json_atomic(tmp / LINEAGE_NAME, lineage(src, tmp, kind=kind, dtype=dtype or "as trained",
+                                                              base_id=base_id, check=check, earlier=earlier,
+                                                              sources=sources, inputs=inputs))
+                _shareable(tmp)
+                files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+                size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     shards = [f for f in files if f.endswith(".safetensors") and "/" not in f]
     out.info(f"wrote {target}: {len(files)} files, {size / 1e6:.1f} MB; numerical check passed on {check.pairs} pairs"
              f" (max |diff| {check.max_abs_diff:.3g})")

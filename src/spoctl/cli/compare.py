@@ -1,0 +1,51 @@
+"""`spoctl compare`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..config import CompareConfig
+from .common import CommonOptions, comma_list, command, execute
+
+
+@command(examples=[
+    "spoctl compare runs/dpo runs/spo runs/keep            # differences from the first run, with 95% intervals",
+    "spoctl compare runs/dpo runs/spo --json > compare.json",
+    "spoctl compare runs/dpo runs/spo --plot pareto.png --set bootstrap_resamples=10000",
+])
+def compare(
+    runs: Optional[list[Path]] = typer.Argument(None, metavar="RUN RUN...", help="Run directories made by spoctl align; the first is the"
+                                                " one the others are compared with."),
+    dims: Optional[str] = typer.Option(None, "--dims", help="Dimensions to compare, comma-separated (default: the"
+                                       " first run's)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Where to write the Pareto plot (default compare.png)."),
+    no_plot: bool = typer.Option(False, "--no-plot", help="Skip the PNG plot."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the bootstrap resamples."),
+    *,
+    opts: CommonOptions,
+) -> None:
+    """Compare runs' models on the same held-out pairs: accuracy and mean margin of log(pi/pi_0) per dimension,
+    retention of earlier dimensions, and paired bootstrap 95% intervals of each run's difference from the first.
+
+    Exit codes: 0 ok, 2 usage error (among them: runs whose held-out pairs differ, named)."""
+    out = opts.output
+
+    def build() -> CompareConfig:
+        flags = {
+            "runs": [str(r) for r in runs] if runs else None,
+            "dims": comma_list(dims),
+            "plot": str(plot) if plot else None,
+            "seed": seed,
+        }
+        cfg = opts.resolve(CompareConfig, "compare", flags)
+        return cfg.model_copy(update={"plot": None}) if no_plot else cfg
+
+    def act(cfg: CompareConfig) -> dict:
+        from ..evaluate.compare import compare_runs
+
+        return compare_runs(cfg, out)
+
+    execute(opts, build, "compare", act)
