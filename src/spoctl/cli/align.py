@@ -101,6 +101,4 @@ def align(
 
     result = execute(opts, build, "align", act, header=lambda cfg: DEMO_VIA_ALIGN if runs_demo(cfg) else None)
     if result is not None:
-        import shlex
-
         out.info(f"next: spoctl eval --run {shlex.quote(result['run_dir'])}")
