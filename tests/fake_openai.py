@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
-_USER = re.compile(r"\[User prompt\]\n(.*)\n\n\[Response A\]\n(.*)\n\n\[Response B\]\n(.*)\n\nWhich", re.S)
+def _texts(content: str) -> tuple[str, str, str] | None:
+    """(prompt, a, b) from a rubric question: the JSON object the judge sends its texts in (None: not a question)."""
+    try:
+        texts = json.JSONDecoder().raw_decode(content)[0]
+    except ValueError:
+        return None
+    if not isinstance(texts, dict) or set(texts) != {"user_prompt", "response_a", "response_b"}:
+        return None
+    return texts["user_prompt"], texts["response_a"], texts["response_b"]
 
 
 def prefer_good(prompt: str, a: str, b: str) -> str:
@@ -98,7 +105,7 @@ class FakeOpenAI(LocalServer):
                         return self._send(401, {"error": {"message": "bad credentials"}})
                     if fake.fail_queue:
                         return self._send(fake.fail_queue.pop(0), {"error": {"message": "try again"}})
-                    m = _USER.search(body["messages"][-1]["content"])
+                    m = _texts(body["messages"][-1]["content"])
                     if m is None:  # the endpoint check: any short reply will do
                         fake.probes += 1
                         fake.models.add(body["model"])
@@ -106,7 +113,7 @@ class FakeOpenAI(LocalServer):
                     if fake.bad_replies:
                         fake.bad_replies -= 1
                         return self._send(200, {"choices": [{"message": {"content": "I think A is better."}}]})
-                    prompt, a, b = m.groups()
+                    prompt, a, b = m
                     fake.questions.append((prompt, a, b))
                     fake.models.add(body["model"])
                     fake.answered += 1

@@ -16,7 +16,7 @@ import typer
 from typer.testing import CliRunner
 
 from spoctl.cli import app
-from spoctl.cli.common import SHARED_OPTIONS, capture_flags, examples_epilog, flag_for_key
+from spoctl.cli.common import SHARED_OPTIONS, examples_epilog
 from spoctl.console import Output, is_main_process
 from spoctl.demo.model import SFT_STEPS, base_model_key, build_base_model
 from spoctl.errors import CheckFailed, InputError, TrainingError, UsageError, describe_error
@@ -170,7 +170,13 @@ def test_flags_are_named_in_configuration_errors():
 
 
 def test_every_flag_maps_to_its_config_key():
-    """The flag found for each key of each command's `flags` (the lookup behind error messages and the docs)."""
+    """Each command's flag table (the one declaration behind its options, error messages and the docs): every
+    flag's key is a key of its configuration, and every flag is an option of the command."""
+    from spoctl.cli.flags import COMMAND_FLAGS, field_of
+    from spoctl.config import AlignConfig, CompareConfig, EvalConfig, ExportConfig, PrepareConfig
+
+    models = {"prepare": PrepareConfig, "align": AlignConfig, "demo": AlignConfig, "eval": EvalConfig,
+              "compare": CompareConfig, "export": ExportConfig}
     expected = {
         "prepare": {"data": "--data", "format": "--format", "model": "--model", "out": "--out",
                     "length.max_prompt_tokens": "--max-prompt-tokens", "length.max_length": "--max-length",
@@ -194,11 +200,22 @@ def test_every_flag_maps_to_its_config_key():
                    "force": "--force"},
     }
     for command, mapping in expected.items():
-        with capture_flags() as seen:
-            assert runner.invoke(app, [command, "--print-config", "--json"]).exit_code == 0
-        flags, params = seen[0]
-        found = {key: flag_for_key(key, params) for key in flags}
-        assert found == mapping, command
+        assert {key: f.name for f in COMMAND_FLAGS[command] for key in f.keys} == mapping, command
+    for command, table in COMMAND_FLAGS.items():
+        help_text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        for f in table:
+            for key in f.keys:
+                field_of(models[command], key)  # KeyError: a flag for a key its configuration lacks
+            for decl in f.decls:
+                assert all(d in help_text for d in decl.split("/")), (command, decl)
+
+
+def test_flag_help_is_the_config_description():
+    from spoctl.config import AlignConfig
+
+    text = " ".join(runner.invoke(app, ["align", "--help"], env={"COLUMNS": "200"}).output.split())
+    for key in ("beta", "epochs", "report_to", "resume"):
+        assert " ".join(AlignConfig.model_fields[key].description.split()) in text, key
 
 
 def test_describe_error_kinds_and_codes():

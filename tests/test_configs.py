@@ -74,7 +74,7 @@ def test_docs_tables_match_the_models():
 def test_a_stale_table_is_found_and_rewritten(tmp_path):
     (tmp_path / "docs").mkdir()
     text = (ROOT / "docs" / "align.md").read_text(encoding="utf-8")
-    edited = text.replace("| `beta` | `--beta` | float (> 0) | `0.1` |", "| `beta` | `--beta` | float (> 0) | `0.2` |")
+    edited = text.replace("| `beta` | `--beta` | float (> 0, <= 1000.0) | `0.1` |", "| `beta` | `--beta` | float (> 0, <= 1000.0) | `0.2` |")
     assert edited != text
     (tmp_path / "docs" / "align.md").write_text(edited, encoding="utf-8")
     assert docgen.main(["--check", "--root", str(tmp_path)]) == 1
@@ -85,7 +85,7 @@ def test_a_stale_table_is_found_and_rewritten(tmp_path):
 
 def test_table_rows_follow_the_models():
     rows = {key: (kind, default) for key, kind, default, _ in docgen.rows(docgen.SECTIONS["prepare"][0])}
-    assert rows["length.max_length"] == ("int (> 1)", "`1024`")
+    assert rows["length.max_length"] == ("int (> 1, <= 1048576)", "`1024`")
     assert rows["length.overflow"][0] == "truncate \\| drop"
     align = {key: kind for key, kind, _, _ in docgen.rows(docgen.SECTIONS["align"][0])}
     assert "stages.<DIM>.beta" in align and align["stages.<DIM>.loss"].startswith("section (")

@@ -102,9 +102,11 @@ def test_prepare_counts_what_it_cut_and_never_starts_mid_message(tmp_path, tiny_
     res = prepare(tmp_path, tiny_tokenizer_dir, "--data", f"d={src}", "--max-length", "160", "--max-prompt-tokens", "96")
     assert res.exit_code == 0, res.output
     header = next(line for line in res.stdout.splitlines() if line.startswith("dimension"))
-    assert "turns dropped" in header and "messages cut" in header
+    assert header.split()[-1] == "truncated"
     data = load_prepared(tmp_path / "out")
     c = data.dim_info("d")["counts"]
+    row = next(line for line in res.stdout.splitlines() if line.startswith("d "))
+    assert row.rstrip().endswith(f"2 ({c['truncation']['turns_dropped']} turns dropped, 1 messages cut)"), row
     assert c["truncated"] == 2 and c["truncation"]["prompts"] == 2 and c["truncation"]["messages_cut"] == 1
     assert c["truncation"]["turns_dropped"] >= 4 and c["dropped"] == {}
     for row in list(data.split("d", "train")) + list(data.split("d", "eval")):

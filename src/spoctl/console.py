@@ -45,7 +45,11 @@ class Output:
 
     def __post_init__(self) -> None:
         stream = sys.stderr if self.json_mode else sys.stdout
-        self._console = Console(file=stream, highlight=False, soft_wrap=True)
+        # NO_COLOR (no-color.org): rich would drop colours but keep bold, italic and the like; a user who sets it
+        # wants text without escape sequences, so none are written at all (tables and bars stay, in plain text).
+        plain = os.environ.get("NO_COLOR", "") != ""
+        self._console = Console(file=stream, highlight=False, soft_wrap=True,
+                                **({"color_system": None} if plain else {}))
         if not self.main_process:
             self.quiet, self.verbose = True, False
 
@@ -113,14 +117,65 @@ class Output:
         """The command's machine-readable result: printed only in --json mode, by the main process."""
         if self.json_mode and self.main_process:
             self.result_printed = True
-            sys.stdout.write(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-            sys.stdout.flush()
+            stream = document_stream()
+            stream.write(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+            stream.flush()
 
     def document(self, text: str) -> None:
         """A document the user asked for on stdout (`--print-config`), printed by the main process only."""
         if self.main_process:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            stream = document_stream()
+            stream.write(text)
+            stream.flush()
+
+
+# Where the one JSON document goes while `stdout_reserved` holds stdout; None: stdout itself.
+_document: Any = None
+
+
+def document_stream() -> Any:
+    return _document if _document is not None else sys.stdout
+
+
+@contextlib.contextmanager
+def stdout_reserved(enabled: bool = True) -> Iterator[None]:
+    """Under --json, stdout belongs to the one JSON document: while the command runs, everything else written to
+    it -- spoctl's own prints, a library's (accelerate's `print`, a tracker's banner), C code's, a child process's --
+    goes to stderr, and `document_stream()` is the real stdout. The file descriptor is redirected where there is one
+    (a real process), else only `sys.stdout` (an in-process test runner)."""
+    global _document
+    if not enabled or _document is not None:
+        yield
+        return
+    original = sys.stdout
+    try:
+        original.flush()
+        fd, err_fd = original.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = err_fd = None
+    saved = None
+    if fd is not None and err_fd is not None:
+        saved = os.dup(fd)
+        os.dup2(err_fd, fd)
+        _document = open(saved, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 - closed below
+    else:
+        _document = original
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout = original
+        document, _document = _document, None
+        with contextlib.suppress(OSError, ValueError):
+            document.flush()
+        if saved is not None:
+            with contextlib.suppress(OSError, ValueError):  # a reader that left (`| head`) is the caller's to report
+                document.close()  # its descriptor is `saved` (closefd=False): closed below, after fd 1 has it back
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+                original.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
 
 
 def _fmt(value: Any) -> str:

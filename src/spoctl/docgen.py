@@ -83,12 +83,7 @@ def type_name(annotation: Any) -> str:
 
 
 def _bounds(field: FieldInfo) -> str:
-    parts = []
-    for item in field.metadata:
-        for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-            value = getattr(item, attr, None)
-            if value is not None:
-                parts.append(f"{sign} {value}")
+    parts = [f"{sign} {value}" for sign, value in config.bounds_of(field.annotation, field.metadata)]
     return f" ({', '.join(parts)})" if parts else ""
 
 
@@ -151,19 +146,11 @@ def missing_descriptions() -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ flags
 def command_flags(command: str) -> dict[str, str]:
-    """Config key -> the flag of `spoctl COMMAND` that sets it, read from the command's own flags (it is run with
-    --print-config, which only resolves the configuration)."""
-    from typer.testing import CliRunner
+    """Config key -> the flag of `spoctl COMMAND` that sets it, from the command's flag table (cli/flags.py)."""
+    from .cli import app  # noqa: F401 - registers the commands and their tables
+    from .cli.flags import COMMAND_FLAGS
 
-    from .cli import app
-    from .cli.common import capture_flags, flag_for_key
-
-    with capture_flags() as seen:
-        result = CliRunner().invoke(app, [command, "--print-config", "--json"])
-    if not seen:
-        raise RuntimeError(f"spoctl {command} --print-config did not resolve a configuration:\n{result.output}")
-    flags, params = seen[0]
-    return {key: flag for key in flags if (flag := flag_for_key(key, params))}
+    return {key: f.name for f in COMMAND_FLAGS[command] for key in f.keys}
 
 
 def table(section: str) -> str:

@@ -147,10 +147,9 @@ def sigmoid_loss(h: Tensor, beta: float, *, label_smoothing: float = 0.0) -> Ten
 
     eps > 0 is conservative DPO: each label is taken to be flipped with probability eps, so the loss is least at
     sigmoid(h) = 1 - eps instead of at h = +inf. `beta` is unused (h already carries it); it is a parameter so
-    every loss in `LOSSES` is called the same way.
+    every loss in `LOSSES` is called the same way. eps in [0, 0.5) is checked once, by the configuration
+    (`config.LossConfig`).
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     loss = -F.logsigmoid(h)
     # Skip the eps term when eps == 0 so the result is -logsigmoid(h) exactly, as in plain DPO.
     return loss if label_smoothing == 0 else (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-h)
@@ -196,16 +195,12 @@ LOSS_TYPES = tuple(LOSSES)
 def preference_loss(h: Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> Tensor:
     """Per-pair loss [B] of the SPO margin h (from `spo_logits`) under `LOSSES[loss_type]`.
 
-    label_smoothing only has a meaning for sigmoid; asking for it with another type is an error.
+    label_smoothing only has a meaning for the losses that take it; the configuration (`config.LossConfig`) is the
+    one place that checks the type, the smoothing's range and that the type takes it.
     """
-    spec = LOSSES.get(loss_type)
-    if spec is None:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+    spec = LOSSES[loss_type]
     if spec.takes_label_smoothing:
         return spec.fn(h, beta, label_smoothing=label_smoothing)
-    if label_smoothing != 0:
-        takers = ", ".join(name for name, other in LOSSES.items() if other.takes_label_smoothing)
-        raise ValueError(f"label_smoothing applies to the {takers} loss only, not {loss_type!r}")
     return spec.fn(h, beta)
 
 

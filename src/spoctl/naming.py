@@ -21,6 +21,20 @@ def check_dim_name(name: str) -> str:
     return name
 
 
+def check_distinct_dims(names: list[str]) -> None:
+    """ValueError for two dimensions that differ only by case (Helpful, helpful): their folders (prepared/helpful,
+    stages/01-helpful) would be one folder on a case-insensitive file system (macOS, Windows) and overwrite each
+    other; a name given twice is refused too."""
+    seen: dict[str, str] = {}
+    for name in names:
+        first = seen.setdefault(name.casefold(), name)
+        if first == name and names.count(name) > 1:
+            raise ValueError(f"dimension {name!r} is listed twice; each dimension is one stage")
+        if first != name:
+            raise ValueError(f"dimensions {first!r} and {name!r} differ only by case: their folders would be one on "
+                             "macOS and Windows; name them apart")
+
+
 def is_hub_id(spec: str) -> bool:
     """Whether `spec` is shaped like a Hub id (it may still also name a local path: callers check that first)."""
     return bool(HUB_ID.match(spec))

@@ -21,10 +21,9 @@ import os
 import re
 import sys
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Optional, Sequence, TypeVar, get_args, get_origin, get_type_hints
 
 import typer
 from typer.core import TyperGroup
@@ -36,8 +35,9 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click.exceptions import ClickException
 
 from .. import __version__
+from .flags import COMMAND_FLAGS, Flag, flag_for
 from ..config import ConfigError, StrictModel, dump_config, resolve_config
-from ..console import Output, is_main_process
+from ..console import Output, is_main_process, stdout_reserved
 from ..errors import EXIT_INTERNAL, CheckFailed, ErrorInfo, UsageError, describe_error
 from ..signals import stop_signals
 
@@ -159,10 +159,11 @@ class CommonOptions:
     json: bool = False
     quiet: bool = False
     verbose: bool = False
+    # The command's flag table (cli/flags.py) and what its flags set: config key -> value, None where not given.
+    flag_table: list[Flag] = field(default_factory=list, repr=False)
+    flags: dict[str, Any] = field(default_factory=dict, repr=False)
     # The command line as given after `spoctl` (subcommand first), for messages that say what to run next.
     argv: list[str] = field(default_factory=list, repr=False)
-    # The command's own parameters: name -> (the option strings, whether the user gave it), for error messages.
-    params: dict[str, tuple[list[str], bool]] = field(default_factory=dict, repr=False)
     _output: Output | None = field(default=None, repr=False)
 
     @property
@@ -171,30 +172,15 @@ class CommonOptions:
             self._output = Output(json_mode=self.json, quiet=self.quiet, verbose=self.verbose)
         return self._output
 
-    def resolve(self, model_cls: type[M], section: str, flags: dict[str, Any]) -> M:
-        """The validated configuration: defaults < --config < --set < the command's flags (`flags` maps config keys
-        to flag values, None where a flag was not given). An invalid value a flag set is reported with that flag."""
-        for seen in _flag_observers:
-            seen.append((dict(flags), dict(self.params)))
+    def resolve(self, model_cls: type[M], section: str, extra: dict[str, Any] | None = None) -> M:
+        """The validated configuration: defaults < --config < --set < the command's flags (`self.flags`, then
+        `extra`: config key -> value from the command's own parameters, None where not given). An invalid value a
+        flag set is reported with that flag."""
+        flags = {**self.flags, **{k: v for k, v in (extra or {}).items() if v is not None or k not in self.flags}}
         try:
             return resolve_config(model_cls, section, self.config, self.set, flags)
         except ConfigError as err:
-            raise UsageError(name_flags_in(err, flags, self.params)) from None
-
-
-_flag_observers: list[list[tuple[dict[str, Any], dict[str, tuple[list[str], bool]]]]] = []
-
-
-@contextmanager
-def capture_flags() -> Iterator[list[tuple[dict[str, Any], dict[str, tuple[list[str], bool]]]]]:
-    """Record (flags, the command's parameters) of each configuration a command resolves while in this block:
-    how `spoctl.docgen` learns which flag sets which key, from the commands themselves."""
-    seen: list[tuple[dict[str, Any], dict[str, tuple[list[str], bool]]]] = []
-    _flag_observers.append(seen)
-    try:
-        yield seen
-    finally:
-        _flag_observers.remove(seen)
+            raise UsageError(name_flags_in(err, flags, self.flag_table)) from None
 
 
 # name in CommonOptions -> (annotation, the Typer option). Every subcommand lists them after its own options.
@@ -255,17 +241,25 @@ def _polished(annotation: Any, info: ParameterInfo, name: str) -> ParameterInfo:
     return info
 
 
-def with_common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Give `fn(..., opts: CommonOptions)` the shared options as CLI parameters (after its own) and call it with
-    them gathered in `opts`."""
+def with_common_options(fn: Callable[..., Any], config: type[StrictModel] | None = None,
+                        flags: Sequence[Flag] = ()) -> Callable[..., Any]:
+    """Give `fn(..., opts: CommonOptions)` its own parameters, then the options of its flag table (`flags`, whose
+    help and types come from the `config` model), then the shared options, and call it with the shared options
+    and what the table's flags set gathered in `opts`."""
     hints = get_type_hints(fn)
     own = [p for p in inspect.signature(fn).parameters.values() if p.name != "opts"]
     params = []
+    kw = inspect.Parameter.KEYWORD_ONLY
     for p in own:
         annotation = hints.get(p.name, p.annotation)
         default = _polished(annotation, p.default, p.name) if isinstance(p.default, ParameterInfo) else p.default
-        params.append(p.replace(annotation=annotation, default=default))
-    kw = inspect.Parameter.KEYWORD_ONLY
+        params.append(p.replace(annotation=annotation, default=default, kind=kw))
+    for f in flags:
+        annotation = f.annotation(config)
+        params.append(inspect.Parameter(f.param, kw, default=_polished(annotation, f.option(config), f.param),
+                                        annotation=annotation))
+    # In --help: the command's arguments, its table's flags, then its other options (--debug, --no-plot).
+    params.sort(key=lambda p: 0 if isinstance(p.default, ArgumentInfo) else 1 if p.name.startswith("flag_") else 2)
     for name, (annotation, info) in SHARED_OPTIONS.items():
         params.append(inspect.Parameter(name, kw, default=_polished(annotation, info, name), annotation=annotation))
     params.append(inspect.Parameter(_CTX_PARAM, kw, annotation=typer.Context))
@@ -273,16 +267,14 @@ def with_common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(**kwargs: Any) -> Any:
         ctx: typer.Context = kwargs.pop(_CTX_PARAM)
-        opts = CommonOptions(**{name: kwargs.pop(name) for name in SHARED_OPTIONS})
-        for param in ctx.command.params:
-            if param.name in SHARED_OPTIONS:
-                continue
-            source = ctx.get_parameter_source(param.name) if param.name else None
-            given = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
-            opts.params[param.name] = ([*param.opts, *getattr(param, "secondary_opts", [])], given)
+        opts = CommonOptions(**{name: kwargs.pop(name) for name in SHARED_OPTIONS}, flag_table=list(flags))
         opts.argv = list(ctx.meta.get(_ARGV, []))
         ctx.meta[_OPTS] = opts
-        return fn(**kwargs, opts=opts)
+        raw = {f.param: kwargs.pop(f.param) for f in flags}
+        with stdout_reserved(opts.json):  # stdout holds the one JSON document and nothing else
+            for f in flags:  # after ctx.meta has opts: a bad DIM=VALUE is then reported under --json too
+                opts.flags.update(f.to_config(raw[f.param]))
+            return fn(**kwargs, opts=opts)
 
     wrapper.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
@@ -298,11 +290,14 @@ def examples_epilog(examples: Sequence[str], title: str = "Examples") -> str | N
     return f"{title}:\n\n\b\n{lines}"
 
 
-def command(name: str | None = None, *, examples: Sequence[str] = (), **kwargs: Any) -> Callable[..., Any]:
-    """Register a subcommand on `app` with the shared options, readable metavars and verbatim examples."""
+def command(name: str | None = None, *, config: type[StrictModel] | None = None, flags: Sequence[Flag] = (),
+            examples: Sequence[str] = (), **kwargs: Any) -> Callable[..., Any]:
+    """Register a subcommand on `app` with its flag table (options derived from the `config` model, see
+    cli/flags.py), the shared options, readable metavars and verbatim examples."""
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-        return app.command(name, epilog=examples_epilog(examples), **kwargs)(with_common_options(fn))
+        COMMAND_FLAGS[name or fn.__name__.strip("_")] = list(flags)
+        return app.command(name, epilog=examples_epilog(examples), **kwargs)(with_common_options(fn, config, flags))
 
     return register
 
@@ -329,11 +324,6 @@ def parse_assignments(items: list[str] | None, flag: str, example: str,
         except ValueError:
             raise UsageError(f"{flag} {item!r}: {raw!r} is not a valid value, e.g. {flag} {example}") from None
     return out
-
-
-def comma_list(value: str | None) -> list[str] | None:
-    """`--dims helpful, harmless` -> ['helpful', 'harmless']; None when the flag was not given."""
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def execute(opts: CommonOptions, build: Callable[[], StrictModel], section: str,
@@ -363,29 +353,7 @@ def fail_check(reason: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ flags in errors
-def _tokens(name: str) -> frozenset[str]:
-    """'--max-length' / 'length.max_length' -> {'max', 'length'}: words, singular, without a 'no' prefix."""
-    words = [w for w in re.split(r"[._\-]+", name.lower()) if w and w != "no"]
-    return frozenset(w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words)
-
-
-def flag_for_key(key: str, params: dict[str, tuple[list[str], bool]]) -> str | None:
-    """The command-line option that sets config `key`, found by name: the option (or its Python parameter) whose
-    words are all words of the key, the most words winning, then an option the user gave.
-    `length.max_length` -> `--max-length`, `learning_rate` -> `--lr` (parameter `learning_rate`), `lora.enabled`
-    -> `--lora/--full`, `judge.models` -> `--judge-model`, `plot` -> `--no-plot`."""
-    wanted = _tokens(key)
-    best: tuple[int, int, str] | None = None
-    for name, (decls, given) in params.items():
-        longs = [d for d in decls if d.startswith("--")]
-        names = [name, *longs]
-        score = max((len(t) for t in map(_tokens, names) if t and t <= wanted), default=0)
-        if score and (best is None or (score, given) > best[:2]):
-            best = (score, int(given), "/".join(longs) if longs else name.upper())
-    return best[2] if best else None
-
-
-def name_flags_in(err: ConfigError, flags: dict[str, Any], params: dict[str, tuple[list[str], bool]]) -> str:
+def name_flags_in(err: ConfigError, flags: dict[str, Any], table: Sequence[Flag]) -> str:
     """The validation message with, on each line whose key a flag set, the flag as the user typed it; for an error
     on a whole section (a rule between its keys), the flags of the other keys in it, so the message says what
     to pass."""
@@ -399,12 +367,12 @@ def name_flags_in(err: ConfigError, flags: dict[str, Any], params: dict[str, tup
     out = []
     for line, key in zip(lines, keys):
         set_by = [k for k in given if k == key or k.startswith(f"{key}.") or key.startswith(f"{k}.") or not key]
-        named = [(k, flag_for_key(k, params)) for k in set_by]
+        named = [(k, flag_for(table, k)) for k in set_by]
         typed = [f"{f} {_shown(given[k])}".rstrip() for k, f in named if f]
         if typed:
             line = f"{', '.join(typed)}: {_say_flags(line, named)}"
             related = sorted({f for k in flags if k.startswith(f"{key}.") and k not in set_by
-                              for f in [flag_for_key(k, params)] if f})
+                              for f in [flag_for(table, k)] if f})
             if related:
                 line += f" (related: {', '.join(related)})"
         out.append(line)

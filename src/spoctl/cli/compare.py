@@ -8,10 +8,18 @@ from typing import Optional
 import typer
 
 from ..config import CompareConfig
-from .common import CommonOptions, comma_list, command, execute
+from .common import CommonOptions, command, execute
+from .flags import Flag
 
 
-@command(examples=[
+COMPARE_FLAGS = [
+    Flag("dims", ("--dims",), "list", metavar="DIM,DIM,..."),
+    Flag("plot", ("--plot",)),
+    Flag("seed", ("--seed",)),
+]
+
+
+@command(config=CompareConfig, flags=COMPARE_FLAGS, examples=[
     "spoctl compare runs/dpo runs/spo runs/keep            # differences from the first run, with 95% intervals",
     "spoctl compare runs/dpo runs/spo --json > compare.json",
     "spoctl compare runs/dpo runs/spo --plot pareto.png --set bootstrap_resamples=10000",
@@ -19,11 +27,7 @@ from .common import CommonOptions, comma_list, command, execute
 def compare(
     runs: Optional[list[Path]] = typer.Argument(None, metavar="RUN RUN...", help="Run directories made by spoctl align; the first is the"
                                                 " one the others are compared with."),
-    dims: Optional[str] = typer.Option(None, "--dims", help="Dimensions to compare, comma-separated (default: the"
-                                       " first run's)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Where to write the Pareto plot (default compare.png)."),
-    no_plot: bool = typer.Option(False, "--no-plot", help="Skip the PNG plot."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the bootstrap resamples."),
+    no_plot: bool = typer.Option(False, "--no-plot", help="Skip the PNG plot."),  # plot: null, which no flag value says
     *,
     opts: CommonOptions,
 ) -> None:
@@ -34,13 +38,7 @@ def compare(
     out = opts.output
 
     def build() -> CompareConfig:
-        flags = {
-            "runs": [str(r) for r in runs] if runs else None,
-            "dims": comma_list(dims),
-            "plot": str(plot) if plot else None,
-            "seed": seed,
-        }
-        cfg = opts.resolve(CompareConfig, "compare", flags)
+        cfg = opts.resolve(CompareConfig, "compare", {"runs": [str(r) for r in runs] if runs else None})
         return cfg.model_copy(update={"plot": None}) if no_plot else cfg
 
     def act(cfg: CompareConfig) -> dict:

@@ -2,38 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from ..config import PrepareConfig
-from ..data.formats import describe as format_choices
 from ..errors import UsageError
-from .common import CommonOptions, command, execute, parse_assignments
+from .common import CommonOptions, command, execute
+from .flags import Flag
+
+PREPARE_FLAGS = [
+    Flag("data", ("--data", "-d"), "pairs", metavar="DIM=SOURCE", example="helpful=hh/helpful.jsonl.gz",
+         collect=True,
+         note="Repeatable; options after '?': helpful=hh.jsonl, helpful=owner/name?split=test&data_dir=...&dim=...; "
+              "the same DIM again mixes sources (?weight=0.3: that share of a source's pairs) "
+              "(docs/data-formats.md)."),
+    Flag("format", ("--format", "-f")),
+    Flag("columns", ("--columns",), metavar="FIELD=COLUMN,...", convert=lambda text: parse_columns(text),
+         note="On the command line: FIELD=COLUMN,..., e.g. prompt=question,chosen=good,rejected=bad."),
+    Flag("model", ("--model", "-m"), metavar="MODEL"),
+    Flag("out", ("--out", "-o"), type=str, metavar="PATH"),  # "" reaches the config's own message
+    Flag("length.max_length", ("--max-length",)),
+    Flag("length.max_prompt_tokens", ("--max-prompt-tokens",)),
+    Flag("length.overflow", ("--overflow",)),
+    Flag("length.prompt_truncation", ("--prompt-truncation",)),
+    Flag("eval_fraction", ("--eval-fraction",)),
+    Flag("max_pairs", ("--max-pairs",)),
+    Flag("seed", ("--seed",)),
+    Flag("force", ("--force",), "on"),
+]
 
 
-@command(examples=[
+@command(config=PrepareConfig, flags=PREPARE_FLAGS, examples=[
     "spoctl prepare --data helpful=hh/helpful.jsonl.gz --data harmless=hh/harmless.jsonl.gz"
     " --model HuggingFaceTB/SmolLM2-135M-Instruct --out prepared/",
 ])
 def prepare(
-    data: Optional[list[str]] = typer.Option(
-        None, "--data", "-d", help="DIM=SOURCE (repeatable): a local file, a dataset folder or a Hub dataset id, "
-                                   "optionally with ?split=test&data_dir=...&dim=... (docs/data-formats.md)."),
-    format: Optional[str] = typer.Option(None, "--format", "-f", help=format_choices() + "."),
-    columns: Optional[str] = typer.Option(
-        None, "--columns", help="FIELD=COLUMN,...: which columns hold the fields, e.g. prompt=question,chosen=good,rejected=bad."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Tokenizer and chat template: folder, .gguf file or Hub id."),
-    out_dir: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help="Prepared-data directory (default: prepared)."),
-    max_length: Optional[int] = typer.Option(None, help="Longest prompt + response, in tokens (default 1024)."),
-    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt, in tokens (default: half of --max-length)."),
-    overflow: Optional[str] = typer.Option(None, help="Over-long pairs: truncate or drop."),
-    prompt_truncation: Optional[str] = typer.Option(
-        None, help="How long prompts are cut: keep-system-and-recent (whole old turns first) or keep-end."),
-    eval_fraction: Optional[float] = typer.Option(None, help="Share of each dimension held out for evaluation."),
-    max_pairs: Optional[int] = typer.Option(None, help="Keep at most this many pairs per dimension."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the train/eval split."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing prepared-data directory (nothing else)."),
     debug: bool = typer.Option(False, "--debug", help="Print a few rendered examples exactly as the model sees them."),
     *,
     opts: CommonOptions,
@@ -42,22 +44,7 @@ def prepare(
     out = opts.output
 
     def build() -> PrepareConfig:
-        flags = {
-            "data": parse_assignments(data, "--data", "helpful=hh/helpful.jsonl.gz"),
-            "format": format,
-            "columns": parse_columns(columns),
-            "model": model,
-            "out": out_dir,
-            "length.max_prompt_tokens": max_prompt_tokens,
-            "length.max_length": max_length,
-            "length.overflow": overflow,
-            "length.prompt_truncation": prompt_truncation,
-            "eval_fraction": eval_fraction,
-            "max_pairs": max_pairs,
-            "seed": seed,
-            "force": True if force else None,
-        }
-        cfg = opts.resolve(PrepareConfig, "prepare", flags)
+        cfg = opts.resolve(PrepareConfig, "prepare")
         if not cfg.data and not opts.print_config:
             raise UsageError("no data given: pass --data DIM=SOURCE (repeatable) or set prepare.data in --config")
         return cfg

@@ -39,7 +39,7 @@ def remove_ties_and_duplicates(pairs: Sequence[TextPair], dropped: Counter) -> l
     return kept
 
 
-def _rank(seed: int, purpose: str, pid: str) -> str:
+def rank(seed: int, purpose: str, pid: str) -> str:
     return hashlib.sha256(f"{seed}:{purpose}:{pid}".encode()).hexdigest()
 
 
@@ -51,7 +51,7 @@ def selection_order(ids: Sequence[str], max_pairs: int | None, seed: int) -> lis
     """
     if max_pairs is None or len(ids) <= max_pairs:
         return list(range(len(ids)))
-    return sorted(range(len(ids)), key=lambda i: _rank(seed, "cap", ids[i]))
+    return sorted(range(len(ids)), key=lambda i: rank(seed, "cap", ids[i]))
 
 
 def eval_count(n: int, fraction: float) -> int:
@@ -78,9 +78,9 @@ def split_ids(rows: Sequence[tuple[str, str]], fraction: float, seed: int) -> se
     for pid, key in rows:
         groups.setdefault(key, []).append(pid)
     if len(groups) < 2:
-        return set(sorted((pid for pid, _ in rows), key=lambda i: _rank(seed, "eval", i))[:target])
+        return set(sorted((pid for pid, _ in rows), key=lambda i: rank(seed, "eval", i))[:target])
     held: set[str] = set()
-    for key in sorted(groups, key=lambda k: _rank(seed, "eval", k)):
+    for key in sorted(groups, key=lambda k: rank(seed, "eval", k)):
         if len(held) >= target:
             break
         if len(held) + len(groups[key]) < len(rows):  # never leave train empty

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlencode
 
@@ -35,7 +36,9 @@ class DatasetRows:
             reason = hub.unreachable_reason()
             if reason is not None:
                 raise _unreachable(location, reason)
-        self.split = self.options.pop("split", None) or default_split or self._default_split()
+        self.saved = self._saved_dataset()
+        given = self.options.pop("split", None)
+        self.split = given or default_split or (self._own_split(given) if self.saved else self._default_split())
         rest = urlencode({k: ",".join(v) if isinstance(v, list) else v for k, v in self.options.items()})
         self.label = f"{location}{'?' + rest if rest else ''}[{self.split}]"
         self._sha = hashlib.sha256()
@@ -59,9 +62,42 @@ class DatasetRows:
             return "train"
         return names[0]
 
+    def _saved_dataset(self) -> Path | None:
+        """A folder written by `datasets.Dataset.save_to_disk` (state.json + dataset_info.json + Arrow files), which
+        `load_dataset` refuses; it is read with `load_from_disk` (Arrow only, nothing executed). A saved DatasetDict
+        (dataset_dict.json, one folder per split) loads through `load_dataset` like any dataset folder."""
+        if self.remote:
+            return None
+        folder = Path(self.location).expanduser()
+        if not ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()):
+            return None
+        extra = [k for k in self.options if k != "split"]
+        if extra:
+            raise UsageError(f"{self.location}: a dataset saved with save_to_disk holds one split and no subsets;"
+                             f" {', '.join(extra)} do not apply to it")
+        return folder
+
+    def _own_split(self, given: str | None) -> str:
+        """The split a saved Dataset records in its state.json (train when it records none)."""
+        try:
+            own = json.loads((self.saved / "state.json").read_text(encoding="utf-8")).get("_split")  # type: ignore[operator]
+        except (OSError, ValueError):
+            own = None
+        return own or "train"
+
     def _load(self) -> Any:
         import datasets
 
+        if self.saved is not None:
+            try:
+                ds = datasets.load_from_disk(str(self.saved))
+            except Exception as err:  # a damaged folder: missing or unreadable Arrow files
+                raise self._error(err) from None
+            own = self._own_split(None)
+            if self.split != own and self.split != "train":
+                raise UsageError(f"{self.location}: a dataset saved with save_to_disk holds one split ({own});"
+                                 f" split={self.split} is not it")
+            return ds.to_iterable_dataset() if self.streaming else ds
         try:
             return datasets.load_dataset(self.location, split=self.split, streaming=self.streaming, **self._kwargs())
         except Exception as err:  # datasets raises ConnectionError, FileNotFoundError, ValueError, HF errors...

@@ -67,35 +67,51 @@ class _Guard:
         self.seen += n
         if self.seen > self.limit:
             raise InputError(
-                f"larger than max_source_bytes ({self.limit:,} bytes after decompression); records are held in"
+                f"larger than max_source_bytes ({self.limit:,} bytes after decompression); its pairs are held in"
                 " memory while preparing. Split the file, or raise the limit with --set max_source_bytes=4GB",
                 path=self.spec,
             )
 
 
+class FileRecords:
+    """The checked records of a local file, read as they are iterated (once); `sha256` and `read` are complete when
+    the iteration ends. Records are not kept here, so a caller that converts them in blocks holds only a block."""
+
+    def __init__(self, spec: str, path: Path, file_kind: str, gzipped: bool, limits: Limits):
+        self.spec, self.path, self.file_kind, self.gzipped, self.limits = spec, path, file_kind, gzipped, limits
+        self.sha256 = ""
+        self.read = 0
+
+    def __iter__(self) -> Iterator[Record]:
+        spec, limits = self.spec, self.limits
+        reader: Callable[[str, Any, _Guard], Iterator[Record]] = READERS[self.file_kind]
+        guard = _Guard(spec, limits.max_source_bytes)
+        try:
+            with open(self.path, "rb", buffering=0) as raw_file:
+                raw = _HashingRaw(raw_file)
+                buffered = io.BufferedReader(raw, BLOCK)
+                stream: Any = gzip.GzipFile(fileobj=buffered, mode="rb") if self.gzipped else buffered
+                for where, rec in reader(spec, stream, guard):
+                    check_record(rec, where, limits.max_record_chars)
+                    self.read += 1
+                    yield where, rec
+                raw.drain()  # bytes a parser left unread (after the last gzip member) still belong to the file
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+            raise InputError(f"not a valid gzip file ({err})", path=spec) from None
+        except RecursionError:
+            raise InputError("JSON nested too deeply to read (thousands of levels); not preference data", path=spec) from None
+        except OSError as err:
+            raise InputError(f"cannot read the file: {err.strerror or err}", path=spec) from None
+        if not self.read:
+            raise InputError("the file is empty: it holds no records", path=spec)
+        self.sha256 = raw.sha256.hexdigest()
+
+
 def read_file(spec: str, path: Path, file_kind: str, gzipped: bool, limits: Limits) -> tuple[list[Record], str]:
     """All records of a local file, checked, and the sha256 of its bytes."""
-    reader: Callable[[str, Any, _Guard], Iterator[Record]] = READERS[file_kind]
-    guard = _Guard(spec, limits.max_source_bytes)
-    try:
-        with open(path, "rb", buffering=0) as raw_file:
-            raw = _HashingRaw(raw_file)
-            buffered = io.BufferedReader(raw, BLOCK)
-            stream: Any = gzip.GzipFile(fileobj=buffered, mode="rb") if gzipped else buffered
-            records = []
-            for where, rec in reader(spec, stream, guard):
-                check_record(rec, where, limits.max_record_chars)
-                records.append((where, rec))
-            raw.drain()  # bytes a parser left unread (after the last gzip member) still belong to the file
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise InputError(f"not a valid gzip file ({err})", path=spec) from None
-    except RecursionError:
-        raise InputError("JSON nested too deeply to read (thousands of levels); not preference data", path=spec) from None
-    except OSError as err:
-        raise InputError(f"cannot read the file: {err.strerror or err}", path=spec) from None
-    if not records:
-        raise InputError("the file is empty: it holds no records", path=spec)
-    return records, raw.sha256.hexdigest()
+    rows = FileRecords(spec, path, file_kind, gzipped, limits)
+    records = list(rows)
+    return records, rows.sha256
 
 
 def _read_all(stream: Any, guard: _Guard) -> bytes:

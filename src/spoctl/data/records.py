@@ -27,7 +27,7 @@ class RecordError(InputError):
         self.args = (f"{': '.join(where)}: {message}",)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per pair held in memory: no per-instance __dict__
 class Where:
     """Where a record came from; `unit` is 'line' (JSONL) or 'record' (1-based index in other sources)."""
 

@@ -16,11 +16,11 @@ from ..config import SourceSpec
 from ..errors import InputError, UsageError
 from ..naming import is_hub_id
 from .hubdata import DatasetRows
-from .readers import FILE_KINDS, Limits, read_file
+from .readers import FILE_KINDS, FileRecords, Limits, read_file
 from .records import Record, RecordError, Where, json_type_name
 
 __all__ = ["Source", "Limits", "Record", "RecordError", "Where", "json_type_name", "resolve_source", "read_records",
-           "dataset_rows", "FILE_KINDS"]
+           "dataset_rows", "source_rows", "FILE_KINDS"]
 
 # Suffixes that mark a SOURCE as a file path even if it does not exist (so the error says "does not exist").
 FILE_LIKE_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".gz", ".tsv", ".txt", ".arrow", ".zip", ".xz", ".bz2"}
@@ -49,6 +49,8 @@ class Source:
         opts = {k: ",".join(v) if isinstance(v, list) else v for k, v in self.spec.dataset_options().items()}
         if self.spec.dim:
             opts["dim"] = self.spec.dim
+        if self.spec.weight != 1:
+            opts["weight"] = f"{self.spec.weight:g}"
         return self.spec.source + (f"?{urlencode(opts)}" if opts else "")
 
     @property
@@ -113,7 +115,7 @@ def check_size(source: Source, limits: Limits) -> None:
         st = os.stat(source.path)
         if stat.S_ISREG(st.st_mode) and st.st_size > limits.max_source_bytes:
             raise InputError(
-                f"{st.st_size:,} bytes, larger than max_source_bytes ({limits.max_source_bytes:,}); records are held"
+                f"{st.st_size:,} bytes, larger than max_source_bytes ({limits.max_source_bytes:,}); its pairs are held"
                 " in memory while preparing. Split the file, or raise the limit with --set max_source_bytes=4GB",
                 path=source.location,
             )
@@ -123,6 +125,14 @@ def dataset_rows(source: Source, limits: Limits, default_split: str | None) -> D
     """The rows of a dataset folder or Hub id (iterate them; `.sha256` and `.read` follow as they are read)."""
     return DatasetRows(source.location, source.spec.dataset_options(), remote=source.kind == "hub",
                        default_split=default_split, limits=limits)
+
+
+def source_rows(source: Source, limits: Limits, default_split: str | None) -> FileRecords | DatasetRows:
+    """The records of any source, read as they are iterated; `.sha256` and `.read` follow (complete at the end)."""
+    if source.kind == "file":
+        assert source.path is not None and source.file_kind is not None
+        return FileRecords(source.location, source.path, source.file_kind, source.gzipped, limits)
+    return dataset_rows(source, limits, default_split)
 
 
 def read_records(source: Source, limits: Limits | None = None, default_split: str | None = None) -> tuple[list[Record], str]:

@@ -63,8 +63,13 @@ def split_hash(
     rejected: Iterable[Sequence[int]],
 ) -> str:
     """sha256 over the ids and token ids of a split, row by row in order: what the model trains on, nothing else."""
+    return split_hash_rows(zip(pair_ids, prompts, chosen, rejected))
+
+
+def split_hash_rows(rows: Iterable[tuple[str, Sequence[int], Sequence[int], Sequence[int]]]) -> str:
+    """split_hash of (pair_id, prompt ids, chosen ids, rejected ids) rows, consumed as they come."""
     h = hashlib.sha256()
-    for row in zip(pair_ids, prompts, chosen, rejected):
+    for row in rows:
         h.update(json.dumps([row[0], list(row[1]), list(row[2]), list(row[3])], separators=(",", ":")).encode())
         h.update(b"\n")
     return h.hexdigest()

@@ -9,6 +9,7 @@ run directory and checks, before anything is written, that each tracker's packag
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from ..errors import UsageError
@@ -28,13 +29,12 @@ def known_trackers() -> list[str]:
 
 
 def check_trackers(names: list[str]) -> None:
-    """Fail before any work when a tracker is unknown or its package is missing (not after the frozen passes)."""
+    """Fail before any work when a tracker's package is missing (not after the frozen passes). Its name was checked
+    by the configuration (`config.AlignConfig.report_to`)."""
     from accelerate.tracking import get_available_trackers
 
     available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
     for name in names:
-        if name not in known_trackers():
-            raise UsageError(f"report_to: unknown tracker {name!r}; accelerate supports: {', '.join(known_trackers())}")
         if name not in available:
             extra = " (WANDB_MODE=offline works without a network)" if name == "wandb" else ""
             raise UsageError(f"report_to: {name} needs the {PACKAGES.get(name, name)} package: pip install "
@@ -61,8 +61,18 @@ def start_trackers(accelerator: Any, names: list[str], run: RunDir, run_key: str
     name = run.root.name
     init_kwargs = {"wandb": {"name": name, "id": f"spoctl-{run_key}", "resume": "allow", "dir": str(run.root)},
                    "mlflow": {"run_name": name}, "trackio": {"name": name}}
-    accelerator.init_trackers(PROJECT, config=_flat(config), init_kwargs={k: v for k, v in init_kwargs.items()
-                                                                           if k in names})
+    try:
+        accelerator.init_trackers(PROJECT, config=_flat(config), init_kwargs={k: v for k, v in init_kwargs.items()
+                                                                               if k in names})
+    except Exception as err:  # noqa: BLE001 - any tracker's own refusal (its store, its login, its environment)
+        # A tracker that cannot start is the user's setting or environment (MLflow 3 refuses a file: store without
+        # MLFLOW_ALLOW_FILE_STORE, W&B without a login): say which tracker and what it said, exit 2. accelerate
+        # starts them in order, so the first named one not among its started trackers is the one that failed.
+        started = {getattr(t, "name", None) for t in getattr(accelerator, "trackers", [])}
+        failed = next((n for n in names if n not in started), ", ".join(names))
+        said = re.sub(r"//[^/@\s]+@", "//***@", f"{type(err).__name__}: {err}")  # no credentials of a store URI
+        raise UsageError(f"report_to: the {failed} tracker could not start: {said}. Fix its settings or environment,"
+                         f" or leave it out of --report-to") from None
 
 
 def _set_env(accelerator: Any, **values: str) -> None:

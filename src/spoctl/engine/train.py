@@ -106,8 +106,6 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
     prefix = f"stage{plan.index}/{plan.dim}"
     rank, world = accelerator.process_index, accelerator.num_processes
     lengths = [p.sort_length for p in data.train]
-    if plan.batch_size % world:
-        raise TrainingError(f"{prefix}: batch_size {plan.batch_size} must be a multiple of the {world} processes")
     steps_per_epoch = len(data.train) // plan.batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"{prefix}: {len(data.train)} training pairs is fewer than one batch of {plan.batch_size};"

@@ -16,16 +16,21 @@ from typing import Any, Callable
 from ...errors import InputError, UsageError
 from ...naming import DIM_PATTERN
 from ..records import Record, Where, key_list, printable
-from .columns import apply_columns
+from .columns import REVERSE, apply_columns, split_columns
 from .fields import DimPairs, Message, TextPair
 from .helpsteer import adapt_helpsteer, helpsteer_attributes, numeric_attributes
 from .hh import adapt_hh, hh_dialogue, is_transcript
 from .llamafactory import adapt_alpaca, adapt_sharegpt
 from .pku import PKU_DIMS, PKU_KEYS, adapt_pku
+from .ranked import adapt_ranked
+from .ranking import PAIRINGS
+from .shp import SHP_KEYS, adapt_shp
 from .trl import adapt_pairwise, is_conversation
+from .ultrafeedback import adapt_ultrafeedback
 
 __all__ = ["FORMATS", "FORMAT_NAMES", "FORMAT_FIELDS", "Format", "Detected", "DimPairs", "Message", "TextPair",
-           "adapt", "apply_columns", "detect_format", "describe", "hh_dialogue", "helpsteer_attributes", "PKU_DIMS"]
+           "AdaptOptions", "PAIRINGS", "REVERSE", "adapt", "apply_columns", "split_columns", "detect_format", "describe",
+           "hh_dialogue", "helpsteer_attributes", "PKU_DIMS"]
 
 Adapter = Callable[[list[Record], str, Any], dict[str, DimPairs]]
 
@@ -39,18 +44,38 @@ class Format:
     per_record: bool = True  # each record yields its pairs alone (so a stream can stop early)
 
 
+@dataclass(frozen=True)
+class AdaptOptions:
+    """What adapters read besides the records: the rating settings of `prepare` and the polarity statements of
+    `--columns FIELD=COLUMN:reverse` (the FIELDs named)."""
+
+    min_score_gap: float = 1.0
+    attributes: list[str] | None = None
+    pairing: str = "each"
+    seed: int = 0
+    reverse: frozenset[str] = frozenset()
+
+
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("pairwise", adapt_pairwise,
            "TRL preference data: prompt/chosen/rejected as strings or chat messages, implicit prompts, "
            "UltraFeedback-binarized conversations",
-           ("prompt", "chosen", "rejected")),
+           ("prompt", "chosen", "rejected", "system")),
     Format("hh-rlhf", adapt_hh, "Anthropic HH-RLHF: chosen/rejected '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts",
-           ("chosen", "rejected")),
+           ("chosen", "rejected", "system")),
     Format("pku-saferlhf", adapt_pku,
            "PKU-SafeRLHF: response_0/response_1 ranked by better_response_id (helpful) and safer_response_id (harmless)",
-           ("prompt", *PKU_KEYS)),
+           ("prompt", *PKU_KEYS, "system")),
     Format("helpsteer", adapt_helpsteer, "HelpSteer2-style ratings: prompt/response plus numeric attributes, "
-                                         "one dimension per attribute", ("prompt", "response"), per_record=False),
+                                         "one dimension per attribute", ("prompt", "response", "system"),
+           per_record=False),
+    Format("ranked", adapt_ranked, "a prompt with a ranked list of answers (berkeley-nest/Nectar): prompt, "
+                                   "answers [{answer, rank}] (rank 1 best)", ("prompt", "answers", "system")),
+    Format("ultrafeedback", adapt_ultrafeedback, "openbmb/UltraFeedback (raw): instruction, completions rated per "
+                                                 "aspect, one dimension per aspect",
+           ("instruction", "completions", "system")),
+    Format("shp", adapt_shp, "Stanford SHP: history, human_ref_A/human_ref_B, labels (1: A preferred)",
+           (*SHP_KEYS, "system")),
     Format("alpaca-ranking", adapt_alpaca, "LLaMA-Factory alpaca ranking: instruction/input/chosen/rejected "
                                            "(+ system, history)", ("instruction", "input", "chosen", "rejected",
                                                                     "system", "history")),
@@ -83,6 +108,14 @@ class Detected:
 def detect_format(record: dict[str, Any], where: Where) -> Detected:
     """Pick a format from the first record's keys and value types."""
     keys = set(record)
+    if {"instruction", "completions"} <= keys and isinstance(record["completions"], list):
+        return Detected("ultrafeedback", "UltraFeedback, per-aspect ratings",
+                        "the record has instruction and a list of completions; each aspect becomes a dimension")
+    if {"prompt", "answers"} <= keys and isinstance(record["answers"], list):
+        return Detected("ranked", "ranked answers", "the record has prompt and a list of answers")
+    if set(SHP_KEYS) <= keys:
+        return Detected("shp", "Stanford SHP", "the record has history, human_ref_A, human_ref_B and labels"
+                        " (labels 1: A preferred)")
     if {"response_0", "response_1"} <= keys and keys & {"better_response_id", "safer_response_id"}:
         return Detected("pku-saferlhf", "PKU-SafeRLHF", "the record has response_0, response_1 and "
                         + " and ".join(sorted(keys & {"better_response_id", "safer_response_id"})))
@@ -132,15 +165,16 @@ def _turns(msgs: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------- entry point
-def adapt(fmt: str, records: list[Record], dim: str, cfg: Any = None) -> dict[str, DimPairs]:
+def adapt(fmt: str, records: list[Record], dim: str, opts: Any = None) -> dict[str, DimPairs]:
     """Convert the records of one `--data DIM=SOURCE` into pairs, per output dimension.
 
     Most formats yield the dimension DIM; `pku-saferlhf` yields `helpful` and `harmless`; `helpsteer` yields
-    one dimension per rating attribute.
+    one dimension per rating attribute, `ultrafeedback` one per aspect. `opts`: an AdaptOptions (or anything with
+    its attributes; missing ones take its defaults).
     """
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; accepted: {describe().replace(' | ', ', ')}")
-    result = FORMATS[fmt].adapter(records, dim, cfg)
+    result = FORMATS[fmt].adapter(records, dim, opts if opts is not None else AdaptOptions())
     for name in result:
         if not DIM_PATTERN.match(name):
             raise InputError(

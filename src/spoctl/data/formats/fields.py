@@ -14,7 +14,7 @@ from ..records import Where, json_type_name, key_list, printable
 Message = dict[str, str]
 
 
-@dataclass
+@dataclass(slots=True)  # prepare holds one per pair: no per-instance __dict__
 class TextPair:
     """One preference pair before tokenization. `prompt` holds chat messages (without the optional system prompt)."""
 
@@ -42,6 +42,25 @@ class DimPairs:
 
 def user(text: str) -> Message:
     return {"role": "user", "content": text}
+
+
+def system_message(rec: dict[str, Any], where: Where) -> list[Message]:
+    """The record's optional `system` field (e.g. mapped with --columns system=COLUMN) as a leading system message;
+    nothing when it is absent, null or blank. Every format with a prompt reads it, so no mapping loses it."""
+    value = rec.get("system")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
+    return [{"role": "system", "content": text(value, where, "system", "system prompt")}]
+
+
+def with_system(rec: dict[str, Any], where: Where, prompt: list[Message]) -> list[Message]:
+    """`prompt` after the record's system message, unless the prompt already starts with one of its own."""
+    if prompt and prompt[0]["role"] == "system":
+        if system_message(rec, where):
+            raise where.error("the prompt already starts with a system message; give the system prompt once",
+                              field="system")
+        return prompt
+    return system_message(rec, where) + prompt
 
 
 def required(rec: dict[str, Any], key: str, where: Where) -> Any:

@@ -3,16 +3,17 @@ dimension; within a prompt, every two responses whose scores differ by at least 
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any
 
 from ...errors import UsageError
 from ..records import Record, Where, json_type_name, key_list, printable
-from .fields import DimPairs, TextPair, required, text, user
+from .fields import DimPairs, Message, TextPair, required, text, user, with_system
 
 
 def numeric_attributes(record: dict[str, Any]) -> list[str]:
-    return [k for k, v in record.items() if k not in ("prompt", "response") and is_number(v)]
+    return [k for k, v in record.items() if k not in ("prompt", "response", "system") and is_number(v)]
 
 
 def is_number(v: Any) -> bool:
@@ -38,16 +39,20 @@ def adapt_helpsteer(records: list[Record], dim: str, cfg: Any) -> dict[str, DimP
     first_where, first = records[0]
     attrs = helpsteer_attributes(first, first_where, getattr(cfg, "attributes", None))
     gap = float(getattr(cfg, "min_score_gap", 1.0))
+    reverse = getattr(cfg, "reverse", frozenset())  # attributes where lower is better (--columns NAME=NAME:reverse)
     groups: dict[str, list[tuple[Where, str, dict[str, float]]]] = defaultdict(list)
+    prompts: dict[str, list[Message]] = {}
     for where, rec in records:
-        prompt = text(required(rec, "prompt", where), where, "prompt", "prompt")
+        prompt_msgs = with_system(rec, where, [user(text(required(rec, "prompt", where), where, "prompt", "prompt"))])
+        prompt = json.dumps(prompt_msgs, ensure_ascii=False)
+        prompts.setdefault(prompt, prompt_msgs)
         response = text(required(rec, "response", where), where, "response")
         scores = {}
         for a in attrs:
             v = required(rec, a, where)
             if not is_number(v):
                 raise where.error(f"expected a numeric rating, got {json_type_name(v)}", field=printable(a))
-            scores[a] = float(v)
+            scores[a] = -float(v) if a in reverse else float(v)
         groups[prompt].append((where, response, scores))
     out = {a: DimPairs() for a in attrs}
     for prompt, rows in groups.items():
@@ -60,5 +65,5 @@ def adapt_helpsteer(records: list[Record], dim: str, cfg: Any) -> dict[str, DimP
                         out[a].dropped["below_min_gap"] += 1
                         continue
                     chosen, rejected = (r_i, r_j) if diff > 0 else (r_j, r_i)
-                    out[a].pairs.append(TextPair([user(prompt)], chosen, rejected, w_i))
+                    out[a].pairs.append(TextPair(prompts[prompt], chosen, rejected, w_i))
     return out

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from ..records import Record, Where, json_type_name
-from .fields import DimPairs, Message, TextPair, required
+from .fields import DimPairs, Message, TextPair, required, with_system
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -47,7 +47,7 @@ def adapt_hh(records: list[Record], dim: str, _cfg: Any) -> dict[str, DimPairs]:
             # Real HH-RLHF has a handful of empty final turns; they are data, not a broken file, so drop and count.
             out.dropped["empty_response"] += 1
             continue
-        out.pairs.append(TextPair(hh_dialogue(c_prompt, where), chosen, rejected, where))
+        out.pairs.append(TextPair(with_system(rec, where, hh_dialogue(c_prompt, where)), chosen, rejected, where))
     return {dim: out}
 
 

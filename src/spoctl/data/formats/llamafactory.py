@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..records import Record, Where, json_type_name
-from .fields import DimPairs, Message, TextPair, message, messages, required, text, user
+from .fields import DimPairs, Message, TextPair, message, messages, required, system_message, text, user
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system",
                   "user": "user", "assistant": "assistant"}
@@ -20,7 +20,7 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system",
 def adapt_alpaca(records: list[Record], dim: str, _cfg: Any) -> dict[str, DimPairs]:
     out = DimPairs()
     for where, rec in records:
-        prompt = _system(rec, where) + _history(rec.get("history"), where)
+        prompt = system_message(rec, where) + _history(rec.get("history"), where)
         query = [text(required(rec, "instruction", where), where, "instruction", "instruction")]
         extra = rec.get("input")
         if extra is not None and not isinstance(extra, str):
@@ -32,13 +32,6 @@ def adapt_alpaca(records: list[Record], dim: str, _cfg: Any) -> dict[str, DimPai
         rejected = text(required(rec, "rejected", where), where, "rejected")
         out.pairs.append(TextPair(prompt, chosen, rejected, where))
     return {dim: out}
-
-
-def _system(rec: dict[str, Any], where: Where) -> list[Message]:
-    value = rec.get("system")
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return []
-    return [{"role": "system", "content": text(value, where, "system", "system prompt")}]
 
 
 def _history(value: Any, where: Where) -> list[Message]:
@@ -60,7 +53,7 @@ def adapt_sharegpt(records: list[Record], dim: str, _cfg: Any) -> dict[str, DimP
     for where, rec in records:
         conv = required(rec, "conversations", where)
         keys = _keys(conv)
-        prompt = _system(rec, where) + messages(conv, where, "conversations", role_key=keys[0], content_key=keys[1],
+        prompt = system_message(rec, where) + messages(conv, where, "conversations", role_key=keys[0], content_key=keys[1],
                                                 roles=SHAREGPT_ROLES)
         if prompt[-1]["role"] != "user":
             last = f"conversations[{len(conv) - 1}].{keys[0]}"

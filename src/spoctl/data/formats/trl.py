@@ -17,7 +17,7 @@ from typing import Any
 
 from ..records import Record, Where
 from .fields import (DimPairs, Message, TextPair, answer, messages, prompt_messages, required, split_conversations,
-                     text, user)
+                     text, user, with_system)
 
 
 def adapt_pairwise(records: list[Record], dim: str, _cfg: Any) -> dict[str, DimPairs]:
@@ -32,6 +32,7 @@ def adapt_pairwise(records: list[Record], dim: str, _cfg: Any) -> dict[str, DimP
             prompt = prompt_messages(rec["prompt"], where)
             pair = TextPair(prompt, _response(chosen, where, "chosen"), _response(rejected, where, "rejected"), where)
         if pair is not None:
+            pair.prompt = with_system(rec, where, pair.prompt)
             out.pairs.append(pair)
     return {dim: out}
 

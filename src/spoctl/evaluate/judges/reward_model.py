@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import Judge, JudgeUnavailable, Matchup, conversation_text, score_from_values
+from .base import Judge, JudgeContext, JudgeUnavailable, Matchup, conversation_text, score_from_values
 
 
 class RewardModelJudge(Judge):
@@ -22,6 +22,12 @@ class RewardModelJudge(Judge):
         self.specs = dict(models)
         self.batch_size, self.max_length, self.trust_remote_code = batch_size, max_length, trust_remote_code
         self._loaded: dict[str, tuple[Any, Any]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Any, context: JudgeContext) -> "RewardModelJudge":
+        if not settings.models:
+            raise JudgeUnavailable("the reward-model judge needs a model per dimension: --judge-model helpful=PATH")
+        return cls(settings.models, trust_remote_code=context.trust_remote_code)
 
     def prepare(self, dims: Sequence[str]) -> None:
         missing = [d for d in dims if d not in self.specs]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from .base import Judge, JudgeUnavailable, Matchup, score_from_values
+from .base import Judge, JudgeContext, JudgeUnavailable, Matchup, score_from_values
 
 
 def load_rule_score() -> Callable[[str, str, str], float]:
@@ -25,6 +25,16 @@ class RulesJudge(Judge):
 
     def __init__(self) -> None:
         self._score: Callable[[str, str, str], float] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any, context: JudgeContext) -> "RulesJudge":
+        from . import DEMO_FIELD, OTHER_JUDGES, is_demo_run
+
+        if not is_demo_run(context.manifest):
+            # Its rules score the demo task's prompts only; on other prompts every response would tie.
+            raise JudgeUnavailable("--judge rules scores the built-in demo task only, and this run is not a demo run"
+                                   f" (its manifest has no '{DEMO_FIELD}' field); use {OTHER_JUDGES}")
+        return cls()
 
     def prepare(self, dims: Sequence[str]) -> None:
         self._score = load_rule_score()
