@@ -46,7 +46,7 @@ test: venv
 test-quick: venv
 	$(PY) -m pytest -q -m "not real and not slow"
 
-# tests/test_chaos.py with 60 faults (make test: one of each of its 10 kinds); SPOCTL_CHAOS_SEED picks another
+# tests/test_chaos.py with 60 faults (make test: one of each of its 12 kinds); SPOCTL_CHAOS_SEED picks another
 # sample (each fault is one command after a setup run: seconds to a minute each on 2 cores).
 CHAOS_FAULTS ?= 60
 chaos: venv

@@ -3,7 +3,8 @@ to spoctl's files, each followed by the command a user would run next.
 
 Every fault ends with the same assertion, whatever it hit: the next command either exits 0 and its results are
 byte-identical to a run that never saw the fault, or it exits 2 with one clear `error:` line (no traceback) and
-nothing that was complete before is lost. `run_faults(n, seed)` draws n faults from FAULTS with a seeded RNG.
+nothing that was complete before is lost. A SIGTERM or SIGHUP ends the command it hits with its documented exit
+code (143, 129) and one `error:` line, leaving no temporary file; `align --resume` then ends identical. `run_faults(n, seed)` draws n faults from FAULTS with a seeded RNG.
 """
 
 from __future__ import annotations
@@ -75,6 +76,39 @@ def kill_at_random(args: list[str], rng: random.Random, within_s: float) -> None
     proc.wait()
 
 
+def signal_at_random(args: list[str], rng: random.Random, within_s: float,
+                     sig: signal.Signals) -> subprocess.CompletedProcess:
+    """`sig` (SIGTERM, SIGHUP) at a random moment of a spoctl command; what it printed and how it ended."""
+    proc = subprocess.Popen([*SPOCTL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    delay = rng.uniform(0.05, within_s)
+    try:
+        out, err = proc.communicate(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=600)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    result.delay = delay  # type: ignore[attr-defined]
+    return result
+
+
+# Python's own start, before `python -m spoctl` runs a line of spoctl (well under this on an idle machine): a signal
+# there ends the interpreter with the default action, nothing having been done.
+INTERPRETER_START_S = 0.3
+
+
+def stopped_cleanly(result: subprocess.CompletedProcess, sig: signal.Signals) -> bool:
+    """Finished (exit 0), or stopped by `sig` as documented: exit 128 + its number, one `error:` line naming it, no
+    traceback."""
+    if result.returncode == 0:
+        return True
+    if result.returncode == -sig:
+        return getattr(result, "delay", 1e9) < INTERPRETER_START_S
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    return (result.returncode == 128 + sig and len(errors) == 1 and sig.name in errors[0]
+            and "Traceback" not in result.stderr)
+
+
 # ------------------------------------------------------------------------------------------------ comparisons
 def tree_digest(folder: Path, *, skip: Callable[[Path], bool] = lambda p: False) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -126,6 +160,49 @@ def kill_align(w: World, rng: random.Random) -> Outcome:
     assert r.returncode == 0, r.stderr
     assert stage_weights(out) == stage_weights(w.run), "resumed run differs from the uninterrupted one"
     return Outcome("kill -9 align", "align --resume", r.returncode, r.stderr)
+
+
+def signal_align(w: World, rng: random.Random) -> Outcome:
+    """SIGTERM or SIGHUP at a random moment of `align`: a clean stop (inside training, after saving a checkpoint
+    and marking the stage interrupted), no temporary file left; next: the command it prints, --resume."""
+    out = w.fresh("signal-align")
+    sig = rng.choice([signal.SIGTERM, signal.SIGHUP])
+    first = signal_at_random(w.align_args(w.prepared, out), rng, sig=sig, within_s=20)
+    assert stopped_cleanly(first, sig), (first.returncode, first.stderr)
+    detail = f"{sig.name}: exit {first.returncode}"
+    if first.returncode and "after step" in first.stderr:  # stopped inside training
+        stages = json.loads((out / "manifest.json").read_text())["stages"]
+        assert "interrupted" in [st["status"] for st in stages], stages
+        assert "--resume" in first.stderr
+        detail += ", " + first.stderr.split("stopped by ")[1].split(";")[0]
+    assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))] if out.exists() else True
+    r = spoctl([*w.align_args(w.prepared, out), "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert stage_weights(out) == stage_weights(w.run), "resumed run differs from the uninterrupted one"
+    return Outcome(f"{sig.name} align", "align --resume", r.returncode, first.stderr, detail)
+
+
+def signal_eval_export(w: World, rng: random.Random) -> Outcome:
+    """SIGTERM or SIGHUP at a random moment of `eval` or `export`: a clean stop, everything that was there before
+    as it was (the run, an earlier export), nothing half-written."""
+    run = copy_tree(w.run, w.fresh("run"))
+    sig = rng.choice([signal.SIGTERM, signal.SIGHUP])
+    command = rng.choice(["eval", "export"])
+    target = w.fresh("export")
+    if command == "eval":
+        args = ["eval", str(run), "--no-plot"]
+    else:
+        args = ["export", "--run", str(run), "--stage", "harmless", "--out", str(target)]
+    before = tree_digest(run, skip=lambda p: p.name == ".lock")
+    r = signal_at_random(args, rng, sig=sig, within_s=15)
+    assert stopped_cleanly(r, sig), (r.returncode, r.stderr)
+    after = tree_digest(run, skip=lambda p: p.name == ".lock")
+    if r.returncode:  # stopped: nothing earlier changed, nothing half-written
+        assert after == before, "a stopped command changed the run"
+        assert not target.exists() or not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
+    else:  # it finished first: it only added its own results
+        assert {k: v for k, v in after.items() if k in before} == before
+    return Outcome(f"{sig.name} {command}", command, r.returncode, r.stderr, f"exit {r.returncode}")
 
 
 def kill_prepare(w: World, rng: random.Random) -> Outcome:
@@ -260,7 +337,8 @@ FAULTS: dict[str, Callable[[World, random.Random], Outcome]] = {
     "kill-align": kill_align, "kill-prepare": kill_prepare, "disk-full-align": disk_full_align,
     "disk-full-prepare": disk_full_prepare, "damaged-prepared": damaged_prepared, "damaged-cache": damaged_cache,
     "damaged-checkpoint": damaged_checkpoint, "damaged-stage-model": damaged_stage_model,
-    "damaged-manifest": damaged_manifest, "data-replaced": data_replaced,
+    "damaged-manifest": damaged_manifest, "data-replaced": data_replaced, "signal-align": signal_align,
+    "signal-eval-export": signal_eval_export,
 }
 
 

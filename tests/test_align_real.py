@@ -57,3 +57,32 @@ def test_two_stage_lora_run_on_hh_rlhf_with_smollm2(shared_dir, smollm2_gguf, tm
                                  device=torch.device("cpu"), layout=layout) for layout in ("shared-prompt", "padded")}
     torch.testing.assert_close(got["shared-prompt"].chosen, got["padded"].chosen, rtol=1e-4, atol=2e-3)
     torch.testing.assert_close(got["shared-prompt"].rejected, got["padded"].rejected, rtol=1e-4, atol=2e-3)
+
+
+def test_full_fine_tuning_of_smollm2_checkpoints_its_tied_embeddings(shared_dir, smollm2_gguf, tmp_path):
+    """SmolLM2 ties its input embedding and output head (tie_word_embeddings). Full fine-tuning past save_every
+    used to die at its first checkpoint (safetensors: "Some tensors share memory", exit 70). Three steps, a
+    checkpoint after each of the first two; the stage model is written as save_pretrained writes it (the head not
+    stored apart) and loads back tied."""
+    from safetensors import safe_open
+
+    from spoctl.models import load_causal_lm
+
+    hh = shared_dir / "data" / "hh-rlhf"
+    prepared, run = tmp_path / "prepared", tmp_path / "run"
+    runner = CliRunner()
+    res = runner.invoke(app, ["prepare", "--data", f"helpful={hh / 'helpful-base' / 'test.jsonl.gz'}",
+                              "--model", str(smollm2_gguf), "--max-pairs", "8", "--max-length", "96",
+                              "--max-prompt-tokens", "64", "--eval-fraction", "0.25", "--out", str(prepared),
+                              "--quiet"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["align", "--dims", "helpful", "--data", str(prepared), "--out", str(run), "--full",
+                              "--lr", "1e-5", "--batch-size", "2", "--max-steps", "3", "--set", "save_every=1",
+                              "--set", "frozen_batch_size=8", "--quiet"])
+    assert res.exit_code == 0, res.output
+    folder = run / "stages" / "01-helpful" / "model"
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    model = load_causal_lm(str(folder))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

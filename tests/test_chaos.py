@@ -1,9 +1,9 @@
-"""The chaos test: faults injected at random (kill -9 at random moments, a full disk, bit flips and truncations of
-every kind of artifact, files changed behind spoctl's back), each followed by the command a user would run next.
-The assertion is always the same: exit 0 with byte-identical results, or exit 2 with a clear message and nothing
-lost (tests/chaos.py).
+"""The chaos test: faults injected at random (kill -9, SIGTERM and SIGHUP at random moments, a full disk, bit flips
+and truncations of every kind of artifact, files changed behind spoctl's back), each followed by the command a user
+would run next. The assertion is always the same: exit 0 with byte-identical results, or a documented exit (2 for a
+fault, 143 or 129 for a signal) with a clear message and nothing lost (tests/chaos.py).
 
-CI runs a fixed sample: every kind of fault once (10 faults), seed 20261130. `make chaos` runs a larger one
+CI runs a fixed sample: every kind of fault once (12 faults), seed 20261130. `make chaos` runs a larger one
 (SPOCTL_CHAOS_FAULTS=60 and a fresh seed, printed so a failure can be replayed with SPOCTL_CHAOS_SEED).
 """
 

@@ -1,7 +1,7 @@
 """Several real processes (gloo on CPU): DDP and FSDP2 against one process (one shared one-process run,
 `one_process`, is the reference of every full fine-tuning comparison), frozen passes shared out over 1, 2 and 3
-processes, a process killed with SIGKILL and the run resumed (on as many processes, and on another count), two
-rendezvous "nodes" on this machine, damaged checkpoints, and `spoctl eval`'s scorecard under two processes.
+processes, two rendezvous "nodes" on this machine, damaged checkpoints, and `spoctl eval`'s scorecard under two
+processes. (A process killed with SIGKILL, SIGTERM or SIGHUP and the run resumed: tests/test_resume_matrix.py.)
 
 Comparisons of two trainings that differ only in float rounding use ROUNDING_RUN and its bound (see
 test_engine_align.py): AdamW with epsilon 1.0 is Lipschitz in the gradient, so rounding-size gradient differences
@@ -14,11 +14,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -248,58 +246,8 @@ def test_eval_scorecard_under_two_processes_equals_one_process(one_process, tmp_
                                         abs_tol=1e-4), (r1["k"], dim, metric)
 
 
-# ------------------------------------------------------------------------------------------------- kill and resume
-def _kill_rank_when(proc: subprocess.Popen, rank: int, ready) -> None:
-    """SIGKILL the worker of `rank` under torchrun `proc` once `ready()`; torchrun then stops the others."""
-    import psutil
-
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not ready():
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            if child.environ().get("RANK") == str(rank):
-                child.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=120)
-
-
-def test_a_killed_fsdp_process_then_resume_gives_the_uninterrupted_run(world, tmp_path):
-    """kill -9 of one of two FSDP processes in the middle of a stage; --resume on two processes ends bit for bit
-    where the uninterrupted run ends; --resume of the same state on one process (DCP reshards the checkpoint)
-    ends there to rounding and says so."""
-    _, _, prepared = world
-    args = ["align", "--dims", "helpful", "--data", str(prepared), *ROUNDING_RUN[:2], "--batch-size", "4",
-            "--epochs", "8", "--max-steps", "14", "--set", "adam_epsilon=1.0", "--set", "save_every=2",
-            "--set", "distributed=fsdp", "--quiet"]
-    run(torchrun(2, *args, "--out", str(tmp_path / "straight")))
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(torchrun(2, *args, "--out", str(killed)), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    ckpts = killed / "stages" / "01-helpful" / "checkpoints"
-    _kill_rank_when(proc, 1, lambda: ckpts.is_dir() and any(p.name >= "step-000004" for p in ckpts.iterdir()))
-    manifest = json.loads((killed / "manifest.json").read_text())
-    assert manifest["stages"][0]["status"] == "running", "the kill did not land inside the stage"
-    reached = max(int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step-"))
-    assert reached < 14
-    elsewhere = tmp_path / "resharded"
-    shutil.copytree(killed, elsewhere)
-
-    done = run(torchrun(2, *args, "--out", str(killed), "--resume"))
-    assert "resuming from step" in done.stdout + done.stderr
-    assert_same(weights(tmp_path / "straight", "01-helpful"), weights(killed, "01-helpful"))
-    steps = [r["step"] for r in metrics(killed) if "stage1/helpful/loss" in r]
-    assert steps == list(range(1, 15)), "the metrics log repeats or misses steps after the resume"
-
-    done = run([*SPOCTL, *args, "--out", str(elsewhere), "--resume"])
-    assert "written by 2 processes, resharded to 1" in done.stdout + done.stderr
-    assert_same_to_rounding(weights(elsewhere, "01-helpful"), weights(tmp_path / "straight", "01-helpful"),
-                            load_file(str(world[1] / "model.safetensors")))
-
-
+# ------------------------------------------------------------------------------------------------- damaged checkpoints
+# (kill and resume on 1 and 2 processes, DDP and FSDP, and resharded: tests/test_resume_matrix.py)
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one_and_the_result_is_unchanged(world, tmp_path):
     _, _, prepared = world
     args = ["align", "--dims", "helpful", "--data", str(prepared), "--lr", "1e-3", "--batch-size", "4",

@@ -5,6 +5,7 @@ litter left by a crash."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from spoctl.errors import UsageError
 from spoctl.fsutil import remove_litter
 
 from test_engine_align import SPOCTL, _env, assert_same, weights
-from tinyworld import checkpoints, kill_when, make_world
+from tinyworld import checkpoints, kill_when, make_model_dir, make_prepared, make_tokenizer, make_world
 
 FAST = ["--lr", "1e-3", "--batch-size", "4", "--max-steps", "3"]
 
@@ -229,3 +230,37 @@ def test_settings_added_after_a_run_was_made_do_not_block_its_resume_at_their_de
                            {"helpful": {"train": "h"}, "harmless": {"train": "g"}})
     with pytest.raises(UsageError, match="quantize: <unset> -> 4bit"):
         reopen(manifest, changed, resume=True, has_checkpoints=lambda i, d: False, where="run")
+
+
+# ------------------------------------------------------------------------------------------- what resume skips
+def test_resume_refuses_to_skip_a_finished_stage_whose_model_is_gone(world, tmp_path):
+    """A finished stage is skipped only while its model is there as saved (eval and export read it next): a
+    deleted model folder, or a file of it deleted, is named with what to do, exit 2, and nothing is rewritten."""
+    _, _, prepared = world
+    run = tmp_path / "run"
+    assert align(prepared, run, "--dims", "helpful", *FAST)[0] == 0
+    model = run / "stages" / "01-helpful" / "model"
+    kept = {name: (run / name).read_bytes() for name in ("manifest.json", "config.yaml")}
+
+    (model / "tokenizer.json").unlink()
+    code, out = align(prepared, run, "--dims", "helpful", *FAST, "--resume")
+    assert code == 2 and f"{model / 'tokenizer.json'} is missing" in out and "Restore it" in out, out
+
+    shutil.rmtree(model)
+    code, out = align(prepared, run, "--dims", "helpful", *FAST, "--resume")
+    assert code == 2 and f"{model}: stage 1's model is missing" in out and "restore the folder" in out, out
+    assert "already completed" not in out
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+
+
+# ------------------------------------------------------------------------------------------- models that cannot work
+def test_a_model_with_fewer_embedding_rows_than_its_tokenizer_has_tokens_is_refused(world, tmp_path):
+    """Token ids past the embedding would crash the first forward pass (IndexError, exit 70): refused before any
+    work, naming both sizes."""
+    root, _, _ = world
+    model = make_model_dir(tmp_path / "small", vocab_size=258)  # the pad token (257) fits, <|user|> and the rest do not
+    prepared = make_prepared(tmp_path / "prepared", model, ["helpful"])
+    n_tokens = len(make_tokenizer())
+    code, out = align(prepared, tmp_path / "run", "--dims", "helpful", "--model", str(model), *FAST)
+    assert code == 2 and f"vocabulary has 258 tokens" in out and f"its tokenizer has {n_tokens}" in out, out
+    assert not (tmp_path / "run").exists()

@@ -38,14 +38,18 @@ def make_tokenizer():
     return fast
 
 
-def make_model_dir(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+def make_model_dir(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, tied: bool = False,
+                   vocab_size: int | None = None) -> Path:
+    """`tied`: input embedding and output head share one weight (tie_word_embeddings, as SmolLM2, Qwen2.5 and
+    Llama-3.2 have). `vocab_size`: embedding rows (default: the tokenizer's size)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=None, tie_word_embeddings=tied)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)

@@ -1,7 +1,8 @@
 """Errors that end a command with a clear message and a documented exit code.
 
 Exit codes (all subcommands): 0 success, 1 a check failed (the eval gate, export's numerical check), 2 usage,
-input or file-system error, 70 an internal error (a bug: the traceback is shown), 130 interrupted (Ctrl-C).
+input or file-system error, 70 an internal error (a bug: the traceback is shown), 130 interrupted (Ctrl-C), 143 and
+129 stopped by SIGTERM and SIGHUP (128 + the signal's number; `align` saves a checkpoint first, see spoctl.signals).
 Library code raises these; only the CLI turns them into exit codes, so everything stays callable from Python.
 `describe_error` is the one place that turns any exception into the message, kind and exit code a user sees.
 """
@@ -52,6 +53,17 @@ class CheckFailed(SpoctlError):
 
     exit_code = EXIT_CHECK_FAILED
     kind = "check"
+
+
+class Interrupted(SpoctlError):
+    """Stopped by SIGTERM or SIGHUP (spoctl.signals): exit 128 + the signal's number, as shells report it."""
+
+    kind = "interrupted"
+
+    def __init__(self, message: str, signum: int = 15):  # 15: SIGTERM (what Processes.share rebuilds)
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 class TrainingError(SpoctlError):

@@ -208,21 +208,41 @@ def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = Fa
     return as_plain_float_model(model) if src.kind == "gguf" else model
 
 
+def model_config(spec: str, *, trust_remote_code: bool = False) -> Any:
+    """The model's transformers config (read from config.json or the GGUF header; no weights)."""
+    from transformers import AutoConfig
+
+    src = check_model_loadable(spec)
+    path, kwargs = src.from_pretrained_args()
+    kwargs.update(_hub_kwargs(src, "config.json"))
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as err:
+        raise _load_error(spec, err) from None
+
+
+def check_vocabulary_fits(spec: str, tokenizer: Any, *, trust_remote_code: bool = False) -> None:
+    """A tokenizer with more tokens than the model has embedding rows gives ids the model cannot look up (an
+    IndexError deep inside the first forward pass): refused before any work, naming both sizes. A larger
+    embedding than the tokenizer is normal (rows padded to a multiple of 64 or 128)."""
+    config = model_config(spec, trust_remote_code=trust_remote_code)
+    rows = getattr(config.get_text_config(), "vocab_size", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise UsageError(f"{spec}: the model's vocabulary has {rows} tokens (vocab_size: rows of its embedding), its "
+                         f"tokenizer has {len(tokenizer)}: token ids {rows} to {len(tokenizer) - 1} have no embedding. "
+                         "Use the tokenizer that came with the model, or resize the model's embeddings "
+                         "(model.resize_token_embeddings(len(tokenizer))) and save it")
+
+
 def causal_lm_skeleton(spec: str, *, dtype: Any = None, trust_remote_code: bool = False, attention: str | None = None):
     """The model `load_causal_lm` would load, with its parameters on the meta device: no weights read, no memory
     taken. Under FSDP every process but the main one builds this and receives its shards from the main process.
     Buffers the model computes itself (rotary frequencies) are real, and tied weights are tied, as after loading."""
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    src = check_model_loadable(spec)
-    path, kwargs = src.from_pretrained_args()
-    kwargs.update(_hub_kwargs(src, "config.json"))
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    except Exception as err:
-        raise _load_error(spec, err) from None
+    config = model_config(spec, trust_remote_code=trust_remote_code)
     extra = {"attn_implementation": attention} if attention and attention != "auto" else {}
     with init_empty_weights():  # parameters on meta, buffers real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32,
@@ -262,3 +282,18 @@ def tokenizer_identity(tok, spec: str) -> dict[str, Any]:
         "has_chat_template": bool(getattr(tok, "chat_template", None)),
         "sha256": h.hexdigest(),
     }
+
+
+def tied_aliases(module: Any) -> dict[str, str]:
+    """Every name of a parameter that `module` also holds under an earlier name (tied weights), mapped to that
+    first name: {"model.lm_head.weight": "model.model.embed_tokens.weight"} for a model with tied embeddings.
+    Found by identity of the parameter objects, as `save_pretrained` finds them by storage: FSDP2 shards a tied
+    parameter once, so it stays one object under every name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases

@@ -13,7 +13,10 @@ def main() -> None:
     """Console-script entry point."""
     import sys
 
+    from ..signals import exit_before_start
     from .eval import bare_judge_to_auto
+
+    exit_before_start(sys.argv[1:])  # (again for the `spoctl` script, which imports this module first)
 
     sys.argv[1:] = bare_judge_to_auto(sys.argv[1:])  # `eval --judge` with no name means `--judge auto`
     # One program name however it is started (`python -m spoctl`, torchrun): usage lines, and the shell-completion

@@ -8,7 +8,10 @@ dimension it lacks is an error that points to `--data`.
 
 from __future__ import annotations
 
+import shlex
+
 from ..config import AlignConfig
+from ..errors import Interrupted
 from .common import CommonOptions, command, execute
 from .flags import Flag
 
@@ -62,10 +65,13 @@ def align(*, opts: CommonOptions) -> None:
             return run_demo(out, cfg)
         from ..engine.align import align as run_align
 
-        return run_align(cfg, out)
+        try:
+            return run_align(cfg, out)
+        except Interrupted as err:  # SIGTERM / SIGHUP: a checkpoint is saved; say how to go on
+            again = [*opts.argv, *([] if "--resume" in opts.argv else ["--resume"])]
+            raise Interrupted(f"{err}; continue the run with the same command and --resume: "
+                              f"{shlex.join(['spoctl', *again])}", err.signum) from None
 
     result = execute(opts, build, "align", act, header=lambda cfg: DEMO_VIA_ALIGN if runs_demo(cfg) else None)
     if result is not None:
-        import shlex
-
         out.info(f"next: spoctl eval --run {shlex.quote(result['run_dir'])}")

@@ -8,7 +8,7 @@ Every subcommand is declared with `@command(...)`, which gives it the same conve
 - readable metavars (`DIM=SOURCE`, `KEY=VALUE`, `PATH`, `INT`) and help examples printed verbatim;
 - one error handler (`SpoctlGroup`, via `spoctl.errors.describe_error`): `error: ...` on stderr and, with
   `--json`, one error object on stdout; exit codes 0 success, 1 a check failed, 2 usage/input/file-system error,
-  70 a bug (with the traceback), 130 interrupted.
+  70 a bug (with the traceback), 130 interrupted (Ctrl-C), 143 / 129 stopped by SIGTERM / SIGHUP (spoctl.signals).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .flags import COMMAND_FLAGS, Flag, flag_for
 from ..config import ConfigError, StrictModel, dump_config, resolve_config
 from ..console import Output, is_main_process, stdout_reserved
 from ..errors import EXIT_INTERNAL, CheckFailed, ErrorInfo, UsageError, describe_error
+from ..signals import stop_signals
 
 ISSUES = "the spoctl issue tracker"
 M = TypeVar("M", bound=StrictModel)
@@ -106,7 +107,8 @@ class SpoctlGroup(TyperGroup):
     def invoke(self, ctx: typer.Context) -> Any:
         try:
             quiet_library_output()
-            return super().invoke(ctx)
+            with stop_signals():  # SIGTERM / SIGHUP end the command as an error (align: after a checkpoint)
+                return super().invoke(ctx)
         except (typer.Exit, typer.Abort):
             raise
         except ClickException as err:  # bad flags: Typer prints usage and the message itself, exit 2
@@ -160,6 +162,8 @@ class CommonOptions:
     # The command's flag table (cli/flags.py) and what its flags set: config key -> value, None where not given.
     flag_table: list[Flag] = field(default_factory=list, repr=False)
     flags: dict[str, Any] = field(default_factory=dict, repr=False)
+    # The command line as given after `spoctl` (subcommand first), for messages that say what to run next.
+    argv: list[str] = field(default_factory=list, repr=False)
     _output: Output | None = field(default=None, repr=False)
 
     @property
@@ -264,6 +268,7 @@ def with_common_options(fn: Callable[..., Any], config: type[StrictModel] | None
     def wrapper(**kwargs: Any) -> Any:
         ctx: typer.Context = kwargs.pop(_CTX_PARAM)
         opts = CommonOptions(**{name: kwargs.pop(name) for name in SHARED_OPTIONS}, flag_table=list(flags))
+        opts.argv = list(ctx.meta.get(_ARGV, []))
         ctx.meta[_OPTS] = opts
         raw = {f.param: kwargs.pop(f.param) for f in flags}
         with stdout_reserved(opts.json):  # stdout holds the one JSON document and nothing else

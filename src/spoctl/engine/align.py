@@ -14,14 +14,16 @@ files, which it shares; each process scores a share of every frozen pass and tra
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 from typing import Any
 
 import torch
 
+from .. import signals
 from ..config import AlignConfig
 from ..console import Output
-from ..errors import TrainingError
+from ..errors import Interrupted, TrainingError
 from ..fsutil import atomic_directory
 from ..rundir import now_iso
 from . import extensions
@@ -87,12 +89,20 @@ def _run_stage(setup: RunSetup, plan: StagePlan) -> None:
     data, frozen_cost = _frozen_inputs(setup, plan)
     _record_start(setup, plan, entry, data)
     policy = _stage_policy(setup, plan, entry)
-    model, final, train_seconds = _train(setup, plan, entry, policy, data)
-    cost = {**frozen_cost, "train_seconds": round(train_seconds, 2)}
-    for ext in data.extensions:  # what each extension did and cost (manifest and console)
-        entry.update(ext.finish(train_seconds, setup.out.info, setup.out.warn))
-        cost.update(ext.cost(train_seconds))
-    _save_stage(setup, plan, entry, model, final, cost, time.perf_counter() - started)
+    # From here a SIGTERM / SIGHUP waits: for the end of the step under way (training saves a checkpoint and
+    # stops), or, once training is over, for the stage model to be saved (spoctl.signals).
+    with signals.held():
+        model, final, train_seconds = _train(setup, plan, entry, policy, data)
+        cost = {**frozen_cost, "train_seconds": round(train_seconds, 2)}
+        for ext in data.extensions:  # what each extension did and cost (manifest and console)
+            entry.update(ext.finish(train_seconds, setup.out.info, setup.out.warn))
+            cost.update(ext.cost(train_seconds))
+        _save_stage(setup, plan, entry, model, final, cost, time.perf_counter() - started)
+        stop = [s for s in setup.dist.procs.gather(signals.pending()) if s is not None]
+        if stop:  # every process agrees (one collective per stage); the next stage would start over anyway
+            signals.acknowledge()
+            raise signals.interrupted(stop[0], f"stopped by {signal.Signals(stop[0]).name} after stage {plan.index} "
+                                               f"({plan.dim}) was saved")
 
 
 def _frozen_inputs(setup: RunSetup, plan: StagePlan) -> tuple[StageData, dict[str, Any]]:
@@ -174,6 +184,10 @@ def _train(setup: RunSetup, plan: StagePlan, entry: dict[str, Any], policy: Any,
                                        dist=setup.dist, scoring=setup.store.scoring)
     except TrainingError as err:
         entry.update({"status": "failed", "error": str(err)})
+        setup.write_manifest()
+        raise
+    except Interrupted as err:  # a checkpoint of the last complete step is saved: --resume continues from it
+        entry.update({"status": "interrupted", "error": str(err)})
         setup.write_manifest()
         raise
     return model, final, time.perf_counter() - started

@@ -153,7 +153,8 @@ class ModelChain:
                 continue
             folder = self.stage_model_dir(i)
             if not folder.is_dir():
-                raise UsageError(f"{folder}: stage {i}'s model is missing; the run directory is incomplete")
+                raise UsageError(f"{folder}: stage {i}'s model is missing (the run recorded it as completed); restore "
+                                 "the folder, or run the stages again in a new run directory (another --out)")
             files = self.manifest["stages"][i - 1].get("files")
             if files:  # runs of spoctl before 0.2 recorded none
                 verify_files(folder, files, f"stage {i}'s model {folder}")

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..fsutil import atomic_directory, sha256_file
+from ..models import tied_aliases
 from .chain import hash_problems, size_problems
 from .processes import Processes
 
@@ -51,7 +52,11 @@ def _flat_state(scorer: nn.Module, optimizer: Any) -> tuple[dict[str, torch.Tens
 
     model_sd, optim_sd = get_state_dict(scorer, getattr(optimizer, "optimizer", optimizer),
                                         options=StateDictOptions(ignore_frozen_params=True))
-    flat = {f"model/{name}": t for name, t in model_sd.items()}
+    # A tied parameter (input embedding = output head: tie_word_embeddings) appears under each of its names;
+    # safetensors refuses to write one storage twice. Only its first name is stored: loading fills that tensor,
+    # which the other names share in the live model, so the tie holds after a resume as it did before.
+    aliases = tied_aliases(scorer)
+    flat = {f"model/{name}": t for name, t in model_sd.items() if name not in aliases}
     for name, state in optim_sd["state"].items():
         for key, value in state.items():
             flat[f"optim/{name}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)

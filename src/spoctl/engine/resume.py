@@ -172,14 +172,16 @@ def read_and_reopen(run: Any, identity: dict[str, Any], resume: bool) -> tuple[d
 
 
 def verify_finished_models(chain: Any, plans: list[StagePlan], manifest: dict[str, Any], dims: list[str]) -> None:
-    """Check the files of every finished stage's model that an unfinished stage will read: as its starting policy
-    (pi_{n-1}) or as a frozen model (reference, offset, extensions). The same check the chain makes when it loads
-    them, made before anything is written, so a resume refused for a changed model leaves the run as it was; each
-    model is hashed once per run either way."""
+    """Check the files of every finished stage's model: those an unfinished stage will read (as its starting
+    policy pi_{n-1} or as a frozen model: reference, offset, extensions), and those the resume skips as done -- a
+    stage is only done while its model is there as it was saved (eval and export read it next). The check eval and
+    export make (`chain.verify`), made before anything is written, so a resume refused for a changed or missing
+    model leaves the run as it was; each model is hashed once per run either way."""
     done = {st["index"] for st in manifest["stages"] if st.get("status") == "completed"}
     needed = {k for plan in plans if plan.index not in done
               for k in (plan.index - 1, *plan.frozen_requests(dims))}
-    for k in sorted(needed & done):
+    skipped = {plan.index for plan in plans}
+    for k in sorted((needed | skipped) & done):
         chain.verify(k)
 
 

@@ -20,7 +20,7 @@ from ..console import Output
 from ..errors import UsageError
 from ..fsutil import remove_litter
 from ..models import (Quantization, check_attention_available, check_model_loadable, check_quantization_available,
-                      load_causal_lm, load_tokenizer, tokenizer_identity)
+                      check_vocabulary_fits, load_causal_lm, load_tokenizer, tokenizer_identity)
 from ..precision import accelerate_mixed_precision, resolve as resolve_precision
 from ..rundir import RunDir, default_run_dir
 from .chain import ModelChain, base_fingerprint, weights_fingerprint
@@ -136,6 +136,7 @@ def _check_against(cfg: AlignConfig, prepared: Any) -> tuple[str, Any, list[Stag
     if cfg.quantize != "none":
         check_quantization_available(base_spec)
     tokenizer = load_tokenizer(base_spec, trust_remote_code=cfg.trust_remote_code)
+    check_vocabulary_fits(base_spec, tokenizer, trust_remote_code=cfg.trust_remote_code)
     prep_tok = (prepared.manifest.get("tokenizer") or {}).get("sha256")
     if prep_tok and tokenizer_identity(tokenizer, base_spec)["sha256"] != prep_tok:
         raise UsageError(f"{cfg.data} was prepared with another tokenizer than {base_spec}'s; "

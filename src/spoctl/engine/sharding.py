@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..models import tied_aliases
 from .distributed import Distributed, Strategy
 from .processes import Processes
 
@@ -118,11 +119,15 @@ def reshard(module: nn.Module) -> None:
 
 
 def full_state_dict(module: nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """The unsharded state of a sharded module on the main process's CPU ({} on the others). Collective."""
+    """The unsharded state of a sharded module on the main process's CPU ({} on the others), as `save_pretrained`
+    writes it: a tied parameter under its first name only (the gathered copies are separate tensors, which
+    `save_pretrained` would write twice, `lm_head.weight` beside `embed_tokens.weight`). Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                 ignore_frozen_params=trainable_only))
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                  ignore_frozen_params=trainable_only))
+    aliases = tied_aliases(module)
+    return {name: t for name, t in state.items() if name not in aliases}
 
 
 class FSDP2(Distributed):

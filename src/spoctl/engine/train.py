@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import losses
+from .. import losses, signals
 from ..config import AlignConfig
 from ..errors import TrainingError
 from .batching import TokenPair, collate_pairs, epoch_order, local_micro_batches
@@ -141,6 +142,14 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
                              " the result equals an uninterrupted run to float rounding, not bit for bit"
                              if meta.get("processes", dist.procs.world) != dist.procs.world else ""))
 
+    def save(done: int) -> Path:
+        folder = hooks.checkpoint_dir(done)
+        save_checkpoint(folder, procs=dist.procs, scorer=dist.evaluation_scorer(scorer), optimizer=optimizer,
+                        scheduler=scheduler, meta={"step": done, "stage": plan.index, "dim": plan.dim, "total": total,
+                                                   "strategy": dist.strategy.name,
+                                                   **{ext.key: ext.state() for ext in data.extensions}})
+        return folder
+
     order_cache: dict[int, list[list[int]]] = {}
     t0, tokens_seen = time.perf_counter(), 0
     for step in range(start, total):
@@ -185,9 +194,15 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
             for k, v in part.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
 
+        # SIGTERM / SIGHUP received by any process (a signal may reach only some): counted in the same reduction,
+        # so every process decides to stop after the same step.
+        for signum in signals.SIGNALS:
+            sums[f"stop/{signum}"] = torch.tensor(float(signals.pending() == signum), device=accelerator.device)
         keys = sorted(sums)
         reduced = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
         totals = dict(zip(keys, reduced.tolist()))
+        stopping = [signum for signum in signals.SIGNALS if totals.pop(f"stop/{signum}")]
+        stop = stopping[0] if stopping else None
         # The norm is computed even without clipping (max_norm=inf): an overflowing gradient can come with a
         # finite loss, and one Adam step on it would poison every weight.
         grad_norm = dist.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
@@ -225,12 +240,14 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         hooks.progress(done, total, metrics)
         if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
             hooks.log({"step": done, **eval_metrics(scorer, plan, data, scoring, dist)})
-        if cfg.save_every and done % cfg.save_every == 0 and done != total:
-            save_checkpoint(hooks.checkpoint_dir(done), procs=dist.procs, scorer=dist.evaluation_scorer(scorer),
-                            optimizer=optimizer, scheduler=scheduler,
-                            meta={"step": done, "stage": plan.index, "dim": plan.dim, "total": total,
-                                  "strategy": dist.strategy.name,
-                                  **{ext.key: ext.state() for ext in data.extensions}})
+        saved = cfg.save_every and done % cfg.save_every == 0 and done != total
+        if saved:
+            save(done)
+        if stop is not None:  # the step is complete: save it (unless just saved) and stop
+            folder = hooks.checkpoint_dir(done) if saved else save(done)
+            signals.acknowledge()
+            raise signals.interrupted(stop, f"{prefix}: stopped by {signal.Signals(stop).name} after step {done} of "
+                                            f"{total}; its checkpoint is {folder}")
 
     final = eval_metrics(scorer, plan, data, scoring, dist)
     hooks.log({"step": total, **final})

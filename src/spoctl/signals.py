@@ -1,0 +1,107 @@
+"""SIGTERM and SIGHUP: how a command ends when a scheduler, a container runtime or a closed terminal asks it to.
+
+Slurm, Kubernetes, Docker and CI runners send SIGTERM some seconds before they kill; a closed terminal sends
+SIGHUP. Either becomes an `Interrupted` error where the program is -- as Ctrl-C becomes KeyboardInterrupt --, so
+`eval`, `export` and `prepare` stop the way they stop on Ctrl-C: what they write is written under a temporary name
+and renamed into place, so nothing earlier is touched, and the CLI prints one `error:` line (and the JSON error
+document under --json) and exits 128 + the signal's number (143 for SIGTERM, 129 for SIGHUP).
+
+`align`'s training loop holds the signal instead (`held()`): it finishes the optimizer step under way, every process
+agrees to stop at the same step (the signal may reach only some of them), saves a checkpoint, marks the stage
+interrupted in the manifest and then raises `Interrupted` with the command that continues the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+from .errors import Interrupted
+
+SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+_received: list[int] = []  # the signals received while held, in order
+_holding = [0]  # depth of `held()` blocks
+
+
+def interrupted(signum: int, message: str | None = None) -> Interrupted:
+    name = signal.Signals(signum).name
+    return Interrupted(message or f"stopped by {name}", signum)
+
+
+def exit_before_start(argv: list[str]) -> None:
+    """Until a command installs `stop_signals` (Python starting, the CLI's imports): SIGTERM or SIGHUP ends the
+    process at once, nothing having been done, with the same `error:` line, JSON document and exit code."""
+    json_mode = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
+
+    def stop(signum: int, frame: object) -> None:
+        import json
+        import os
+        import sys
+
+        from .console import is_main_process
+
+        message = f"stopped by {signal.Signals(signum).name} outside the command's work (nothing was being written)"
+        sys.stderr.write(f"error: {message}\n")
+        if json_mode and is_main_process():
+            sys.stdout.write(json.dumps({"error": message, "exit_code": 128 + signum, "kind": "interrupted"}) + "\n")
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, stop)
+
+
+def _handler(signum: int, frame: object) -> None:
+    if _holding[0]:
+        _received.append(signum)
+        return
+    raise interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Interrupted` (or, inside `held()`, wait for the caller) while in this block; the
+    previous handlers come back after it. Only the main thread can install handlers: elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.signal(s, _handler) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+        _received.clear()
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """A signal received inside this block only records itself (`pending()`); the block decides when to stop. One
+    still pending when the block ends raises there."""
+    _holding[0] += 1
+    try:
+        yield
+    finally:
+        _holding[0] -= 1
+    if not _holding[0] and _received:
+        signum = _received[0]
+        _received.clear()
+        raise interrupted(signum)
+
+
+def pending() -> int | None:
+    """The first signal received inside `held()` and not yet acted on, else None."""
+    return _received[0] if _received else None
+
+
+def acknowledge() -> None:
+    """The caller acts on the pending signals (it raises its own `Interrupted`)."""
+    _received.clear()

@@ -1,0 +1,53 @@
+"""spoctl.signals on its own: what SIGTERM and SIGHUP do inside a command, inside `held()` (align's training), and
+before a command has started. (Whole runs stopped by real signals: tests/test_resume_matrix.py, tests/chaos.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from spoctl import signals
+from spoctl.errors import Interrupted, describe_error
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_in_a_command_raises_interrupted_with_exit_128_plus_its_number(sig):
+    with signals.stop_signals(), pytest.raises(Interrupted) as caught:
+        os.kill(os.getpid(), sig)  # the handler runs in this thread as soon as the call returns
+    info = describe_error(caught.value)
+    assert (info.exit_code, info.kind) == (128 + sig, "interrupted") and sig.name in info.message
+
+
+def test_a_held_signal_waits_for_the_holder_and_is_raised_if_it_never_acts():
+    with signals.stop_signals():
+        with pytest.raises(Interrupted) as caught:
+            with signals.held():
+                os.kill(os.getpid(), signal.SIGHUP)
+                assert signals.pending() == signal.SIGHUP  # recorded, nothing raised: the holder decides
+        assert caught.value.exit_code == 129 and signals.pending() is None
+        with signals.held():  # the holder acted on it: nothing more is raised
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert signals.pending() == signal.SIGTERM
+            signals.acknowledge()
+
+
+def test_the_previous_handlers_come_back_after_a_command():
+    before = signal.getsignal(signal.SIGTERM)
+    with signals.stop_signals():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_signal_before_the_command_starts_ends_with_an_error_line_and_the_json_document():
+    code = ("import os, signal, time; from spoctl.signals import exit_before_start; exit_before_start(['--json']);"
+            "os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 143 and done.stderr.startswith("error: stopped by SIGTERM"), done
+    assert json.loads(done.stdout) == {"error": done.stderr[len("error: "):].strip(), "exit_code": 143,
+                                       "kind": "interrupted"}
