@@ -60,11 +60,11 @@ def test_a_folder_that_is_not_a_run_is_left_untouched(world, tmp_path):
 
 # ------------------------------------------------------------------------------------------- divergence, restarts
 def test_divergence_is_detected_and_a_run_that_saved_nothing_starts_again(world, tmp_path):
-    """--lr 30 blows the weights up without a NaN (log-probs stay finite, just absurd; higher rates reach NaN, which
-    its own guard stops): the stage stops and says so. Nothing was saved, so the corrected command in the same --out
+    """--lr 1 (the largest rate the configuration accepts) blows the weights up without a NaN (log-probs stay
+    finite, just absurd; a NaN has its own guard): the stage stops and says so. Nothing was saved, so the corrected command in the same --out
     simply starts again."""
     _, _, prepared = world
-    code, out = align(prepared, tmp_path / "run", "--dims", "helpful", "--lr", "30", "--batch-size", "4",
+    code, out = align(prepared, tmp_path / "run", "--dims", "helpful", "--lr", "1", "--batch-size", "4",
                       "--max-steps", "3")
     assert code == 2 and "diverged" in out and "lower --lr" in out, out
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
@@ -77,19 +77,20 @@ def test_divergence_is_detected_and_a_run_that_saved_nothing_starts_again(world,
 
 
 def test_resume_starts_an_unfinished_stage_again_when_its_settings_change(world, tmp_path):
-    """Stage 2 diverges after saving a checkpoint; --resume with its learning rate fixed starts stage 2 from its
-    beginning (its checkpoint was made with the other settings) and keeps stage 1: the result is the straight run's."""
+    """Stage 2 diverges after saving a checkpoint; --resume with its settings fixed starts stage 2 from its
+    beginning (its checkpoint was made with the other settings: beta and learning rate) and keeps stage 1: the result is the straight run's."""
     _, _, prepared = world
     common = ["--dims", "helpful,harmless", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3",
               "--set", "save_every=1"]
-    code, out = align(prepared, tmp_path / "run", *common, "--set", "stages.harmless.learning_rate=30")
+    code, out = align(prepared, tmp_path / "run", *common, "--set", "stages.harmless.learning_rate=1",
+                      "--set", "stages.harmless.beta=1000")
     assert code == 2 and "diverged" in out, out
     assert (tmp_path / "run" / "stages" / "02-harmless" / "checkpoints").is_dir()
 
     code, out = align(prepared, tmp_path / "run", *common, "--resume")
     assert code == 0, out
     assert "stage 1/2 (helpful): already completed" in out
-    assert "stage 2 (harmless) starts again from its beginning: learning_rate: 30.0 -> 0.001" in out, out
+    assert "stage 2 (harmless) starts again from its beginning: beta: 1000.0 -> 0.1; learning_rate: 1.0 -> 0.001" in out, out
     assert align(prepared, tmp_path / "straight", *common)[0] == 0
     for stage in ("01-helpful", "02-harmless"):
         assert_same(weights(tmp_path / "run", stage), weights(tmp_path / "straight", stage))
