@@ -1,0 +1,101 @@
+"""Issue 21's "waiting with nothing on the screen": prepare, align, eval and export run as real processes with
+stdout a pipe (as in CI logs and under nohup), and every long phase -- tokenizing, each frozen pass, the
+forgetting view, generation, judging, export's steps -- prints plain progress lines (count/total, rate), announces
+what it will do and its size first, and each command ends with the next one to run. On a terminal the same
+`Output.progress` draws a rich bar instead (tests/test_console_progress.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tinyworld import make_model_dir  # noqa: E402
+
+# "LABEL: 36/36 pairs (506 pairs/s) elapsed 0s": a plain progress line of Output.progress.
+PROGRESS = re.compile(r"^(?P<label>.+): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\w+) \([\d.e+]+ \w+/s\) elapsed \d+s")
+
+
+def _spoctl(*args: str) -> str:
+    res = subprocess.run([sys.executable, "-m", "spoctl", *args], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "NO_COLOR": "1"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+def _progress(out: str) -> dict[str, list[tuple[int, int, str]]]:
+    """label -> [(done, total, unit), ...] in the order printed."""
+    found: dict[str, list[tuple[int, int, str]]] = {}
+    for line in out.splitlines():
+        m = PROGRESS.match(line)
+        if m:
+            found.setdefault(m["label"], []).append((int(m["done"]), int(m["total"]), m["unit"]))
+    return found
+
+
+def _finished(lines: list[tuple[int, int, str]]) -> bool:
+    return bool(lines) and lines[-1][0] == lines[-1][1]
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("progress")
+    model = make_model_dir(root / "model")
+    for dim, word in (("helpful", "sure"), ("harmless", "no")):
+        with open(root / f"{dim}.jsonl", "w", encoding="utf-8") as f:
+            for i in range(40):
+                f.write(json.dumps({"prompt": f"question {i} about {dim}?", "chosen": f"{word} answer {i}",
+                                    "rejected": f"bad {i}"}) + "\n")
+    run = root / "run"
+    return {
+        "prepare": _spoctl("prepare", "--data", f"helpful={root / 'helpful.jsonl'}", "--data",
+                           f"harmless={root / 'harmless.jsonl'}", "--model", str(model), "--out", str(root / "p")),
+        "align": _spoctl("align", "--dims", "helpful,harmless", "--data", str(root / "p"), "--max-steps", "2",
+                         "--batch-size", "4", "--out", str(run)),
+        "eval": _spoctl("eval", str(run), "--judge", "embedding", "--num-prompts", "2", "--max-new-tokens", "4"),
+        "export": _spoctl("export", "--run", str(run), "--out", str(root / "export")),
+        "run": str(run),
+    }
+
+
+def test_prepare_says_what_it_will_do_and_shows_tokenizing(outputs):
+    out = outputs["prepare"]
+    assert out.splitlines()[0].startswith("preparing 2 --data entries")
+    assert "tokenizing 80 pairs in 2 dimensions" in out
+    bars = _progress(out)
+    for dim in ("helpful", "harmless"):
+        assert _finished(bars[f"{dim}: tokenizing"]) and bars[f"{dim}: tokenizing"][-1][2] == "pairs"
+
+
+def test_align_shows_every_frozen_pass_the_steps_and_the_forgetting_view(outputs):
+    out, bars = outputs["align"], _progress(outputs["align"])
+    # Before each stage's frozen passes: how many passes over how many pairs.
+    assert "stage 1 (helpful) frozen inputs: 1 frozen passes (pi_0) over 80 pairs" in out
+    assert "stage 2 (harmless) frozen inputs: 1 frozen passes (pi_1) over 40 pairs" in out
+    for label in ("frozen pass pi_0 helpful/train", "frozen pass pi_0 harmless/eval", "frozen pass pi_1 harmless/train",
+                  "stage1 forgetting view helpful/eval", "stage2 forgetting view harmless/eval"):
+        assert _finished(bars[label]) and bars[label][-1][2] == "pairs", (label, bars.get(label))
+    assert "stage 1/2 helpful step 2/2" in out and "stage 2/2 harmless step 2/2" in out
+    assert out.rstrip().splitlines()[-1] == f"next: spoctl eval --run {outputs['run']}"
+
+
+def test_eval_shows_generation_and_judging_with_the_flags_that_size_them(outputs):
+    out, bars = outputs["eval"], _progress(outputs["eval"])
+    assert out.splitlines()[0].startswith("generation: 3 models x 4 prompts")
+    generating = [label for label in bars if label.startswith("generating: ")]
+    assert len(generating) == 3 and all("--num-prompts 2, --max-new-tokens 4" in g for g in generating)
+    assert all(_finished(bars[g]) and bars[g][-1][2] == "prompts" for g in generating)
+    judging = [label for label in bars if label.startswith("judging")]
+    assert judging and all(_finished(bars[j]) and bars[j][-1][2] == "matchups" for j in judging)
+    assert "next: spoctl compare" in out and "spoctl export --run" in out
+
+
+def test_export_shows_its_steps(outputs):
+    bars = _progress(outputs["export"])
+    assert _finished(bars["export: reference, merge, write, numerical check"])
