@@ -186,7 +186,7 @@ def test_every_flag_maps_to_its_config_key():
         "align": {"dims": "--dims", "data": "--data", "model": "--model", "out": "--out", "mode": "--mode",
                   "alpha": "--alpha", "weights": "--weight", "beta": "--beta", "lora.enabled": "--lora/--full",
                   "learning_rate": "--lr", "epochs": "--epochs", "batch_size": "--batch-size",
-                  "max_steps": "--max-steps", "seed": "--seed", "resume": "--resume", "keep": "--keep",
+                  "max_steps": "--max-steps", "seed": "--seed", "resume": "--resume", "keep": "--keep", "replay": "--replay",
                   "quantize": "--quantize", "report_to": "--report-to"},
         "eval": {"run": "--run", "dims": "--dims", "data": "--data", "judge.name": "--judge", "judge.arg": "--judge",
                  "judge.models": "--judge-model", "judge.url": "--judge-url", "judge.api_key_env": "--judge-key-env",
