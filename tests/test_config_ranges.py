@@ -23,7 +23,8 @@ runner = CliRunner()
 SECTIONS: dict[str, type[BaseModel]] = {"prepare": PrepareConfig, "align": AlignConfig, "eval": EvalConfig,
                                         "export": ExportConfig}
 # Numbers whose range a validator of their own checks, with its own message (and therefore no Field bounds).
-CHECKED_BY_VALIDATOR = {"align.keep.<K>", "align.stages.<K>.keep.<K>", "eval.gate.fail_under.<K>",
+CHECKED_BY_VALIDATOR = {"align.keep.<K>", "align.stages.<K>.keep.<K>", "align.replay.<K>",
+                        "align.stages.<K>.replay.<K>", "eval.gate.fail_under.<K>",
                         "eval.gate.max_regression.<K>"}
 
 
