@@ -347,3 +347,18 @@ def test_a_single_pair_goes_to_train_and_eval_is_empty_but_readable(tmp_path, ti
     assert len(data.split("d", "train")) == 1 and len(data.split("d", "eval")) == 0
     assert data.split("d", "eval").column_names == list(COLUMNS)
     assert data.data_hash("d", "eval") == dataset_hash(data.split("d", "eval"))
+
+
+def test_the_same_sources_prepare_to_byte_identical_folders(tmp_path, tiny_tokenizer_dir):
+    """Prepared data is content-addressed downstream (caches, run identity): preparing the same sources twice must
+    write the same bytes -- datasets' own state files included, whose fingerprints would otherwise follow the random
+    name of prepare's temporary spool file. Only the manifest's creation time differs."""
+    src = write_jsonl(tmp_path / "h.jsonl", pairs(30))
+    digests = []
+    for out in ("one", "two"):
+        res = prepare(tmp_path, tiny_tokenizer_dir, "--data", f"helpful={src}", out=out)
+        assert res.exit_code == 0, res.output
+        folder = tmp_path / out
+        digests.append({p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+                        if p.is_file() and p.name not in ("manifest.json", ".lock")})
+    assert digests[0] and digests[0] == digests[1]

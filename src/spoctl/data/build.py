@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from array import array
 from collections import Counter
@@ -12,6 +13,7 @@ from typing import Any, Iterator
 from ..config import PrepareConfig
 from ..console import Output
 from ..errors import InputError
+from ..fsutil import sha256_file
 from . import clean
 from .formats import Message, TextPair
 from .reading import Sourced
@@ -134,8 +136,14 @@ def build_dim(dim: str, s: Sourced, renderer: Renderer, cfg: PrepareConfig, out:
 
     spooled = datasets.Dataset.from_file(str(path))  # memory-mapped
     built = Built(dim)
-    built.splits = {"train": spooled.select([j for j, h in zip(rows, held) if not h]),
-                    "eval": spooled.select([j for j, h in zip(rows, held) if h])}
+    # datasets fingerprints a file it reads from its (temporary, random) path: give each split a fingerprint of its
+    # content instead, so preparing the same sources twice writes byte-identical folders (state.json included).
+    content = sha256_file(path)
+    built.splits = {}
+    for split, wanted in (("train", False), ("eval", True)):
+        chosen = [j for j, h in zip(rows, held) if h == wanted]
+        fingerprint = hashlib.sha256(f"{dim}/{split}/{content}/{chosen}".encode()).hexdigest()[:16]
+        built.splits[split] = spooled.select(chosen, new_fingerprint=fingerprint)
     built.info = manifest_entry(dim, s, meta, dropped, cuts, len(eval_ids), built.splits, per_source)
     return built
 
