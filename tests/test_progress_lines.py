@@ -39,6 +39,12 @@ def _progress(out: str) -> dict[str, list[tuple[int, int, str]]]:
     return found
 
 
+def _tensor_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - header
+
+
 def _finished(lines: list[tuple[int, int, str]]) -> bool:
     return bool(lines) and lines[-1][0] == lines[-1][1]
 
@@ -56,8 +62,9 @@ def outputs(tmp_path_factory) -> dict[str, str]:
     return {
         "prepare": _spoctl("prepare", "--data", f"helpful={root / 'helpful.jsonl'}", "--data",
                            f"harmless={root / 'harmless.jsonl'}", "--model", str(model), "--out", str(root / "p")),
+        # A checkpoint after step 1 of each stage (full fine-tuning: weights and Adam state), then each stage model.
         "align": _spoctl("align", "--dims", "helpful,harmless", "--data", str(root / "p"), "--max-steps", "2",
-                         "--batch-size", "4", "--out", str(run)),
+                         "--batch-size", "4", "--set", "save_every=1", "--out", str(run)),
         "eval": _spoctl("eval", str(run), "--judge", "embedding", "--num-prompts", "2", "--max-new-tokens", "4"),
         "export": _spoctl("export", "--run", str(run), "--out", str(root / "export")),
         "run": str(run),
@@ -83,6 +90,28 @@ def test_align_shows_every_frozen_pass_the_steps_and_the_forgetting_view(outputs
         assert _finished(bars[label]) and bars[label][-1][2] == "pairs", (label, bars.get(label))
     assert "stage 1/2 helpful step 2/2" in out and "stage 2/2 harmless step 2/2" in out
     assert out.rstrip().splitlines()[-1] == f"next: spoctl eval --run {outputs['run']}"
+
+
+def test_align_shows_each_checkpoint_and_stage_model_write_with_its_size(outputs):
+    out, bars = outputs["align"], _progress(outputs["align"])
+    run = Path(outputs["run"])
+    manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
+    for n, stage in enumerate(manifest["stages"], start=1):
+        # The tensor bytes of the stage model (the tiny model, full fine-tuning): each safetensors file less its
+        # 8-byte header length and the JSON header.
+        weights_kb = sum(_tensor_bytes(f) for f in (run / stage["checkpoint"]).glob("*.safetensors")) / 1e3
+        # Announced before the write (what, how big), then a line when it is done, sized as what was written.
+        assert f"writing stage {n} model: {round(weights_kb)} kB (weights and tokenizer to " in out
+        assert _finished(bars[f"writing stage {n} model"])
+        assert bars[f"writing stage {n} model"][-1][1:] == (round(weights_kb), "kB")
+    # The checkpoint after step 1 of each stage (each stage's folder has this name): weights and Adam's two
+    # moments, all float32, so about three times the weights (the step counter and the RNG are bytes).
+    ckpt = bars["writing checkpoint step-000001"]
+    assert _finished(ckpt) and len(ckpt) == 2, ckpt
+    assert all(2.9 * weights_kb <= total <= 3.1 * weights_kb and unit == "kB" for _, total, unit in ckpt), (ckpt,
+                                                                                                         weights_kb)
+    assert out.count("writing checkpoint step-000001: ") == 4  # the announcement and the end line, per stage
+    assert "(trainable weights and optimizer state, then their checksums)" in out
 
 
 def test_eval_shows_generation_and_judging_with_the_flags_that_size_them(outputs):

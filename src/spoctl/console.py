@@ -93,6 +93,19 @@ class Output:
         with bar:
             yield bar
 
+    @contextlib.contextmanager
+    def writing(self, label: str, nbytes: int, what: str = "") -> Iterator["Progress"]:
+        """A write done by one library call (`save_pretrained`, a torch.distributed.checkpoint save) that can take
+        seconds: nothing can be counted while it runs, so it is an `Output.progress` in megabytes (kB below one)
+        that completes when the body does. First a line saying what is written and how big; then on a terminal a
+        bar whose elapsed time runs, otherwise one plain line at the end with the time and the rate."""
+        unit, scale = ("MB", 1e6) if nbytes >= 1e6 else ("kB", 1e3)
+        total = max(1, round(nbytes / scale))
+        self.info(f"{label}: {total} {unit}" + (f" ({what})" if what else ""))
+        with self.progress(label, total=total, unit=unit) as bar:
+            yield bar
+            bar.advance(total - bar.done)
+
     def table(self, title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
         if self.quiet:
             return
@@ -176,6 +189,16 @@ def stdout_reserved(enabled: bool = True) -> Iterator[None]:
                 original.flush()
             os.dup2(saved, fd)
             os.close(saved)
+
+
+def percent(share: float | None) -> str:
+    """A share, an accuracy or a win rate in every table spoctl prints: one format, "77.5%" ("-": none)."""
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
+def points(change: float) -> str:
+    """A change of a share, in percentage points: "+12.5 pts"."""
+    return f"{100 * change:+.1f} pts"
 
 
 def _fmt(value: Any) -> str:

@@ -297,3 +297,18 @@ def tied_aliases(module: Any) -> dict[str, str]:
         else:
             first[id(param)] = name
     return aliases
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes the tensors hold, each storage counted once (tied weights appear under two names in a state dict but
+    are written once); a sharded tensor (FSDP's DTensor) counts at its full size, as its checkpoint holds it."""
+    seen: set[Any] = set()
+    total = 0
+    for t in tensors:
+        key: Any = id(t)  # a tensor without storage of its own (meta, DTensor) is its own key
+        if t.device.type != "meta" and type(t).__name__ != "DTensor":
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total

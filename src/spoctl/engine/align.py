@@ -22,9 +22,10 @@ import torch
 
 from .. import signals
 from ..config import AlignConfig
-from ..console import Output
+from ..console import Output, percent
 from ..errors import Interrupted, TrainingError
 from ..fsutil import atomic_directory
+from ..models import tensor_bytes
 from ..rundir import now_iso
 from . import extensions
 from .chain import folder_files, stage_fingerprint, write_lineage
@@ -71,8 +72,8 @@ def _finish(setup: RunSetup) -> dict[str, Any]:
         columns = [c for kind in kinds for c in kind.columns]
         setup.out.table("implicit-reward accuracy vs the base model, on each dimension's eval split; what each stage "
                         "cost", ["stage", *cfg.dims, "frozen s", "train s", *(header for header, _ in columns)],
-                        [[f"{r['stage']} {r['dim']}", *(r[d] for d in cfg.dims), r["frozen_seconds"],
-                          r["train_seconds"], *(cell(r) for _, cell in columns)] for r in summary])
+                        [[f"{r['stage']} {r['dim']}", *(percent(r[d]) for d in cfg.dims), _seconds(r["frozen_seconds"]),
+                          _seconds(r["train_seconds"]), *(cell(r) for _, cell in columns)] for r in summary])
     result = {"run_dir": str(setup.run.root), "manifest": str(setup.run.manifest_path), "stages": manifest["stages"],
               "summary": summary}
     for kind in kinds:
@@ -175,7 +176,7 @@ def _train(setup: RunSetup, plan: StagePlan, entry: dict[str, Any], policy: Any,
 
     progress = StageProgress(setup.out, f"stage {n}/{len(setup.plans)} {dim}", enabled=setup.main)
     hooks = StageHooks(log=log, progress=progress.update, checkpoint_dir=lambda s: run.checkpoint_dir(n, dim, s),
-                       latest_checkpoint=lambda: latest)
+                       latest_checkpoint=lambda: latest, out=setup.out)
     started = time.perf_counter()
     try:
         with progress:
@@ -201,7 +202,10 @@ def _save_stage(setup: RunSetup, plan: StagePlan, entry: dict[str, Any], model: 
     state = setup.dist.full_state(model, trainable_only=cfg.lora.enabled)
     if setup.main:
         target = run.stage_model_dir(n, dim)
-        with atomic_directory(target, replace=True) as tmp:
+        weights = state.values() if state else _saved_tensors(model, lora=cfg.lora.enabled)
+        with setup.out.writing(f"writing stage {n} model", tensor_bytes(weights),
+                               f"{'LoRA adapters' if cfg.lora.enabled else 'weights'} and tokenizer to {target}"), \
+                atomic_directory(target, replace=True) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state} if state else {}))
             setup.tokenizer.save_pretrained(str(tmp))
             write_lineage(tmp, base_spec=setup.chain.base_spec, stage=n, dim=dim, lora=cfg.lora.enabled,
@@ -219,6 +223,19 @@ def _save_stage(setup: RunSetup, plan: StagePlan, entry: dict[str, Any], model: 
         # Within-stage checkpoints only serve a resume of this stage, which is now complete.
         shutil.rmtree(run.checkpoints_dir(n, dim), ignore_errors=True)
     setup.manifest.update(setup.dist.procs.broadcast(setup.manifest if setup.main else None))
+
+
+def _saved_tensors(model: Any, *, lora: bool) -> list[torch.Tensor]:
+    """The tensors `save_pretrained` writes: a LoRA model's adapters only, else the whole state dict."""
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        return list(get_peft_model_state_dict(model).values())
+    return list(model.state_dict().values())
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _summary(manifest: dict[str, Any], dims: list[str], kinds: list[Any]) -> list[dict[str, Any]]:

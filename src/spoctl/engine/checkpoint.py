@@ -28,8 +28,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..console import Output
 from ..fsutil import atomic_directory, sha256_file
-from ..models import tied_aliases
+from ..models import tensor_bytes, tied_aliases
 from .chain import hash_problems, size_problems
 from .processes import Processes
 
@@ -64,13 +65,18 @@ def _flat_state(scorer: nn.Module, optimizer: Any) -> tuple[dict[str, torch.Tens
 
 
 def save_checkpoint(folder: Path, *, procs: Processes, scorer: nn.Module, optimizer: Any, scheduler: Any,
-                    meta: dict[str, Any], keep_last: int = 2) -> None:
-    """Write the state of every process into `folder` (collective: every process calls it)."""
+                    meta: dict[str, Any], keep_last: int = 2, out: Output | None = None) -> None:
+    """Write the state of every process into `folder` (collective: every process calls it). With `out`, the write
+    shows as a step of its own (size, then time): full fine-tuning writes the weights and twice their size in Adam
+    moments, seconds to minutes."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     flat, optim_sd = _flat_state(scorer, optimizer)
-    with atomic_directory(folder, replace=True) if procs.main else contextlib.nullcontext() as made:
+    shown = (out.writing(f"writing checkpoint {folder.name}", tensor_bytes(flat.values()),
+                         "trainable weights and optimizer state, then their checksums")
+             if out is not None else contextlib.nullcontext())
+    with shown, atomic_directory(folder, replace=True) if procs.main else contextlib.nullcontext() as made:
         tmp = Path(procs.broadcast(str(made) if procs.main else None))
         with _single_process_quietly(), _unwrapped_failures():
             dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=True),

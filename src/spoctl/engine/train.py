@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import losses, signals
 from ..config import AlignConfig
+from ..console import Output
 from ..errors import TrainingError
 from .batching import TokenPair, collate_pairs, epoch_order, local_micro_batches
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -59,6 +60,7 @@ class StageHooks:
     progress: Callable[[int, int, dict[str, float]], None]
     checkpoint_dir: Callable[[int], Path]
     latest_checkpoint: Callable[[], tuple[int, Path] | None]
+    out: Output | None = None  # where a checkpoint write shows its size and time; None: silent
 
 
 # align.scheduler -> transformers' schedule name; every schedule warms up linearly first, as in TRL and HF Trainer.
@@ -147,7 +149,8 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         save_checkpoint(folder, procs=dist.procs, scorer=dist.evaluation_scorer(scorer), optimizer=optimizer,
                         scheduler=scheduler, meta={"step": done, "stage": plan.index, "dim": plan.dim, "total": total,
                                                    "strategy": dist.strategy.name,
-                                                   **{ext.key: ext.state() for ext in data.extensions}})
+                                                   **{ext.key: ext.state() for ext in data.extensions}},
+                        out=hooks.out)
         return folder
 
     order_cache: dict[int, list[list[int]]] = {}
