@@ -125,9 +125,63 @@ def test_demo_command_prints_scores_per_stage(demo_home):
                                    "--no-eval"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "rule-judged scores" in res.output and "after 2 harmless" in res.output
+    base = next(line for line in res.output.splitlines() if line.startswith("base "))
+    assert all(cell.endswith("%") for cell in base.split()[1:]), base  # shares as percentages, as eval prints them
     scores = json.loads((demo_home / "runs/d/demo-scores.json").read_text())
     assert [m["model"] for m in scores["models"]] == ["base", "1 concise", "2 harmless"]
     assert all(0.0 <= v <= 1.0 for m in scores["models"] for v in m["scores"].values())
+
+
+# ------------------------------------------------------------------------------------------------ the report
+def _rows(*scores: tuple[float, float]) -> list[dict]:
+    """score_run's rows for dims (helpful, harmless): the base, then one stage per dimension."""
+    names = [("base", None, None), ("1 helpful", 1, "helpful"), ("2 harmless", 2, "harmless")]
+    return [{"model": m, "stage": k, "dim": d, "scores": {"helpful": h, "harmless": x}}
+            for (m, k, d), (h, x) in zip(names, scores)]
+
+
+def _win(k: int, **cells: tuple[int, int, int]) -> dict:
+    """An eval report's win-rate row for stage k: dim -> (wins, ties, losses)."""
+    return {"k": k, "dims": {d: {"wins": w, "ties": t, "losses": lo, "n": w + t + lo, "win_rate": (w + t / 2) / (w + t + lo)}
+                             for d, (w, t, lo) in cells.items()}}
+
+
+def _report_lines(rows, win_rates=None) -> list[str]:
+    import io
+
+    from spoctl.console import Output
+    from spoctl.demo.report import print_report
+
+    out = Output()
+    out._console.file = buf = io.StringIO()  # a pipe: plain lines
+    print_report(out, rows, ["helpful", "harmless"], 40, win_rates)
+    return buf.getvalue().splitlines()
+
+
+def test_report_prints_shares_and_changes_in_one_format():
+    lines = _report_lines(_rows((0.7, 0.625), (0.825, 0.6), (0.65, 0.7)))
+    assert lines[0].startswith("rule-judged scores (share of 40 held-out demo prompts answered right; greedy")
+    assert lines[2].split() == ["base", "70.0%", "62.5%"]
+    assert lines[3].split() == ["after", "1", "helpful", "82.5%", "(+12.5", "pts)", "60.0%", "(-2.5", "pts)"]
+    assert lines[5] == "stage 2 (harmless) cost helpful: 82.5% -> 65.0% (-17.5 pts)"
+    assert not any(line.startswith("note:") for line in lines)  # no win rates: nothing to compare
+
+
+def test_report_notes_where_win_rates_and_rule_scores_disagree():
+    rows = _rows((0.7, 0.625), (0.825, 0.6), (0.65, 0.7))
+    # Stage 1: helpful +12.5 pts by the rules, but 0 wins and 1 loss against the base (45%): they disagree;
+    # harmless -2.5 pts and 1 loss: they agree. Stage 2 against the base: helpful -5 pts, 40%; harmless +7.5, 75%.
+    wins = [_win(1, helpful=(0, 9, 1), harmless=(0, 5, 1)), _win(2, helpful=(0, 8, 2), harmless=(3, 3, 0))]
+    notes = [line for line in _report_lines(rows, wins) if line.startswith("note:")]
+    assert len(notes) == 1, notes
+    assert ("disagree on after 1 helpful, helpful: rule score +12.5 pts vs base, win rate vs base 45.0% on 10"
+            " prompts. They measure different things") in notes[0]
+    assert "harmless:" not in notes[0] and "after 2" not in notes[0]
+    # A tie by one measure and a change by the other is a disagreement too.
+    tie = [_win(1, helpful=(1, 8, 1), harmless=(0, 6, 0))]
+    notes = [line for line in _report_lines(rows, tie) if line.startswith("note:")]
+    assert "after 1 helpful, helpful: rule score +12.5 pts vs base, win rate vs base 50.0% on 10 prompts" in notes[0]
+    assert "after 1 helpful, harmless: rule score -2.5 pts vs base, win rate vs base 50.0% on 6 prompts" in notes[0]
 
 
 def test_demo_refuses_foreign_dims(demo_home):

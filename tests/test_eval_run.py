@@ -514,6 +514,10 @@ def test_generation_and_judging_show_progress_with_their_sizes(world):
     lines = res.stdout.splitlines()
     assert any(l.startswith("generation: 3 models x 6 prompts") and "--num-prompts 3" in l and
                "--max-new-tokens 4" in l and "greedy" in l for l in lines), res.stdout
+    # What was really generated, per dimension; the win-rate table's headers say it again.
+    assert "(helpful 3, harmless 3: each dimension's distinct eval prompts, at most --num-prompts 3)" in res.stdout
+    header = next(l for l in lines if l.startswith("stage vs base"))
+    assert [c.strip() for c in header.split("  ") if c.strip()][1:] == ["helpful (3 prompts)", "harmless (3 prompts)"]
     for k, label in enumerate(["base", "stage 1 helpful", "stage 2 harmless"]):
         done = [l for l in lines if l.startswith(f"generating: {label} (--num-prompts 3, --max-new-tokens 4): ")]
         assert done and done[-1].split(": ")[-1].startswith("6/6 prompts"), res.stdout

@@ -160,21 +160,21 @@ def run_demo_and_score(out: Output, cfg: AlignConfig | None = None, *, task_seed
         rows = score_run(str(run.root), task.DEMO_DIMS, prompts)
     found = costs(rows, task.DEMO_DIMS)
     write_json_atomic(run.demo_scores_path, {"prompts": prompts, "models": rows, "costs": found})
-    if with_eval:
-        _judged_eval(out, run)
-    print_report(out, rows, task.DEMO_DIMS, len(prompts))
+    report = _judged_eval(out, run) if with_eval else None
+    print_report(out, rows, task.DEMO_DIMS, len(prompts), (report or {}).get("win_rates"))
     return {**result, "scores": [{k: v for k, v in r.items() if k != "responses"} for r in rows], "costs": found,
             "scores_file": str(run.demo_scores_path)}
 
 
-def _judged_eval(out: Output, run: RunDir) -> None:
-    """`spoctl eval RUN --judge rules`: the implicit-reward scorecard and rule-judged win rates, in RUN/eval/."""
+def _judged_eval(out: Output, run: RunDir) -> dict[str, Any] | None:
+    """`spoctl eval RUN --judge rules`: the implicit-reward scorecard and rule-judged win rates, in RUN/eval/;
+    returns its report (None when eval is not installed)."""
     try:
         from ..config import EvalConfig
         from ..evaluate import evaluate
     except ImportError:  # eval is optional for the demo: its rule-judged table does not need it
         out.detail("spoctl eval is not available; skipping the judged evaluation")
-        return
+        return None
     ecfg = validate(EvalConfig, {"run": str(run.root), "judge": {"name": "rules"}}, "eval")
     with single_thread():
-        evaluate(ecfg, out)
+        return evaluate(ecfg, out)

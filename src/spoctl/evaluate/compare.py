@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..config import CompareConfig, EvalConfig
-from ..console import Output
+from ..console import Output, percent as _pct
 from ..errors import UsageError
 from ..fsutil import read_json
 from ..rundir import RunDir
@@ -277,10 +277,6 @@ def compare_runs(cfg: CompareConfig, out: Output) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ output
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
 def _interval(c: dict[str, float], scale: float, fmt: str) -> str:
     return f"{c['diff'] * scale:+{fmt}} [{c['low'] * scale:+{fmt}}, {c['high'] * scale:+{fmt}}]"
 

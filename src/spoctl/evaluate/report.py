@@ -10,13 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..console import Output
+from ..console import Output, percent as _pct
 from ..fsutil import write_json_atomic, write_text_atomic
 from ..rundir import EvalFiles
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -38,12 +34,15 @@ def scorecard_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]
 
 
 def winrate_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Rows: stages; cells: win rate vs base, its interval, wins/ties/losses. Each dimension's header says on how
+    many prompts (what was generated: fewer than --num-prompts when its eval split has fewer)."""
     dims = report["dims"]
     rows = []
     for r in report.get("win_rates") or []:
         rows.append([_label(r), *(f"{_pct(c['win_rate'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
                                   f" {c['wins']}/{c['ties']}/{c['losses']}" for c in (r["dims"][d] for d in dims))])
-    return ["stage vs base", *dims], rows
+    first = (report.get("win_rates") or [{"dims": {}}])[0]["dims"]
+    return ["stage vs base", *(f"{d} ({first[d]['n']} prompts)" if d in first else d for d in dims)], rows
 
 
 def calibration_table(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:

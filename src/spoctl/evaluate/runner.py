@@ -62,9 +62,12 @@ def model_pass(er: EvalRun, cfg: EvalConfig, out: Output, store: EvalLogps, gene
     n_prompts = sum(len(v) for v in rows.values())
     if generate:
         decoding = "greedy" if gen.temperature == 0 else f"sampled at temperature {gen.temperature:g}"
-        out.info(f"generation: {er.k_max + 1} models x {n_prompts} prompts ({len(rows)} dims x up to"
-                 f" --num-prompts {gen.num_prompts}), up to --max-new-tokens {gen.max_new_tokens} tokens each,"
-                 f" {decoding}, {gen.backend} backend")
+        # The prompts really generated: a dimension whose eval split has fewer distinct prompts than asked gives
+        # all it has, and its win rates rest on that many.
+        per_dim = ", ".join(f"{d} {len(v)}" for d, v in rows.items())
+        out.info(f"generation: {er.k_max + 1} models x {n_prompts} prompts ({per_dim}: each dimension's distinct"
+                 f" eval prompts, at most --num-prompts {gen.num_prompts}), up to --max-new-tokens"
+                 f" {gen.max_new_tokens} tokens each, {decoding}, {gen.backend} backend")
     samples: list[dict[str, Any]] = []
     for k in range(er.k_max + 1):
         # Before any of pi_k's numbers are used, cached or not: the files pi_k is built from must be the ones its
