@@ -89,6 +89,9 @@ def test_align_shows_every_frozen_pass_the_steps_and_the_forgetting_view(outputs
                   "stage1 forgetting view helpful/eval", "stage2 forgetting view harmless/eval"):
         assert _finished(bars[label]) and bars[label][-1][2] == "pairs", (label, bars.get(label))
     assert "stage 1/2 helpful step 2/2" in out and "stage 2/2 harmless step 2/2" in out
+    # Before training, its size: steps of a batch on the training pairs (40 pairs, 10% of them held out).
+    for n, dim in ((1, "helpful"), (2, "harmless")):
+        assert f"stage {n} ({dim}) training: 2 steps of 4 pairs on 36 training pairs" in out
     assert out.rstrip().splitlines()[-1] == f"next: spoctl eval --run {outputs['run']}"
 
 

@@ -89,6 +89,10 @@ def _run_stage(setup: RunSetup, plan: StagePlan) -> None:
     started = time.perf_counter()
     data, frozen_cost = _frozen_inputs(setup, plan)
     _record_start(setup, plan, entry, data)
+    # The size of what comes next (the step count a progress line will count to), before the policy loads.
+    steps = plan.total_steps(plan.steps_per_epoch(len(data.train)))
+    setup.out.info(f"stage {plan.index} ({plan.dim}) training: {steps} steps of {plan.batch_size} pairs"
+                   f" on {len(data.train)} training pairs, then one pass over the eval splits")
     policy = _stage_policy(setup, plan, entry)
     # From here a SIGTERM / SIGHUP waits: for the end of the step under way (training saves a checkpoint and
     # stops), or, once training is over, for the stage model to be saved (spoctl.signals).
