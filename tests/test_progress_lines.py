@@ -131,3 +131,8 @@ def test_eval_shows_generation_and_judging_with_the_flags_that_size_them(outputs
 def test_export_shows_its_steps(outputs):
     bars = _progress(outputs["export"])
     assert _finished(bars["export: reference, merge, write, numerical check"])
+    # The merged model's write on its own: its size first (the tiny model in bf16), then its time.
+    assert "export: writing the merged model: " in outputs["export"] and "(weights in bf16, safetensors" in outputs["export"]
+    assert _finished(bars["export: writing the merged model"])
+    written = sum(_tensor_bytes(f) for f in (Path(outputs["run"]).parent / "export").glob("*.safetensors"))
+    assert bars["export: writing the merged model"][-1][1:] == (round(written / 1e3), "kB")

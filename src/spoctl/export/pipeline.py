@@ -141,7 +141,7 @@ def export_model(cfg: ExportConfig, out: Output) -> dict[str, Any]:
                     merged = build.merged_model(src, base, trust_remote_code=trust)
                     bar.advance()
                     build.save_merged(merged, tokenizer, tmp, dtype=dtype,
-                                      max_shard_bytes=parse_size(cfg.max_shard_size))
+                                      max_shard_bytes=parse_size(cfg.max_shard_size), out=out)
                     del merged
                 else:
                     bar.advance()
