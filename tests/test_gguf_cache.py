@@ -163,7 +163,9 @@ def test_smollm2_through_the_cache_is_the_gguf_file(smollm2_gguf, tmp_path, monk
     unpacked = {}
     for cls in (transformers.PretrainedConfig, transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase):
         def spy(self, folder, *args, _original=cls.save_pretrained, **kwargs):
-            unpacked[Path(folder).parent.name.split(".")[1]] = self  # the part's temporary folder: .<part>.<random>.tmp
+            # The part's temporary folder is .<part>.<random>.tmp; the first object saved into it is the part's
+            # (a model's save_pretrained then saves its config there too).
+            unpacked.setdefault(Path(folder).name.split(".")[1], self)
             return _original(self, folder, *args, **kwargs)
 
         monkeypatch.setattr(cls, "save_pretrained", spy)
