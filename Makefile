@@ -38,13 +38,15 @@ study: venv
 study-real: venv
 	bash study/run_real.sh
 
+# Spread over the cores (pytest-xdist): one file per worker at a time, so each file's fixtures are built once.
+PYTEST_PARALLEL ?= -n auto --dist loadfile
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 # For the edit loop: leaves out the tests marked `real` (SmolLM2 and the shared data) and `slow` (several
 # processes, SIGKILL and resume, other CPUs' kernels, fault injection). `make test` (and .ci/run) runs them all.
 test-quick: venv
-	$(PY) -m pytest -q -m "not real and not slow"
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not real and not slow"
 
 # tests/test_chaos.py with 60 faults (make test: one of each of its 12 kinds); SPOCTL_CHAOS_SEED picks another
 # sample (each fault is one command after a setup run: seconds to a minute each on 2 cores).

@@ -129,3 +129,12 @@ def demo_stand_in(tmp_path_factory):
 
     return install
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with `slow` or `real` tests run first. `make test` spreads the suite over the cores with pytest-xdist,
+    one file per worker at a time (`--dist loadfile`, so a file's module fixtures are built once) in collection
+    order: dealing the long files first keeps one worker from being left alone with a long file at the end
+    (longest-processing-time-first). The order inside a file is unchanged."""
+    heavy = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("real")}
+    items.sort(key=lambda item: item.path not in heavy)

@@ -22,6 +22,7 @@ from spoctl.engine import keep as K
 from spoctl.engine.plan import stage_plans
 from spoctl.evaluate import gate
 
+from test_distributed_runs import free_port
 from tinyworld import make_world
 
 FAST = ["--lr", "1e-3", "--batch-size", "4", "--max-steps", "6", "--quiet"]
@@ -309,8 +310,8 @@ def test_two_processes_keep_like_one_process(world, tmp_path):
             "--set", "keep_control.replay_pairs=2", "--quiet"]
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
     subprocess.run([sys.executable, "-m", "spoctl", *args, "--out", str(tmp_path / "one")], check=True, env=env)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29527"]
-    subprocess.run([*torchrun, "-m", "spoctl", *args, "--out", str(tmp_path / "two")], check=True, env=env)
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    subprocess.run([*two, "-m", "spoctl", *args, "--out", str(tmp_path / "two")], check=True, env=env)
     k1, k2 = (manifest(tmp_path / r)["stages"][1]["keep"]["helpful"] for r in ("one", "two"))
     assert k2["replayed_pairs"] == k1["replayed_pairs"] == 4
     assert [p["multiplier"] for p in k2["trajectory"]] == pytest.approx([p["multiplier"] for p in k1["trajectory"]],

@@ -41,22 +41,32 @@ def problem(seed: int = 0) -> dict:
 
 
 def pairs(p: dict, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return logp[:, p["iw"]], logp[:, p["il"]]
+    return logp[..., p["iw"]], logp[..., p["il"]]
 
 
+# The functions below take logits z of shape [X, Y] or a stack [R, X, Y] of R independent runs: each run's loss is
+# summed over its own pairs only, and Adam is elementwise, so a stack trains every run exactly as it would alone
+# (up to the order of float sums) in one Python loop instead of R.
 def stage_loss(p: dict, z: torch.Tensor) -> torch.Tensor:
-    """The expected DPO loss of stage 2 against pi_1 (no offset: sequential DPO)."""
+    """The expected DPO loss of stage 2 against pi_1 (no offset: sequential DPO), per run."""
     h = losses.spo_logits(BETA, *pairs(p, torch.log_softmax(z, -1)), *pairs(p, p["l1"]))
-    return (p["w2"] * losses.preference_loss(h, BETA)).sum()
+    return (p["w2"] * losses.preference_loss(h, BETA)).sum((-2, -1))
 
 
 def constraint_term(p: dict, z: torch.Tensor) -> torch.Tensor:
-    """E over dimension 1's pairs of keep_constraint_loss = -beta * v(z)."""
-    return (p["w1"] * losses.keep_constraint_loss(BETA, *pairs(p, torch.log_softmax(z, -1)), *pairs(p, p["l0"]))).sum()
+    """E over dimension 1's pairs of keep_constraint_loss = -beta * v(z), per run."""
+    return (p["w1"] * losses.keep_constraint_loss(BETA, *pairs(p, torch.log_softmax(z, -1)),
+                                                  *pairs(p, p["l0"]))).sum((-2, -1))
+
+
+def values(p: dict, z: torch.Tensor) -> torch.Tensor:
+    """v(z) per run: the mean margin over dimension 1's pairs."""
+    with torch.no_grad():
+        return (p["w1"] * losses.log_ratio_margin(*pairs(p, torch.log_softmax(z, -1)), *pairs(p, p["l0"]))).sum((-2, -1))
 
 
 def value(p: dict, z: torch.Tensor) -> float:
-    return float((p["w1"] * losses.log_ratio_margin(*pairs(p, torch.log_softmax(z, -1)), *pairs(p, p["l0"]))).sum())
+    return float(values(p, z))
 
 
 def lagrangian_minimiser(p: dict, mu: float) -> torch.Tensor:
@@ -86,33 +96,42 @@ def optimum(p: dict, bound: float) -> tuple[float, float]:
     return hi, float(stage_loss(p, lagrangian_minimiser(p, hi)))
 
 
-def run(p: dict, fraction: float | None, every: int, tables: bool = False) -> tuple[list, list[torch.Tensor]]:
-    """The primal-dual loop; fraction None: no constraint at all (plain SPO). Returns (objective, v, mu) for each step
-    of the last fifth, and (when asked) the logits after every step."""
+def run(p: dict, configs: list[tuple[float | None, int]], steps: int = STEPS, tables: bool = False
+        ) -> tuple[list[list[tuple[float, float, float]]], list[torch.Tensor]]:
+    """The primal-dual loop for R runs at once, one per (fraction, every) in `configs`; fraction None: no constraint
+    at all (plain SPO). Returns, per run, (objective, v, mu) for each step of the last fifth, and (when asked) the
+    stacked logits after every step."""
     start = p["l1"][:, p["iw"]] - p["l1"][:, p["il"]] - (p["l0"][:, p["iw"]] - p["l0"][:, p["il"]])
     scale = dual.margin_scale(float((p["w1"] * start.abs()).sum()))
-    bound = dual.threshold(value(p, p["l1"]), fraction) if fraction is not None else None
-    clock = lr_clock(AlignConfig(dims=["a", "b"], scheduler="constant", warmup_ratio=0.0), STEPS)
-    z = p["l1"].clone().requires_grad_(True)
+    v1 = value(p, p["l1"])
+    bounds = [dual.threshold(v1, f) if f is not None else None for f, _ in configs]
+    clock = lr_clock(AlignConfig(dims=["a", "b"], scheduler="constant", warmup_ratio=0.0), steps)
+    z = p["l1"].expand(len(configs), X, Y).clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=LR)
-    state, last = dual.Dual(), 0
-    trace, seen = [], []
-    for step in range(STEPS):
+    states, last = [dual.Dual() for _ in configs], [0] * len(configs)
+    tail, seen = [], []
+    for step in range(steps):
         opt.zero_grad()
         loss = stage_loss(p, z)
-        if state.multiplier > 0:  # as Keeper.replay: nothing runs while the multiplier is 0
-            loss = loss + state.multiplier * constraint_term(p, z)
-        loss.backward()
+        mu = torch.tensor([s.multiplier for s in states], dtype=D)
+        if bool((mu > 0).any()):  # as Keeper.replay: nothing runs while every multiplier is 0
+            loss = loss + mu * constraint_term(p, z)
+        loss.sum().backward()
         opt.step()
         done = step + 1
-        if bound is not None and done % every == 0 and done != STEPS:
-            e = dual.violation(value(p, z), bound, scale)
-            state, last = dual.dual_step(state, e, clock[done] - clock[last]), done
-        if done > STEPS - STEPS // 5:
-            trace.append((float(stage_loss(p, z)), value(p, z), state.multiplier))
+        if done != steps and any(b is not None and done % every == 0 for b, (_, every) in zip(bounds, configs)):
+            v = values(p, z).tolist()
+            for r, (bound, (_, every)) in enumerate(zip(bounds, configs)):
+                if bound is not None and done % every == 0:
+                    e = dual.violation(v[r], bound, scale)
+                    states[r], last[r] = dual.dual_step(states[r], e, clock[done] - clock[last[r]]), done
+        if done > steps - steps // 5:
+            with torch.no_grad():
+                tail.append((stage_loss(p, z), values(p, z), [s.multiplier for s in states]))
         if tables:
             seen.append(z.detach().clone())
-    return trace, seen
+    traces = [[(float(f[r]), float(v[r]), m[r]) for f, v, m in tail] for r in range(len(configs))]
+    return traces, seen
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +152,33 @@ def optima(tabular):
     return get
 
 
-@pytest.mark.parametrize("fraction", [0.5, 0.9, 1.0])
-@pytest.mark.parametrize("every", [1, 4, 16])
-def test_the_controller_converges_to_the_constrained_optimum(tabular, optima, fraction, every):
+FRACTIONS, EVERY = (0.5, 0.9, 1.0), (1, 4, 16)
+
+
+@pytest.fixture(scope="module")
+def traces(tabular):
+    """(fraction, every) -> the last fifth of that run: all nine runs trained together in one stacked loop."""
+    configs = [(f, k) for f in FRACTIONS for k in EVERY]
+    found, _ = run(tabular, configs)
+    return dict(zip(configs, found))
+
+
+def test_the_problem_is_not_degenerate(tabular, optima):
+    """Unconstrained, stage 2 violates every bound checked below, and each optimum needs a multiplier > 0."""
+    p = tabular
+    unconstrained = value(p, lagrangian_minimiser(p, 0.0))
+    for fraction in FRACTIONS:
+        assert unconstrained < dual.threshold(value(p, p["l1"]), fraction)
+        assert optima(fraction)[0] > 0.05
+
+
+@pytest.mark.parametrize("fraction", FRACTIONS)
+@pytest.mark.parametrize("every", EVERY)
+def test_the_controller_converges_to_the_constrained_optimum(tabular, optima, traces, fraction, every):
     p = tabular
     bound = dual.threshold(value(p, p["l1"]), fraction)
     mu_star, best = optima(fraction)
-    # The problem is not degenerate: unconstrained, stage 2 violates the bound, and the optimum needs mu > 0.
-    assert value(p, lagrangian_minimiser(p, 0.0)) < bound and mu_star > 0.05
-    trace, _ = run(p, fraction, every)
-    tail = trace  # the last fifth of the steps
+    tail = traces[(fraction, every)]  # the last fifth of the steps
     assert max(abs(f - best) for f, _, _ in tail) <= 0.01 * best, (every, fraction, best, tail[-1])
     assert max(abs(v - bound) for _, v, _ in tail) <= 0.02 * abs(bound), (every, fraction, bound, tail[-1])
     # ... and it is the constraint's own multiplier (not a multiplier of another problem).
@@ -150,10 +186,12 @@ def test_the_controller_converges_to_the_constrained_optimum(tabular, optima, fr
 
 
 def test_a_slack_constraint_is_plain_spo_bit_for_bit(tabular):
+    """Run alone (not stacked with a plain run, which would make the equality trivial): a constraint that never
+    binds leaves every step's logits exactly as the unconstrained loop's."""
     p = tabular
     bound = dual.threshold(value(p, p["l1"]), 0.01)
     assert value(p, lagrangian_minimiser(p, 0.0)) > bound  # slack at the unconstrained optimum
-    kept, kept_tables = run(p, 0.01, 4, tables=True)
-    plain, plain_tables = run(p, None, 4, tables=True)
-    assert all(mu == 0.0 for _, _, mu in kept) and len(kept_tables) == STEPS
+    (kept,), kept_tables = run(p, [(0.01, 4)], steps=STEPS // 5, tables=True)
+    (plain,), plain_tables = run(p, [(None, 4)], steps=STEPS // 5, tables=True)
+    assert all(mu == 0.0 for _, _, mu in kept) and len(kept_tables) == STEPS // 5
     assert all(torch.equal(a, b) for a, b in zip(kept_tables, plain_tables))
