@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from spoctl import gguf_cache
+from spoctl.errors import UsageError
 from spoctl.rundir import cache_home
 
 
@@ -22,14 +23,17 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 class Counting:
-    """make/load/direct of a fake part: `make` writes one file holding `payload`, `load` reads it back."""
+    """build/save/load/direct of a fake part: `save` writes one file holding what `build` returned."""
 
     def __init__(self, payload: str = "weights") -> None:
         self.payload, self.made, self.loaded, self.direct_calls = payload, 0, 0, 0
 
-    def make(self, folder: Path) -> None:
+    def build(self) -> str:
         self.made += 1
-        (folder / "model.safetensors").write_text(self.payload)
+        return self.payload
+
+    def save(self, obj: str, folder: Path) -> None:
+        (folder / "model.safetensors").write_text(obj)
 
     def load(self, folder: Path) -> str:
         self.loaded += 1
@@ -43,7 +47,8 @@ class Counting:
         return "direct"
 
     def __call__(self, gguf: Path, part: str = "model") -> str:
-        return gguf_cache.load_through_cache(gguf, part, make=self.make, load=self.load, direct=self.direct)
+        return gguf_cache.load_through_cache(gguf, part, build=self.build, save=self.save, load=self.load,
+                                             direct=self.direct)
 
 
 def fake_gguf(tmp_path: Path, content: bytes = b"GGUF fake") -> Path:
@@ -127,16 +132,42 @@ def test_a_part_that_never_loads_raises(cache, tmp_path):
     assert calls.made == 2  # made again once, then the error is the caller's
 
 
-def test_a_failed_unpacking_leaves_nothing(cache, tmp_path):
-    gguf = fake_gguf(tmp_path)
+@pytest.mark.parametrize("error", [RuntimeError, UsageError])  # UsageError: e.g. a model spoctl refuses
+def test_a_file_that_does_not_unpack_is_the_callers_error(cache, tmp_path, error):
+    gguf, calls = fake_gguf(tmp_path), Counting()
+    calls.build = lambda: (_ for _ in ()).throw(error("not a GGUF file"))
+    with pytest.raises(error, match="not a GGUF file"):
+        calls(gguf)
+    assert calls.direct_calls == 0 and list(gguf_cache.entry_dir(gguf).iterdir()) == []
 
-    def make(folder: Path) -> None:
+
+def test_a_failed_write_leaves_nothing_and_falls_back(cache, tmp_path):
+    gguf, calls = fake_gguf(tmp_path), Counting()
+
+    def save(obj: str, folder: Path) -> None:
         (folder / "model.safetensors").write_text("half")
-        raise RuntimeError("killed")
+        raise OSError(28, "No space left on device")
 
-    with pytest.raises(RuntimeError, match="killed"):
-        gguf_cache.load_through_cache(gguf, "model", make=make, load=lambda f: "x", direct=lambda: "direct")
-    assert list(gguf_cache.entry_dir(gguf).iterdir()) == []
+    calls.save = save
+    with pytest.warns(RuntimeWarning, match="could not cache the unpacked m.gguf .*No space left"):
+        assert calls(gguf) == "direct"
+    assert list(gguf_cache.entry_dir(gguf).iterdir()) == []  # no temporary folder, no half part
+
+
+def test_another_process_made_it_meanwhile(cache, tmp_path):
+    """Two processes unpacking the same file at once: the second rename finds the first's part, which serves."""
+    gguf, calls, theirs = fake_gguf(tmp_path), Counting(), Counting()
+    build = calls.build
+
+    def racing_build() -> str:
+        theirs(gguf)  # the other process finishes first
+        return build()
+
+    calls.build = racing_build
+    assert calls(gguf) == "weights"
+    assert theirs.made == 1 and calls.made == 1 and calls.loaded == 1
+    entry = gguf_cache.entry_dir(gguf)
+    assert [p.name for p in entry.iterdir()] == ["model"]  # our copy was discarded, nothing half-written left
 
 
 def test_unwritable_cache_falls_back_to_the_file(monkeypatch, tmp_path):
@@ -146,7 +177,7 @@ def test_unwritable_cache_falls_back_to_the_file(monkeypatch, tmp_path):
     calls = Counting()
     with pytest.warns(RuntimeWarning, match="could not cache the unpacked m.gguf .* SPOCTL_CACHE"):
         assert calls(fake_gguf(tmp_path)) == "direct"
-    assert calls.direct_calls == 1 and calls.loaded == 0
+    assert calls.direct_calls == 1 and calls.loaded == 0 and calls.made == 0  # nothing unpacked in vain
 
 
 @pytest.mark.real

@@ -23,9 +23,8 @@ import functools
 import shutil
 import warnings
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
-from .errors import UsageError
 from .fsutil import atomic_directory, read_json, sha256_file, write_json_atomic
 from .rundir import cache_home
 
@@ -79,31 +78,37 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def load_through_cache(gguf: Path, part: str, *, make: Callable[[Path], None], load: Callable[[Path], T],
-                       direct: Callable[[], T]) -> T:
-    """`load(folder)` of this file's cached `part`, made first with `make(folder)` (from the GGUF file) when it is
-    not there or not whole. Cold and warm loads thus read the same folder. A part that does not load is removed and
-    made once more; with the cache off, or not writable, `direct()` loads from the GGUF file as before."""
+def load_through_cache(gguf: Path, part: str, *, build: Callable[[], Any], save: Callable[[Any, Path], None],
+                       load: Callable[[Path], T], direct: Callable[[], T]) -> T:
+    """`load(folder)` of this file's cached `part`, made first when it is not there or not whole: `build()` reads
+    it from the GGUF file and `save(obj, folder)` writes it. Cold and warm loads thus read the same folder. A part
+    that does not load is removed and made once more; with the cache off, or not writable, `direct()` loads from
+    the GGUF file as before. What `build` raises (a damaged GGUF file, a refused model) is the caller's."""
     entry = entry_dir(gguf)
     if entry is None:
         return direct()
     folder = entry / part
     for attempt in (1, 2):
-        if not _complete(folder):
+        # A whole part only ever appears by a rename, so a folder that is there but not whole is damaged; one that
+        # is not there may be appearing now (another process): that one is left alone, and made here only if absent.
+        if folder.exists() and not _complete(folder):
             shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            try:
+                entry.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                return _unwritable(gguf, entry, err, direct)
+            obj = build()
             try:
                 with atomic_directory(folder) as tmp:
-                    make(tmp)
+                    save(obj, tmp)
                     write_json_atomic(tmp / PART_INFO, {"format": FORMAT, "source": str(gguf.resolve()),
                                                         "sha256": file_hash(gguf), "files": _listing(tmp)})
-            except UsageError:  # "already exists": another process made it meanwhile; theirs serves
-                pass
-            except OSError as err:
-                if not folder.is_dir():  # (a concurrent writer that won the rename race leaves a folder)
-                    _warn_once(str(entry), f"could not cache the unpacked {gguf.name} under {entry} ({err}); it is "
-                               "read from the GGUF file each time. Set SPOCTL_CACHE to a writable folder, or "
-                               "SPOCTL_CACHE=off")
-                    return direct()
+            except Exception as err:  # noqa: BLE001 - a cache that cannot be written must not stop the command
+                if not folder.is_dir():  # else another process made it meanwhile (our rename found it): it serves
+                    del obj
+                    return _unwritable(gguf, entry, err, direct)
+            del obj
         try:
             return load(folder)
         except Exception as err:  # noqa: BLE001 - our own copy does not load: make it again from the source, once
@@ -114,3 +119,9 @@ def load_through_cache(gguf: Path, part: str, *, make: Callable[[Path], None], l
                                     f"{first}); unpacking the GGUF file again")
             shutil.rmtree(folder, ignore_errors=True)
     raise AssertionError("unreachable")
+
+
+def _unwritable(gguf: Path, entry: Path, err: Exception, direct: Callable[[], T]) -> T:
+    _warn_once(str(entry), f"could not cache the unpacked {gguf.name} under {entry} ({err}); it is read from the "
+                           "GGUF file each time. Set SPOCTL_CACHE to a writable folder, or SPOCTL_CACHE=off")
+    return direct()

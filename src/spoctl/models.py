@@ -211,7 +211,7 @@ def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = Fa
                 src, "model", lambda at, dtype=dtype or torch.float32, **kw: as_plain_float_model(
                     AutoModelForCausalLM.from_pretrained(at, dtype=dtype, trust_remote_code=trust_remote_code,
                                                          **extra, **kw)),
-                make_kw={"dtype": torch.float32}, load_kw={"use_safetensors": True},
+                build_kw={"dtype": torch.float32}, load_kw={"use_safetensors": True},
                 save_kw={"safe_serialization": True})
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, **kwargs
@@ -221,15 +221,11 @@ def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = Fa
 
 
 def _through_gguf_cache(src: ModelSource, part: str, from_pretrained: Callable[..., Any], *,
-                        make_kw: dict | None = None, load_kw: dict | None = None, save_kw: dict | None = None) -> Any:
+                        build_kw: dict | None = None, load_kw: dict | None = None, save_kw: dict | None = None) -> Any:
     """A GGUF file's config, tokenizer or model through spoctl's cache of it (gguf_cache): `from_pretrained(at,
-    **kw)` loads it from a folder, or with `gguf_file=` from the GGUF file; `make_kw` are added when unpacking
+    **kw)` loads it from a folder, or with `gguf_file=` from the GGUF file; `build_kw` are added when unpacking
     into the cache, `load_kw` when reading the cached folder, `save_kw` to `save_pretrained`."""
     from . import gguf_cache
-
-    def make(folder: Path) -> None:
-        obj = from_pretrained(src.path, gguf_file=src.gguf_file, **(make_kw or {}))
-        obj.save_pretrained(str(folder), **(save_kw or {}))
 
     def load(folder: Path) -> Any:
         obj = from_pretrained(str(folder), **(load_kw or {}))
@@ -240,8 +236,11 @@ def _through_gguf_cache(src: ModelSource, part: str, from_pretrained: Callable[.
                 named.name_or_path = src.path
         return obj
 
-    return gguf_cache.load_through_cache(Path(src.path) / src.gguf_file, part, make=make, load=load,
-                                         direct=lambda: from_pretrained(src.path, gguf_file=src.gguf_file))
+    return gguf_cache.load_through_cache(
+        Path(src.path) / src.gguf_file, part, load=load,
+        build=lambda: from_pretrained(src.path, gguf_file=src.gguf_file, **(build_kw or {})),
+        save=lambda obj, folder: obj.save_pretrained(str(folder), **(save_kw or {})),
+        direct=lambda: from_pretrained(src.path, gguf_file=src.gguf_file))
 
 
 def model_config(spec: str, *, trust_remote_code: bool = False) -> Any:
