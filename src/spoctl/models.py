@@ -322,6 +322,15 @@ def tokenizer_identity(tok, spec: str) -> dict[str, Any]:
     }
 
 
+def sort_adapter_targets(model: Any) -> None:
+    """PEFT keeps `target_modules` as a set and writes it to adapter_config.json in the set's order, which follows
+    Python's string hashing and so changes from one process to the next: the same stage would be saved as different
+    bytes, with a different fingerprint. Sorted before saving, the file is the same every time."""
+    for config in getattr(model, "peft_config", {}).values():
+        if isinstance(getattr(config, "target_modules", None), set):
+            config.target_modules = sorted(config.target_modules)
+
+
 def tied_aliases(module: Any) -> dict[str, str]:
     """Every name of a parameter that `module` also holds under an earlier name (tied weights), mapped to that
     first name: {"model.lm_head.weight": "model.model.embed_tokens.weight"} for a model with tied embeddings.
