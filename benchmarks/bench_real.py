@@ -19,6 +19,8 @@ Sides, each run in a fresh subprocess, interleaved in rounds (A B C ... A B C ..
   pass as `torch.inference_mode` forwards over length-sorted padded batches, then AdamW steps of forward/backward
   with the DPO loss. Log-probs as a plain loop would take them: the LM head on the completion positions only, one
   float32 log-softmax over them.
+- `spoctl-lora-ckpt` / `spoctl-full-ckpt` (not run by default): the spoctl side with
+  `align.gradient_checkpointing` (activations recomputed in the backward pass), against the side without it.
 - `spoctl-generate` / `floor-generate`: greedy generation for held-out prompts; spoctl through its public
   `evaluate.generate.generate_tokens` (what `generate_batch` decodes), the floor a batched greedy loop with a KV
   cache written out by hand.
@@ -167,23 +169,34 @@ def throughput(steps: list[tuple], warmup: int) -> tuple[float, float, float | N
 
 # ------------------------------------------------------------------------------------------ sides
 def side_gguf_load(a: argparse.Namespace) -> dict:
-    """spoctl's GGUF load (dequantised to float32 by transformers): seconds and peak, then saved as a folder."""
+    """spoctl's GGUF load, into an empty cache (dequantised to float32 by transformers, then written to spoctl's
+    cache of unpacked GGUF files and read back) and then again from that cache: seconds, CPU-seconds and peaks.
+    The model is then saved as the folder the other sides load."""
+    import tempfile
+
     ph = Phases()
     from spoctl.models import load_causal_lm, load_tokenizer
 
     ph.mark("imports")
-    t0 = time.perf_counter()
-    model = load_causal_lm(str(gguf_path()))
-    seconds = time.perf_counter() - t0
-    ph.mark("load")
-    weights = tensor_bytes({id(p): p for p in model.parameters()}.values())
-    model.save_pretrained(model_dir(a), safe_serialization=True)
-    load_tokenizer(str(gguf_path())).save_pretrained(model_dir(a))
-    return {"side": "gguf-load", "seconds": round(seconds, 1), "weights_gib": round(weights / GIB, 3),
+    out: dict = {"side": "gguf-load"}
+    with tempfile.TemporaryDirectory(prefix="spoctl-bench-cache-") as cache:
+        os.environ["SPOCTL_CACHE"] = cache
+        for phase in ("load", "warm_load"):  # "load": into the empty cache; "warm_load": read from it
+            t0, c0 = time.perf_counter(), time.process_time()
+            model = load_causal_lm(str(gguf_path()))
+            out[f"{phase}_s"], out[f"{phase}_cpu_s"] = (round(time.perf_counter() - t0, 1),
+                                                        round(time.process_time() - c0, 1))
+            ph.mark(phase)
+            if phase == "load":
+                del model
+        weights = tensor_bytes({id(p): p for p in model.parameters()}.values())
+        model.save_pretrained(model_dir(a), safe_serialization=True)
+        load_tokenizer(str(gguf_path())).save_pretrained(model_dir(a))
+    return {**out, "seconds": out["load_s"], "weights_gib": round(weights / GIB, 3),
             "gguf_file_gib": round(gguf_path().stat().st_size / GIB, 3), "peaks": ph.peaks, "rss": ph.rss}
 
 
-def side_spoctl_train(a: argparse.Namespace, lora: bool, generic_head: bool = False) -> dict:
+def side_spoctl_train(a: argparse.Namespace, lora: bool, generic_head: bool = False, ckpt: bool = False) -> dict:
     ph = Phases()
     import torch
 
@@ -207,7 +220,7 @@ def side_spoctl_train(a: argparse.Namespace, lora: bool, generic_head: bool = Fa
     ph.mark("data")
     cfg = AlignConfig(batch_size=a.batch, micro_batch_size=a.batch, frozen_batch_size=a.frozen_batch,
                       learning_rate=a.lr, warmup_ratio=0.0, save_every=0, log_every=10**9, logprob_chunk=a.chunk,
-                      precision="fp32", lora=LoraConfig(enabled=lora))
+                      precision="fp32", lora=LoraConfig(enabled=lora), gradient_checkpointing=ckpt)
     pad = 2  # SmolLM2's pad token id is its eos (<|im_end|>): masked out either way
     t0, c0 = time.perf_counter(), time.process_time()
     ref = compute_logps(model, pairs, batch_size=a.frozen_batch, pad_token_id=pad, chunk_size=a.chunk,
@@ -249,7 +262,8 @@ def side_spoctl_train(a: argparse.Namespace, lora: bool, generic_head: bool = Fa
         "logits_chunk": 2 * min(a.chunk, longest * a.batch) * vocab * 4 / GIB,
         "frozen_logps": tensor_bytes([ref.chosen, ref.rejected]) / GIB,
     }
-    return {"side": f"spoctl-{'lora' if lora else 'full'}{'-generic-head' if generic_head else ''}", "threads": torch.get_num_threads(),
+    suffix = "-generic-head" if generic_head else "-ckpt" if ckpt else ""
+    return {"side": f"spoctl-{'lora' if lora else 'full'}{suffix}", "threads": torch.get_num_threads(),
             "trainable_M": round(n_trainable / 1e6, 2), "frozen_s": round(frozen_s, 2),
             "frozen_tok_s": round(sum(pair_tokens(p) for p in pairs) / frozen_s, 1),
             "frozen_tok_cpu_s": round(sum(pair_tokens(p) for p in pairs) / frozen_cpu, 1),
@@ -523,6 +537,9 @@ SIDES = {
     "spoctl-lora": lambda a: side_spoctl_train(a, True), "spoctl-full": lambda a: side_spoctl_train(a, False),
     "spoctl-lora-generic-head": lambda a: side_spoctl_train(a, True, generic_head=True),
     "spoctl-full-generic-head": lambda a: side_spoctl_train(a, False, generic_head=True),
+    # align.gradient_checkpointing: activations recomputed in the backward pass (memory against time)
+    "spoctl-lora-ckpt": lambda a: side_spoctl_train(a, True, ckpt=True),
+    "spoctl-full-ckpt": lambda a: side_spoctl_train(a, False, ckpt=True),
     "trl-lora": lambda a: side_trl(a, True), "trl-full": lambda a: side_trl(a, False),
     "floor-lora": lambda a: side_floor_train(a, True), "floor-full": lambda a: side_floor_train(a, False),
     "bf16-frozen": side_bf16_frozen,
@@ -570,6 +587,11 @@ RATIOS = [
                        ("train_peak_gib", "stage peak memory"), ("frozen_tok_s", "frozen-pass throughput"),
                        ("frozen_tok_cpu_s", "frozen-pass tokens per CPU-second"),
                        ("frozen_peak_gib", "frozen-pass peak memory"))
+] + [
+    (f"spoctl-{k}-ckpt", f"spoctl-{k}", fig, f"{label}, with / without gradient checkpointing")
+    for k in ("lora", "full")
+    for fig, label in (("real_tok_s", "stage throughput"), ("real_tok_cpu_s", "stage tokens per CPU-second"),
+                       ("train_peak_gib", "stage peak memory"))
 ] + [("spoctl-generate", "floor-generate", "gen_speed", "generation speed (1 / seconds, same prompts)"),
      ("spoctl-generate", "floor-generate", "gen_cpu_speed", "generation speed per CPU-second"),
      ("spoctl-generate", "floor-generate", "gen_peak_gib", "generation peak memory")]
@@ -636,7 +658,7 @@ def print_report(a: argparse.Namespace, report: dict) -> None:
     print(f"{'run':26} {'train tok/s':>18} {'train tok/CPU-s':>18} {'train peak GiB':>18} {'frozen tok/s':>18} "
           f"{'frozen tok/CPU-s':>18} {'frozen peak GiB':>18}")
     for s in report["results"]:
-        if s["side"] in TRAIN_SIDES or s["side"].endswith("generic-head"):
+        if s["side"] in TRAIN_SIDES or s["side"].endswith(("generic-head", "-ckpt")):
             print(f"{s['side']:26} {fmt(s, 'real_tok_s', '.1f'):>18} {fmt(s, 'real_tok_cpu_s', '.1f'):>18} "
                   f"{fmt(s, 'train_peak_gib', '.2f'):>18} {fmt(s, 'frozen_tok_s', '.1f'):>18} "
                   f"{fmt(s, 'frozen_tok_cpu_s', '.1f'):>18} {fmt(s, 'frozen_peak_gib', '.2f'):>18}")
@@ -651,6 +673,9 @@ def print_report(a: argparse.Namespace, report: dict) -> None:
         g = report["gguf_load"]
         print(f"\nGGUF load (once, before the rounds): {g['gguf_file_gib']:.2f} GiB file -> {g['weights_gib']:.2f} GiB "
               f"float32 weights in {g['seconds']} s, peak {g['peaks']['load']:.2f} GiB (RSS after {g['rss']['load']:.2f})")
+        if "warm_load_s" in g:
+            print(f"  unpacked into spoctl's GGUF cache: {g['load_s']} s ({g['load_cpu_s']} CPU-s); read from it: "
+                  f"{g['warm_load_s']} s ({g['warm_load_cpu_s']} CPU-s), peak {g['peaks']['warm_load']:.2f} GiB")
     for r in report["runs"]:
         if "error" in r:
             print(f"\n{r['side']} (round {r['round'] + 1}) FAILED: {r['error']}")

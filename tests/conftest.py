@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,11 @@ import pytest
 TEST_THREADS = int(os.environ.get("SPOCTL_TEST_THREADS", "1"))
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = str(TEST_THREADS)
+
+# SmolLM2's GGUF file unpacks once into spoctl's cache (spoctl/gguf_cache.py), which every test process then reads:
+# kept out of the home folder, in one place for every xdist worker and later sessions on this machine. A test of
+# the cache itself sets its own.
+os.environ.setdefault("SPOCTL_CACHE", str(Path(tempfile.gettempdir()) / "spoctl-test-cache"))
 
 # A ChatML template like SmolLM2's, without the default system message, so rendered prompts are easy to predict.
 TINY_CHAT_TEMPLATE = (

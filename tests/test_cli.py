@@ -262,8 +262,11 @@ def test_ctrl_c_exits_130(demo_home):
     import time
 
     env = {**os.environ, "SPOCTL_HOME": str(demo_home / "fresh-home")}  # no base model: it is built first (seconds)
+    # SIGINT as a terminal gives it: a suite started in the background (`make test &`, nohup) passes SIGINT on
+    # ignored, and Python then never turns it into KeyboardInterrupt (the run went on and exited 0).
     proc = subprocess.Popen([sys.executable, "-m", "spoctl", "align", "--dims", "helpful", "--out", "r"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=demo_home)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=demo_home,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = proc.stdout.readline()
     assert "building the demo base model" in line or "built-in demo" in line, line
     time.sleep(1.0)

@@ -1,9 +1,8 @@
 """`spoctl eval` on a real run: SmolLM2-135M-Instruct aligned (LoRA, a step per stage) on HH-RLHF helpful then
 harmless, scored with the implicit-reward scorecard and judged with the real all-MiniLM-L6-v2 embedding judge.
 
-The GGUF file is dequantized once into a Hugging Face folder (loading GGUF costs tens of seconds, and the run
-loads the base model several times); the weights are SmolLM2's. Sizes are kept small so the module stays near
-two minutes on a shared CPU.
+The model is the GGUF file as users give it: unpacked once into spoctl's GGUF cache (spoctl/gguf_cache.py), which
+every later load in the run reads. Sizes are kept small so the module stays near two minutes on a shared CPU.
 """
 
 from __future__ import annotations
@@ -21,26 +20,7 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def smollm2_folder(tmp_path_factory, smollm2_gguf):
-    from transformers import AutoModelForCausalLM
-
-    from spoctl.models import load_causal_lm, load_tokenizer
-
-    target = tmp_path_factory.mktemp("smollm2")
-    gguf = load_causal_lm(str(smollm2_gguf))
-    # transformers refuses to save a model loaded from GGUF; the same (dequantized) weights in a fresh model save.
-    config = gguf.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(gguf.state_dict())
-    model.save_pretrained(target, safe_serialization=True)
-    load_tokenizer(str(smollm2_gguf)).save_pretrained(target)
-    return target
-
-
-@pytest.fixture(scope="module")
-def real_run(tmp_path_factory, shared_dir, smollm2_folder):
+def real_run(tmp_path_factory, shared_dir, smollm2_gguf):
     from spoctl.evaluate.judges.embedding import default_model_dir
 
     if default_model_dir() is None:
@@ -51,7 +31,7 @@ def real_run(tmp_path_factory, shared_dir, smollm2_folder):
         if not f.is_file():
             pytest.skip(f"real data not found: {f}")
     root = tmp_path_factory.mktemp("real-eval")
-    res = runner.invoke(app, ["prepare", "--model", str(smollm2_folder), "--out", str(root / "prepared"),
+    res = runner.invoke(app, ["prepare", "--model", str(smollm2_gguf), "--out", str(root / "prepared"),
                               *(a for d, f in files.items() for a in ("--data", f"{d}={f}")),
                               "--max-pairs", "12", "--eval-fraction", "0.25", "--max-length", "96",
                               "--max-prompt-tokens", "64", "--quiet"])

@@ -185,6 +185,9 @@ def test_ipo_loss():
 
 def test_loss_registry_is_the_one_list():
     assert L.LOSS_TYPES == tuple(L.LOSSES) == ("sigmoid", "ipo", "hinge")
+    from spoctl.config import DEFAULT_LOSS, LossConfig
+
+    assert DEFAULT_LOSS in L.LOSSES and LossConfig().type == DEFAULT_LOSS  # the one name config checks without torch
     h = t(-2.0, -0.25, 0.0, 0.5, 3.0)
     for name, spec in L.LOSSES.items():
         assert spec.description.strip() and "\n" not in spec.description

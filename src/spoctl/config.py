@@ -256,10 +256,13 @@ def check_columns(columns: dict[str, str] | None) -> dict[str, str] | None:
 
 
 # ----------------------------------------------------------------------------------------------- align
+DEFAULT_LOSS = "sigmoid"  # DPO's; tests/test_losses.py checks it is in the loss registry
+
+
 class LossConfig(StrictModel):
     """The per-pair loss applied to the SPO margin h (docs/method.md §5)."""
 
-    type: str = Field("sigmoid", description="The loss of the SPO margin h, by its name in the loss registry "
+    type: str = Field(DEFAULT_LOSS, description="The loss of the SPO margin h, by its name in the loss registry "
                                              "(`spoctl.losses.LOSSES`): sigmoid (DPO), ipo or hinge.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO: the assumed rate of flipped "
                                                                    "preference labels (losses that take it only).")
@@ -269,8 +272,10 @@ class LossConfig(StrictModel):
     @field_validator("type")
     @classmethod
     def _registered(cls, value: str) -> str:
-        # The loss registry holds the functions (torch): read it only when a loss is being chosen, so that loading
-        # the configuration stays free of torch.
+        # The loss registry holds the functions (torch): read it only when a loss other than the default is being
+        # chosen, so that loading a configuration (--print-config, a usage error) does not wait for torch.
+        if value == DEFAULT_LOSS:
+            return value
         from .losses import LOSSES
 
         if value not in LOSSES:
@@ -280,9 +285,11 @@ class LossConfig(StrictModel):
 
     @model_validator(mode="after")
     def _smoothing_only_where_taken(self) -> "LossConfig":
+        if not self.label_smoothing:
+            return self
         from .losses import LOSSES
 
-        if self.label_smoothing and not LOSSES[self.type].takes_label_smoothing:
+        if not LOSSES[self.type].takes_label_smoothing:
             takers = ", ".join(n for n, spec in LOSSES.items() if spec.takes_label_smoothing)
             raise ValueError(f"label_smoothing applies to the {takers} loss only, not {self.type!r}")
         return self

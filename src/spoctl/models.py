@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import hub
 from .errors import UsageError
@@ -96,7 +96,11 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
     path, kwargs = src.from_pretrained_args()
     kwargs.update(_hub_kwargs(src, "tokenizer_config.json"))
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        if src.kind == "gguf":
+            tok = _through_gguf_cache(src, "tokenizer", lambda at, **kw: AutoTokenizer.from_pretrained(
+                at, trust_remote_code=trust_remote_code, **kw))
+        else:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as err:  # transformers raises OSError, ValueError, HF errors...
         raise _load_error(spec, err) from None
     if tok.pad_token_id is None:
@@ -200,12 +204,43 @@ def load_causal_lm(spec: str, *, dtype: Any = None, trust_remote_code: bool = Fa
             bnb_4bit_use_double_quant=quantization.double_quant,
             bnb_4bit_compute_dtype=dtype_of(quantization.compute_dtype))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        if src.kind == "gguf":
+            extra = {k: v for k, v in kwargs.items() if k != "gguf_file"}
+            # Unpacked and cached in float32 (what a GGUF file unpacks to) whatever dtype this load asks for.
+            return _through_gguf_cache(
+                src, "model", lambda at, dtype=dtype or torch.float32, **kw: as_plain_float_model(
+                    AutoModelForCausalLM.from_pretrained(at, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         **extra, **kw)),
+                build_kw={"dtype": torch.float32}, load_kw={"use_safetensors": True},
+                save_kw={"safe_serialization": True})
+        return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, **kwargs
         )
     except Exception as err:
         raise _load_error(spec, err) from None
-    return as_plain_float_model(model) if src.kind == "gguf" else model
+
+
+def _through_gguf_cache(src: ModelSource, part: str, from_pretrained: Callable[..., Any], *,
+                        build_kw: dict | None = None, load_kw: dict | None = None, save_kw: dict | None = None) -> Any:
+    """A GGUF file's config, tokenizer or model through spoctl's cache of it (gguf_cache): `from_pretrained(at,
+    **kw)` loads it from a folder, or with `gguf_file=` from the GGUF file; `build_kw` are added when unpacking
+    into the cache, `load_kw` when reading the cached folder, `save_kw` to `save_pretrained`."""
+    from . import gguf_cache
+
+    def load(folder: Path) -> Any:
+        obj = from_pretrained(str(folder), **(load_kw or {}))
+        # Named after the GGUF file's folder, as a direct load names it (PEFT writes a model's name into every
+        # adapter_config.json it saves), not after the cache folder.
+        for named in (obj, getattr(obj, "config", None)):
+            if hasattr(named, "name_or_path"):
+                named.name_or_path = src.path
+        return obj
+
+    return gguf_cache.load_through_cache(
+        Path(src.path) / src.gguf_file, part, load=load,
+        build=lambda: from_pretrained(src.path, gguf_file=src.gguf_file, **(build_kw or {})),
+        save=lambda obj, folder: obj.save_pretrained(str(folder), **(save_kw or {})),
+        direct=lambda: from_pretrained(src.path, gguf_file=src.gguf_file))
 
 
 def model_config(spec: str, *, trust_remote_code: bool = False) -> Any:
@@ -216,6 +251,9 @@ def model_config(spec: str, *, trust_remote_code: bool = False) -> Any:
     path, kwargs = src.from_pretrained_args()
     kwargs.update(_hub_kwargs(src, "config.json"))
     try:
+        if src.kind == "gguf":
+            return _through_gguf_cache(src, "config", lambda at, **kw: AutoConfig.from_pretrained(
+                at, trust_remote_code=trust_remote_code, **kw))
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as err:
         raise _load_error(spec, err) from None
@@ -282,6 +320,15 @@ def tokenizer_identity(tok, spec: str) -> dict[str, Any]:
         "has_chat_template": bool(getattr(tok, "chat_template", None)),
         "sha256": h.hexdigest(),
     }
+
+
+def sort_adapter_targets(model: Any) -> None:
+    """PEFT keeps `target_modules` as a set and writes it to adapter_config.json in the set's order, which follows
+    Python's string hashing and so changes from one process to the next: the same stage would be saved as different
+    bytes, with a different fingerprint. Sorted before saving, the file is the same every time."""
+    for config in getattr(model, "peft_config", {}).values():
+        if isinstance(getattr(config, "target_modules", None), set):
+            config.target_modules = sorted(config.target_modules)
 
 
 def tied_aliases(module: Any) -> dict[str, str]:

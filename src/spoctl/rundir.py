@@ -69,6 +69,20 @@ def demo_home() -> Path:
     return Path(home).expanduser() / "demo" if home else Path("runs") / ".demo-assets"
 
 
+def cache_home() -> Path | None:
+    """Where spoctl keeps what it can rebuild but is slow to make (GGUF files unpacked to safetensors): $SPOCTL_CACHE,
+    else $XDG_CACHE_HOME/spoctl, else ~/.cache/spoctl. None when SPOCTL_CACHE=off (nothing is cached)."""
+    import os
+
+    explicit = os.environ.get("SPOCTL_CACHE", "").strip()
+    if explicit.lower() == "off":
+        return None
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "spoctl"
+
+
 class RunDir:
     def __init__(self, root: Path | str):
         self.root = Path(root)

@@ -419,14 +419,18 @@ def quiet_library_output() -> None:
     # bitsandbytes, imported by transformers or peft whenever it is installed, logs on CPUs with AVX512-BF16 that
     # an optional `kernels` package is missing -- on every run, QLoRA or not. Its errors still show.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
+    # The libraries read these when first imported: set here, `spoctl --help` and usage errors need not import
+    # datasets and transformers (seconds) just to quiet them. A library imported already (a Python caller, a test)
+    # is told directly.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    if "datasets" in sys.modules:
         import datasets
 
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
-    except ImportError:
-        pass
-    import transformers
+    if "transformers" in sys.modules:
+        import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()

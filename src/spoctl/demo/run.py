@@ -119,6 +119,9 @@ def prepare_assets(out: Output, *, home: Path | None = None, task_seed: int = 0,
                    sft_steps: int = SFT_STEPS) -> tuple[Path, Path]:
     """(base model folder, prepared-data folder), built or reused."""
     home = Path(home) if home is not None else demo_home()
+    # Made first: a home that cannot be a folder (SPOCTL_HOME names a file, a read-only place) is reported before
+    # the base model trains, not after.
+    home.mkdir(parents=True, exist_ok=True)
     with single_thread():
         base = ensure_base_model(home, seed=task_seed, steps=sft_steps, out=out)
         prepared = ensure_prepared(home, base, task_seed, out)

@@ -25,7 +25,7 @@ from ..config import AlignConfig
 from ..console import Output, percent
 from ..errors import Interrupted, TrainingError
 from ..fsutil import atomic_directory
-from ..models import tensor_bytes
+from ..models import sort_adapter_targets, tensor_bytes
 from ..rundir import now_iso
 from . import extensions
 from .chain import folder_files, stage_fingerprint, write_lineage
@@ -210,6 +210,7 @@ def _save_stage(setup: RunSetup, plan: StagePlan, entry: dict[str, Any], model: 
         with setup.out.writing(f"writing stage {n} model", tensor_bytes(weights),
                                f"{'LoRA adapters' if cfg.lora.enabled else 'weights'} and tokenizer to {target}"), \
                 atomic_directory(target, replace=True) as tmp:
+            sort_adapter_targets(model)
             model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state} if state else {}))
             setup.tokenizer.save_pretrained(str(tmp))
             write_lineage(tmp, base_spec=setup.chain.base_spec, stage=n, dim=dim, lora=cfg.lora.enabled,

@@ -74,11 +74,14 @@ def merged_model(src: ExportSource, base_spec: str, *, trust_remote_code: bool =
 @contextlib.contextmanager
 def local_base(src: ExportSource, scratch: Path, *, trust_remote_code: bool = False) -> Iterator[str]:
     """The base model spec the export loads. A LoRA export needs the base twice (to build the merged model and to
-    rebuild the checkpoint for the check); transformers reads GGUF files slowly, so a GGUF base is unpacked once
-    into a temporary float32 safetensors folder under `scratch` (exactly the same weights), removed afterwards."""
+    rebuild the checkpoint for the check); transformers reads GGUF files slowly, so a GGUF base is read from
+    spoctl's cache of it (gguf_cache) or, with that cache off, unpacked once into a temporary float32 safetensors
+    folder under `scratch` (exactly the same weights), removed afterwards."""
+    from ..gguf_cache import entry_dir
     from ..models import resolve_model_source
 
-    if not src.lora or resolve_model_source(src.base_spec).kind != "gguf":
+    base = resolve_model_source(src.base_spec)
+    if not src.lora or base.kind != "gguf" or entry_dir(Path(base.path) / base.gguf_file) is not None:
         yield src.base_spec
         return
     scratch.mkdir(parents=True, exist_ok=True)
