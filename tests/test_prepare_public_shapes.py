@@ -305,7 +305,7 @@ def test_prepare_says_what_it_will_do_shows_progress_and_splits_the_dropped_colu
                               "truncated"]
     row = next(line for line in lines if line.startswith("d "))
     t = info(tmp_path / "out", "d")["tokens"]["total"]
-    assert "1: 1 duplicate" in row and f"{t['median']:g} / {t['p95']:g} / {t['max']:g}" in row
+    assert "1: 1 duplicate" in row and f"{t['median']:.0f} / {t['p95']:.0f} / {t['max']:.0f}" in row
 
 
 def test_progress_and_messages_go_to_stderr_under_json(tmp_path, tiny_tokenizer_dir):

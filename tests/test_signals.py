@@ -12,12 +12,12 @@ import sys
 import pytest
 
 from spoctl import signals
-from spoctl.errors import Interrupted, describe_error
+from spoctl.errors import Stopped, describe_error
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_a_signal_in_a_command_raises_interrupted_with_exit_128_plus_its_number(sig):
-    with signals.stop_signals(), pytest.raises(Interrupted) as caught:
+def test_a_signal_in_a_command_stops_it_with_exit_128_plus_its_number(sig):
+    with signals.stop_signals(), pytest.raises(Stopped) as caught:
         os.kill(os.getpid(), sig)  # the handler runs in this thread as soon as the call returns
     info = describe_error(caught.value)
     assert (info.exit_code, info.kind) == (128 + sig, "interrupted") and sig.name in info.message
@@ -25,15 +25,36 @@ def test_a_signal_in_a_command_raises_interrupted_with_exit_128_plus_its_number(
 
 def test_a_held_signal_waits_for_the_holder_and_is_raised_if_it_never_acts():
     with signals.stop_signals():
-        with pytest.raises(Interrupted) as caught:
+        with pytest.raises(Stopped) as caught:
             with signals.held():
                 os.kill(os.getpid(), signal.SIGHUP)
                 assert signals.pending() == signal.SIGHUP  # recorded, nothing raised: the holder decides
-        assert caught.value.exit_code == 129 and signals.pending() is None
+        assert describe_error(caught.value).exit_code == 129 and signals.pending() is None
         with signals.held():  # the holder acted on it: nothing more is raised
             os.kill(os.getpid(), signal.SIGTERM)
             assert signals.pending() == signal.SIGTERM
             signals.acknowledge()
+
+
+def test_a_signal_inside_a_librarys_error_handling_is_still_a_stop(tmp_path, monkeypatch):
+    """Code that turns any Exception of a library into a clear error (here: a model that fails to load) must not
+    turn a signal into that error: found by the chaos suite, SIGTERM during a model load ended as "could not load
+    model ...: stopped by SIGTERM", exit 2, instead of 143."""
+    import transformers
+
+    from spoctl.models import load_causal_lm
+    from tinyworld import make_model_dir
+
+    model = make_model_dir(tmp_path / "model")
+
+    def signalled(*args, **kwargs):  # the signal arrives while transformers loads the weights
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal should have stopped the load")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", signalled)
+    with signals.stop_signals(), pytest.raises(Stopped) as caught:
+        load_causal_lm(str(model))
+    assert describe_error(caught.value).exit_code == 143
 
 
 def test_the_previous_handlers_come_back_after_a_command():

@@ -66,6 +66,22 @@ class Interrupted(SpoctlError):
         self.exit_code = 128 + signum
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP arriving where the command can stop at once (spoctl.signals). Like KeyboardInterrupt it is
+    a BaseException: the `except Exception` blocks that turn a library's failure into a clear error (a model that
+    does not load, a damaged file) must not turn a signal into one of those ("could not load model ...: stopped by
+    SIGTERM", exit 2, as the chaos suite found). Reported as the `Interrupted` error `as_error()` gives."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    def as_error(self) -> Interrupted:
+        import signal
+
+        return Interrupted(f"stopped by {signal.Signals(self.signum).name}", self.signum)
+
+
 class TrainingError(SpoctlError):
     """Training cannot go on (NaN loss, ...). The last good checkpoint is intact."""
 
@@ -144,6 +160,8 @@ _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 def describe_error(err: BaseException) -> ErrorInfo | None:
     """The message, kind and exit code for an exception a command raised; None for an unexpected one (a bug)."""
+    if isinstance(err, Stopped):
+        err = err.as_error()
     if isinstance(err, SpoctlError):
         path = getattr(err, "path", None)
         return ErrorInfo(str(err), err.kind, err.exit_code, None if path is None else str(path))

@@ -1,7 +1,8 @@
 """SIGTERM and SIGHUP: how a command ends when a scheduler, a container runtime or a closed terminal asks it to.
 
 Slurm, Kubernetes, Docker and CI runners send SIGTERM some seconds before they kill; a closed terminal sends
-SIGHUP. Either becomes an `Interrupted` error where the program is -- as Ctrl-C becomes KeyboardInterrupt --, so
+SIGHUP. Either becomes a `Stopped` exception where the program is -- as Ctrl-C becomes KeyboardInterrupt, and like it
+not an Exception, so no `except Exception` turns it into another error -- reported as `Interrupted`, so
 `eval`, `export` and `prepare` stop the way they stop on Ctrl-C: what they write is written under a temporary name
 and renamed into place, so nothing earlier is touched, and the CLI prints one `error:` line (and the JSON error
 document under --json) and exits 128 + the signal's number (143 for SIGTERM, 129 for SIGHUP).
@@ -18,7 +19,7 @@ import signal
 import threading
 from typing import Iterator
 
-from .errors import Interrupted
+from .errors import Interrupted, Stopped
 
 SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -63,12 +64,12 @@ def _handler(signum: int, frame: object) -> None:
     if _holding[0]:
         _received.append(signum)
         return
-    raise interrupted(signum)
+    raise Stopped(signum)
 
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise `Interrupted` (or, inside `held()`, wait for the caller) while in this block; the
+    """SIGTERM and SIGHUP raise `Stopped` (or, inside `held()`, wait for the caller) while in this block; the
     previous handlers come back after it. Only the main thread can install handlers: elsewhere a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -94,7 +95,7 @@ def held() -> Iterator[None]:
     if not _holding[0] and _received:
         signum = _received[0]
         _received.clear()
-        raise interrupted(signum)
+        raise Stopped(signum)
 
 
 def pending() -> int | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 
 from ..config import AlignConfig
-from ..errors import Interrupted
+from ..errors import Interrupted, Stopped
 from .common import CommonOptions, command, execute
 from .flags import Flag
 
@@ -67,7 +67,8 @@ def align(*, opts: CommonOptions) -> None:
 
         try:
             return run_align(cfg, out)
-        except Interrupted as err:  # SIGTERM / SIGHUP: a checkpoint is saved; say how to go on
+        except (Interrupted, Stopped) as err:  # SIGTERM / SIGHUP: what is done is saved; say how to go on
+            err = err.as_error() if isinstance(err, Stopped) else err
             again = [*opts.argv, *([] if "--resume" in opts.argv else ["--resume"])]
             raise Interrupted(f"{err}; continue the run with the same command and --resume: "
                               f"{shlex.join(['spoctl', *again])}", err.signum) from None

@@ -38,7 +38,7 @@ from .. import __version__
 from .flags import COMMAND_FLAGS, Flag, flag_for
 from ..config import ConfigError, StrictModel, dump_config, resolve_config
 from ..console import Output, is_main_process, stdout_reserved
-from ..errors import EXIT_INTERNAL, CheckFailed, ErrorInfo, UsageError, describe_error
+from ..errors import EXIT_INTERNAL, CheckFailed, ErrorInfo, Stopped, UsageError, describe_error
 from ..signals import stop_signals
 
 ISSUES = "the spoctl issue tracker"
@@ -97,7 +97,7 @@ class SpoctlGroup(TyperGroup):
         except BrokenPipeError:
             _silence_stdout()  # `spoctl ... | head`: the reader left; nothing to report
             sys.exit(1)
-        except Exception as err:  # noqa: BLE001 - the top-level handler
+        except (Exception, Stopped) as err:  # noqa: BLE001 - the top-level handler
             sys.exit(handle_exception(err, json_mode=_json_in(argv)))
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
@@ -117,7 +117,7 @@ class SpoctlGroup(TyperGroup):
             raise
         except BrokenPipeError:
             raise
-        except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the top-level handler
+        except (Exception, KeyboardInterrupt, Stopped) as err:  # noqa: BLE001 - the top-level handler
             opts = ctx.meta.get(_OPTS)
             json_mode = opts.json if opts is not None else _json_in(ctx.meta.get(_ARGV, []))
             printed = opts is not None and opts.output.result_printed

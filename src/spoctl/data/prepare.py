@@ -177,7 +177,8 @@ def dropped_text(dropped: dict[str, int]) -> str:
 
 
 def lengths_text(stats: dict[str, float]) -> str:
-    return f"{stats['median']:g} / {stats['p95']:g} / {stats['max']:g}"
+    """'104 / 191 / 256': whole tokens (the manifest keeps the exact median and the interpolated p95)."""
+    return f"{stats['median']:.0f} / {stats['p95']:.0f} / {stats['max']:.0f}"
 
 
 def truncated_text(counts: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ import torch
 from .. import signals
 from ..config import AlignConfig
 from ..console import Output, percent
-from ..errors import Interrupted, TrainingError
+from ..errors import Interrupted, Stopped, TrainingError
 from ..fsutil import atomic_directory
 from ..models import sort_adapter_targets, tensor_bytes
 from ..rundir import now_iso
@@ -191,8 +191,8 @@ def _train(setup: RunSetup, plan: StagePlan, entry: dict[str, Any], policy: Any,
         entry.update({"status": "failed", "error": str(err)})
         setup.write_manifest()
         raise
-    except Interrupted as err:  # a checkpoint of the last complete step is saved: --resume continues from it
-        entry.update({"status": "interrupted", "error": str(err)})
+    except (Interrupted, Stopped) as err:  # a checkpoint of the last complete step is saved: --resume continues
+        entry.update({"status": "interrupted", "error": str(err.as_error() if isinstance(err, Stopped) else err)})
         setup.write_manifest()
         raise
     return model, final, time.perf_counter() - started

@@ -71,6 +71,10 @@ class Processes:
                 failure = (type(err).__name__, str(err), True)
                 if self.world == 1:
                     raise
+            except errors.Stopped as err:  # a signal: every process stops with it, not only this one
+                if self.world == 1:
+                    raise
+                failure = ("Interrupted", str(err.as_error()), True)
             except Exception as err:
                 if self.world == 1:
                     raise
