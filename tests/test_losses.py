@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -188,6 +189,9 @@ def test_loss_registry_is_the_one_list():
     from spoctl.config import DEFAULT_LOSS, LossConfig
 
     assert DEFAULT_LOSS in L.LOSSES and LossConfig().type == DEFAULT_LOSS  # the one name config checks without torch
+    # The option's description (config stays free of torch, so it cannot read the registry) names every loss.
+    described = LossConfig.model_fields["type"].description
+    assert all(re.search(rf"\b{name}\b", described) for name in L.LOSSES), described
     h = t(-2.0, -0.25, 0.0, 0.5, 3.0)
     for name, spec in L.LOSSES.items():
         assert spec.description.strip() and "\n" not in spec.description
