@@ -19,17 +19,12 @@ import signal
 import threading
 from typing import Iterator
 
-from .errors import Interrupted, Stopped
+from .errors import Stopped
 
 SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 _received: list[int] = []  # the signals received while held, in order
 _holding = [0]  # depth of `held()` blocks
-
-
-def interrupted(signum: int, message: str | None = None) -> Interrupted:
-    name = signal.Signals(signum).name
-    return Interrupted(message or f"stopped by {name}", signum)
 
 
 def exit_before_start(argv: list[str]) -> None:

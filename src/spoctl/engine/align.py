@@ -106,8 +106,8 @@ def _run_stage(setup: RunSetup, plan: StagePlan) -> None:
         stop = [s for s in setup.dist.procs.gather(signals.pending()) if s is not None]
         if stop:  # every process agrees (one collective per stage); the next stage would start over anyway
             signals.acknowledge()
-            raise signals.interrupted(stop[0], f"stopped by {signal.Signals(stop[0]).name} after stage {plan.index} "
-                                               f"({plan.dim}) was saved")
+            raise Interrupted(f"stopped by {signal.Signals(stop[0]).name} after stage {plan.index} ({plan.dim}) was"
+                              " saved", stop[0])
 
 
 def _frozen_inputs(setup: RunSetup, plan: StagePlan) -> tuple[StageData, dict[str, Any]]:

@@ -20,7 +20,7 @@ from torch import nn
 from .. import losses, signals
 from ..config import AlignConfig
 from ..console import Output
-from ..errors import TrainingError
+from ..errors import Interrupted, TrainingError
 from .batching import TokenPair, collate_pairs, epoch_order, local_micro_batches
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DDP, Distributed
@@ -249,8 +249,8 @@ def train_stage(*, accelerator: Any, plan: StagePlan, cfg: AlignConfig, policy: 
         if stop is not None:  # the step is complete: save it (unless just saved) and stop
             folder = hooks.checkpoint_dir(done) if saved else save(done)
             signals.acknowledge()
-            raise signals.interrupted(stop, f"{prefix}: stopped by {signal.Signals(stop).name} after step {done} of "
-                                            f"{total}; its checkpoint is {folder}")
+            raise Interrupted(f"{prefix}: stopped by {signal.Signals(stop).name} after step {done} of {total}; its"
+                              f" checkpoint is {folder}", stop)
 
     final = eval_metrics(scorer, plan, data, scoring, dist)
     hooks.log({"step": total, **final})

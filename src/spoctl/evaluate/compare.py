@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..config import CompareConfig, EvalConfig
-from ..console import Output, percent as _pct
+from ..console import Output, percent
 from ..errors import UsageError
 from ..fsutil import read_json
 from ..rundir import RunDir
@@ -288,7 +288,7 @@ def print_tables(result: dict[str, Any], out: Output) -> None:
               " (* on the Pareto front of the accuracies)",
               ["run", "order", *dims],
               [[r["name"] + (" *" if r["name"] in front else ""), " > ".join(r["stages_order"]),
-                *(f"{_pct(r['final'][d]['accuracy'])} / {r['final'][d]['margin']:.3f}" for d in dims)]
+                *(f"{percent(r['final'][d]['accuracy'])} / {r['final'][d]['margin']:.3f}" for d in dims)]
                for r in result["runs"]])
     rows = [[r["name"], *(f"{_interval(r['vs_first'][d]['accuracy'], 100, '.1f')} pts /"
                           f" {_interval(r['vs_first'][d]['margin'], 1, '.3f')}" for d in dims)]
@@ -296,7 +296,7 @@ def print_tables(result: dict[str, Any], out: Output) -> None:
     out.table(f"difference from {result['first']}: accuracy (points) / mean margin, paired bootstrap 95% interval"
               f" ({result['bootstrap']['resamples']} resamples)", ["run", *dims], rows)
     rows = [[r["name"], t["dim"], f"{t['own_stage']} -> {t['after_stage']}",
-             f"{_pct(t['own_accuracy'])} -> {_pct(t['accuracy'])}", f"{t['own_margin']:.3f} -> {t['margin']:.3f}"]
+             f"{percent(t['own_accuracy'])} -> {percent(t['accuracy'])}", f"{t['own_margin']:.3f} -> {t['margin']:.3f}"]
             for r in result["runs"] for t in r["retention"]]
     if rows:
         out.table("retention: an earlier dimension after its own stage -> after each later stage",
@@ -304,8 +304,8 @@ def print_tables(result: dict[str, Any], out: Output) -> None:
     if result["judged"]:
         j = result["judged"]
         out.table(f"judged win rate of the final stage vs its base ({j['judge']}), 95% Wilson interval (not paired)",
-                  ["run", *dims], [[name, *(f"{_pct(c[d]['win_rate'])} [{_pct(c[d]['ci_low'])},"
-                                            f" {_pct(c[d]['ci_high'])}]" if d in c else "-" for d in dims)]
+                  ["run", *dims], [[name, *(f"{percent(c[d]['win_rate'])} [{percent(c[d]['ci_low'])},"
+                                            f" {percent(c[d]['ci_high'])}]" if d in c else "-" for d in dims)]
                                    for name, c in j["runs"].items()])
     elif result["judged_note"]:
         out.detail(f"judged win rates not compared: {result['judged_note']}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..console import Output, percent as _pct
+from ..console import Output, percent
 from ..fsutil import write_json_atomic, write_text_atomic
 from ..rundir import EvalFiles
 
@@ -27,8 +27,8 @@ def scorecard_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]
         cells = []
         for d in dims:
             c = r["dims"][d]
-            cells.append(f"logp {_pct(c['logp']['accuracy'])}" if r["k"] == 0 else
-                         f"{_pct(c['vs_base']['accuracy'])} (r {_pct(c['implicit_reward']['accuracy'])})")
+            cells.append(f"logp {percent(c['logp']['accuracy'])}" if r["k"] == 0 else
+                         f"{percent(c['vs_base']['accuracy'])} (r {percent(c['implicit_reward']['accuracy'])})")
         rows.append([_label(r), *cells])
     return ["model", *dims], rows
 
@@ -39,7 +39,7 @@ def winrate_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     dims = report["dims"]
     rows = []
     for r in report.get("win_rates") or []:
-        rows.append([_label(r), *(f"{_pct(c['win_rate'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
+        rows.append([_label(r), *(f"{percent(c['win_rate'])} [{percent(c['ci_low'])}, {percent(c['ci_high'])}]"
                                   f" {c['wins']}/{c['ties']}/{c['losses']}" for c in (r["dims"][d] for d in dims))])
     first = (report.get("win_rates") or [{"dims": {}}])[0]["dims"]
     return ["stage vs base", *(f"{d} ({first[d]['n']} prompts)" if d in first else d for d in dims)], rows
@@ -51,7 +51,7 @@ def calibration_table(report: dict[str, Any]) -> tuple[list[str], list[list[Any]
     cal = judge.get("calibration") or {}
     own = judge.get("dims") or {}  # the embedding judge's per-dimension head info
     cols = ["dim", "agreement", "pairs"] + (["head held-out accuracy"] if own else [])
-    rows = [[d, _pct(v["agreement"]), v["pairs"], *([_pct((own.get(d) or {}).get("heldout_accuracy"))] if own else [])]
+    rows = [[d, percent(v["agreement"]), v["pairs"], *([percent((own.get(d) or {}).get("heldout_accuracy"))] if own else [])]
             for d, v in cal.items()]
     return cols, rows
 
