@@ -233,6 +233,32 @@ def test_settings_added_after_a_run_was_made_do_not_block_its_resume_at_their_de
         reopen(manifest, changed, resume=True, has_checkpoints=lambda i, d: False, where="run")
 
 
+def test_a_setting_no_finished_stage_reads_does_not_block_appending_a_dimension():
+    """Stage 1 never reads alpha (no earlier dimension; later stages' weights use the alphas of stages 2..n), so a
+    finished `helpful` stage made with the default alpha continues as `helpful,harmless --alpha 1`; its beta, which
+    stage 2's offset does read, still blocks."""
+    from spoctl.config import AlignConfig
+    from spoctl.engine.plan import stage_plans
+    from spoctl.engine.resume import reopen, run_identity
+
+    hashes = {"helpful": {"train": "h"}, "harmless": {"train": "g"}}
+
+    def identity(**update):
+        cfg = AlignConfig(dims=["helpful", "harmless"], **update)
+        return run_identity(cfg, stage_plans(cfg), "base", hashes)
+
+    manifest = {"identity": identity(alpha=0.0), "stages": [{"index": 1, "dim": "helpful", "status": "completed"},
+                                                            {"index": 2, "dim": "harmless", "status": "pending"}]}
+    decision = reopen(manifest, identity(alpha=1.0), resume=True, has_checkpoints=lambda i, d: False, where="run")
+    assert not decision.fresh and not decision.restart
+    with pytest.raises(UsageError, match="beta: 0.1 -> 0.5"):
+        reopen(manifest, identity(alpha=1.0, beta=0.5), resume=True, has_checkpoints=lambda i, d: False, where="run")
+    # A finished stage 2 does read its alpha.
+    manifest["stages"][1]["status"] = "completed"
+    with pytest.raises(UsageError, match="alpha: 0.0 -> 1.0"):
+        reopen(manifest, identity(alpha=1.0), resume=True, has_checkpoints=lambda i, d: False, where="run")
+
+
 # ------------------------------------------------------------------------------------------- what resume skips
 def test_resume_refuses_to_skip_a_finished_stage_whose_model_is_gone(world, tmp_path):
     """A finished stage is skipped only while its model is there as saved (eval and export read it next): a

@@ -113,7 +113,7 @@ def reopen(manifest: dict[str, Any] | None, identity: dict[str, Any], *, resume:
     if old is None:  # written before runs recorded their identity (only a digest, of another layout)
         raise UsageError(f"{where}: this run was made by an earlier spoctl that recorded no settings to compare; "
                          "finish it with that version, or choose another --out")
-    old = with_later_defaults(old, identity)
+    old, identity = read_settings_only(with_later_defaults(old, identity)), read_settings_only(identity)
     if not resume:
         same = old == identity
         raise UsageError(
@@ -157,6 +157,20 @@ def with_later_defaults(old: dict[str, Any], new: dict[str, Any]) -> dict[str, A
     missing = {k: v for k, v in new.get("shared", {}).items()
                if k not in old.get("shared", {}) and k in defaults and v == defaults[k]}
     return {**old, "shared": {**old.get("shared", {}), **missing}} if missing else old
+
+
+def read_settings_only(identity: dict[str, Any]) -> dict[str, Any]:
+    """`identity` without the plan settings its stages never read, so that changing one does not block a resume:
+    alpha in all mode (the weights replace it) and at stage 1 (no earlier dimension to weigh; a later stage's
+    weights read only the alphas of stages 2..n, losses.previous_mode_weights). Appending `harmless --alpha 1` to
+    a run whose finished `helpful` stage ran with the default alpha is then the same run."""
+    stages = []
+    for i, st in enumerate(identity.get("stages", [])):
+        plan = st.get("plan", {})
+        if "alpha" in plan and (i == 0 or plan.get("mode") == "all"):
+            st = {**st, "plan": {k: v for k, v in plan.items() if k != "alpha"}}
+        stages.append(st)
+    return {**identity, "stages": stages}
 
 
 def _schedule_only(diffs: list[tuple[str, Any, Any]]) -> bool:
