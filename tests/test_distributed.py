@@ -239,3 +239,31 @@ def test_share_gives_the_main_process_result_and_raises_its_errors():
     assert procs.share(lambda: 41 + 1) == 42
     with pytest.raises(UsageError, match="bad"):
         procs.share(lambda: (_ for _ in ()).throw(UsageError("bad")))
+
+
+def test_share_gives_every_rank_the_main_process_interruption_with_its_signal():
+    """SIGHUP on the main process during a shared step: the other ranks raise the same Interrupted, exit 129 (they
+    used to be rebuilt as SIGTERM, 143, whatever the signal was)."""
+    import signal
+
+    from spoctl.errors import Interrupted, Stopped
+
+    sent: list = []
+
+    class Main(Processes):
+        def broadcast(self, value):
+            sent.append(value)
+            return value
+
+    class Other(Processes):
+        def broadcast(self, value):
+            return sent[-1]
+
+    def hangup():
+        raise Stopped(signal.SIGHUP)
+
+    with pytest.raises(Interrupted):
+        Main(rank=0, world=2).share(hangup)
+    with pytest.raises(Interrupted, match="SIGHUP") as other:
+        Other(rank=1, world=2).share(hangup)
+    assert other.value.exit_code == 129

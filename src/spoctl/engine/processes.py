@@ -68,23 +68,25 @@ class Processes:
             try:
                 result = fn()
             except SpoctlError as err:
-                failure = (type(err).__name__, str(err), True)
+                failure = (type(err).__name__, str(err), True, getattr(err, "signum", None))
                 if self.world == 1:
                     raise
             except errors.Stopped as err:  # a signal: every process stops with it, not only this one
                 if self.world == 1:
                     raise
-                failure = ("Interrupted", str(err.as_error()), True)
+                failure = ("Interrupted", str(err.as_error()), True, err.signum)
             except Exception as err:
                 if self.world == 1:
                     raise
-                self.broadcast((None, (type(err).__name__, str(err), False)))
+                self.broadcast((None, (type(err).__name__, str(err), False, None)))
                 raise
         result, failure = self.broadcast((result, failure))
         if failure is not None:
-            name, message, ours = failure
+            name, message, ours, signum = failure
             if ours:
-                raise getattr(errors, name, SpoctlError)(message)
+                kind = getattr(errors, name, SpoctlError)
+                # An interruption keeps its signal, so every rank exits as the main one does (143 or 129).
+                raise kind(message, signum) if signum is not None else kind(message)
             raise RuntimeError(f"the main process failed ({name}: {message})")
         return result
 
