@@ -312,7 +312,7 @@ def test_gate_bounds():
     assert "harmless: acc 0.8000 of the last stage is below 0.9" in bad["reason"]
     assert "helpful: acc fell 0.0800 below its best (stage 1: 0.7000)" in bad["reason"]
     assert "\n" not in bad["reason"]
-    from spoctl.cli.common import parse_assignments
+    from spoctl.cli.flags import parse_assignments
 
     bounds = parse_assignments(["helpful=0.6", "harmless = 0.5"], "--fail-under", "helpful=0.6", float)
     assert bounds == {"helpful": 0.6, "harmless": 0.5}

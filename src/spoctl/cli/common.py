@@ -303,29 +303,6 @@ def command(name: str | None = None, *, config: type[StrictModel] | None = None,
 
 
 # ------------------------------------------------------------------------------------------------ running a command
-def parse_assignments(items: list[str] | None, flag: str, example: str,
-                      convert: Callable[[str], Any] = str) -> dict[str, Any] | None:
-    """Repeatable `--flag KEY=VALUE` options -> {KEY: convert(VALUE)}, in order; each KEY at most once.
-
-    Used by every DIM=... flag: `--data helpful=a.jsonl`, `--weight helpful=0.5`, `--fail-under helpful=0.6`.
-    """
-    if not items:
-        return None
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key, raw = key.strip(), raw.strip()
-        if not sep or not key or not raw:
-            raise UsageError(f"{flag} {item!r}: expected DIM=VALUE, e.g. {flag} {example}")
-        if key in out:
-            raise UsageError(f"{flag}: dimension '{key}' is given twice; give each dimension once")
-        try:
-            out[key] = convert(raw)
-        except ValueError:
-            raise UsageError(f"{flag} {item!r}: {raw!r} is not a valid value, e.g. {flag} {example}") from None
-    return out
-
-
 def execute(opts: CommonOptions, build: Callable[[], StrictModel], section: str,
             action: Callable[[Any], dict[str, Any]], *,
             header: Callable[[Any], str | None] | None = None) -> dict[str, Any] | None:

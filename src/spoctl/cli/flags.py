@@ -76,8 +76,6 @@ class Flag:
         return {self.key: value}
 
     def _pairs(self, items: list[str]) -> dict[str, Any] | None:
-        from .common import parse_assignments
-
         if self.collect:  # each DIM once per item; a repeated DIM gathers its values, each value once
             grouped: dict[str, list[Any]] = {}
             for item in items:
@@ -195,3 +193,26 @@ def flag_for(command_flags: Sequence[Flag], key: str) -> str | None:
         if key in f.keys:
             return f.name
     return None
+
+
+def parse_assignments(items: list[str] | None, flag: str, example: str,
+                      convert: Callable[[str], Any] = str) -> dict[str, Any] | None:
+    """Repeatable `--flag KEY=VALUE` options -> {KEY: convert(VALUE)}, in order; each KEY at most once.
+
+    Used by every DIM=... flag: `--data helpful=a.jsonl`, `--weight helpful=0.5`, `--fail-under helpful=0.6`.
+    """
+    if not items:
+        return None
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key or not raw:
+            raise UsageError(f"{flag} {item!r}: expected DIM=VALUE, e.g. {flag} {example}")
+        if key in out:
+            raise UsageError(f"{flag}: dimension '{key}' is given twice; give each dimension once")
+        try:
+            out[key] = convert(raw)
+        except ValueError:
+            raise UsageError(f"{flag} {item!r}: {raw!r} is not a valid value, e.g. {flag} {example}") from None
+    return out

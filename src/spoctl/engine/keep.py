@@ -48,6 +48,7 @@ from .dual import threshold  # noqa: F401  (the bound's one definition; evaluate
 from .batching import TokenPair
 from .frozen import FrozenLogps
 from .replay import replay_backward, replay_draw
+from .schedule import make_scheduler
 from .scoring import run_scoring
 
 if TYPE_CHECKING:
@@ -349,10 +350,8 @@ class Keeper:
 
 def lr_clock(cfg: "AlignConfig", total: int) -> list[float]:
     """clock[s] = the share of the stage's learning-rate budget spent by the end of step s (clock[0] = 0,
-    clock[total] = 1), under the stage's own schedule (`train.make_scheduler`, the same warmup). The controller
+    clock[total] = 1), under the stage's own schedule (`schedule.make_scheduler`, the same warmup). The controller
     counts time in it: K, the step count and the schedule then drop out of its gains (engine/dual.py)."""
-    from .train import make_scheduler  # train imports plan, which imports this module
-
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = make_scheduler(opt, cfg.scheduler, total, int(cfg.warmup_ratio * total))
     lrs = []

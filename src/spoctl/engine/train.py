@@ -29,6 +29,7 @@ from .frozen import FrozenLogps
 from .logprobs import (SequenceScorer, attention_window, batch_layout, compile_backbone, resolve_layout,
                        score_batch)
 from .plan import StagePlan
+from .schedule import make_scheduler
 from .scoring import Scoring, run_scoring
 
 
@@ -63,8 +64,6 @@ class StageHooks:
     out: Output | None = None  # where a checkpoint write shows its size and time; None: silent
 
 
-# align.scheduler -> transformers' schedule name; every schedule warms up linearly first, as in TRL and HF Trainer.
-SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 # A policy whose chosen responses became this much less likely than under the reference, per token, has diverged
 # (e.g. too high a learning rate): its weights blew up even if no value is inf or NaN yet. DPO's known drift of the
 # chosen log-probs is a fraction of a nat per token; e^10 per token is no preference, it is a broken model.
@@ -80,12 +79,6 @@ def make_optimizer(model: nn.Module, plan: StagePlan, cfg: AlignConfig, device: 
     fused = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=plan.learning_rate,
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, **fused)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total: int, warmup: int) -> Any:
-    from transformers import get_scheduler
-
-    return get_scheduler(SCHEDULES[kind], optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def wrap_lora(model: nn.Module, cfg: AlignConfig) -> nn.Module:

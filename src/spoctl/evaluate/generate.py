@@ -128,7 +128,8 @@ def generate_for_model(er: EvalRun, model: Any, k: int, rows: dict[str, list[dic
     if gen.backend == "vllm":
         from .vllm_backend import generate_vllm
 
-        texts = generate_vllm(model, er.tokenizer, [r["prompt_input_ids"] for _, r in flat], gen, gen.seed)
+        texts = [decode_response(er.tokenizer, new) for new in
+                 generate_vllm(model, [r["prompt_input_ids"] for _, r in flat], gen, gen.seed)]
         if progress is not None:
             progress.advance(len(flat))
     else:

@@ -45,22 +45,20 @@ def model_folder(model: Any, tokenizer: Any, scratch: Path) -> Iterator[str]:
         yield folder
 
 
-def generate_vllm(folder: str, tokenizer: Any, prompts: list[list[int]], gen: GenerationSettings,
-                  seed: int) -> list[str]:
-    """One response per prompt (token ids) from the model in `folder`."""
+def generate_vllm(folder: str, prompts: list[list[int]], gen: GenerationSettings, seed: int) -> list[list[int]]:
+    """One response per prompt (token ids in, the new token ids out) from the model in `folder`; the caller decodes
+    them as the transformers backend's responses are (generate.decode_response)."""
     import gc
 
     import torch
     from vllm import LLM, SamplingParams
-
-    from .generate import decode_response
 
     llm = LLM(model=folder, tokenizer=folder, seed=seed, dtype="auto")
     params = SamplingParams(temperature=gen.temperature, top_p=gen.top_p if gen.temperature > 0 else 1.0,
                             max_tokens=gen.max_new_tokens, seed=seed)
     try:
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [decode_response(tokenizer, list(o.outputs[0].token_ids)) for o in outputs]
+        return [list(o.outputs[0].token_ids) for o in outputs]
     finally:
         del llm
         gc.collect()
