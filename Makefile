@@ -34,9 +34,9 @@ demo: venv
 study: venv
 	$(PY) study/run_study.py --docs
 
-# The real-data study: SmolLM2 + LoRA on HH-RLHF, 5 methods, 2 seeds, through spoctl compare (docs/study.md).
+# The real-data study: SmolLM2 + LoRA on HH-RLHF, 5 methods, 2 seeds, through spoctl compare (docs/study.md, "Real data").
 study-real: venv
-	bash study/run_real.sh
+	bash study/run_real.sh runs/study-real
 
 # Spread over the cores (pytest-xdist): one file per worker at a time, so each file's fixtures are built once.
 PYTEST_PARALLEL ?= -n auto --dist loadfile

@@ -14,8 +14,6 @@ Every final model is scored by the exact rules on the seed's held-out prompts (2
 seeds each score is a mean over (seed, prompt) units, and every difference the report states comes with a paired
 bootstrap 95% interval over those units (both methods answer the same prompts of the same seeds).
 
-`--replay` is `align.replay` (helper house's branch); without it in the installed spoctl the replay methods are
-skipped with a message and the rest runs.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from spoctl.cli.common import quiet_library_output
-from spoctl.config import AlignConfig
 from spoctl.console import Output
 from spoctl.demo import task
 from spoctl.demo.model import single_thread
@@ -108,10 +105,6 @@ def align_and_score(name: str, overrides: dict[str, Any], root: Path, held_out: 
     return {"name": name, "seconds": round(time.perf_counter() - t, 1), **({"keep": kept} if kept else {}),
             "models": [{"model": r["model"], "scores": r["scores"], "per_prompt": quantities(held_out, r["responses"])}
                        for r in rows]}
-
-
-def replay_available() -> bool:
-    return "replay" in AlignConfig.model_fields
 
 
 def run_seed(seed: int, root: Path, home: Path, out: Output, methods: list[str],
@@ -284,9 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in LABELS]
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(LABELS)}")
-    if not replay_available() and any("replay" in m for m in methods):
-        out.warn("this spoctl has no align.replay (--replay DIM=SHARE) yet: the replay methods are skipped")
-        methods = [m for m in methods if "replay" not in m]
     t0 = time.perf_counter()
     tag = f"sft{args.sft_weight:g}"
     extra = {"loss": {**DEMO_ALIGN["loss"], "sft_weight": args.sft_weight}}

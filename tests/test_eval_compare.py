@@ -20,7 +20,7 @@ from tinyworld import make_model_dir, make_prepared  # noqa: E402
 from spoctl.cli import app  # noqa: E402
 from spoctl.config import AlignConfig, EvalConfig  # noqa: E402
 from spoctl.console import Output  # noqa: E402
-from spoctl.evaluate.compare import metrics, paired_bootstrap, pareto_front  # noqa: E402
+from spoctl.evaluate.compare import metrics, paired_bootstrap, pareto_front, stratified_paired_bootstrap  # noqa: E402
 
 DIMS = ["helpful", "harmless"]
 runner = CliRunner()
@@ -60,6 +60,33 @@ def test_bootstrap_interval_matches_the_normal_interval_of_a_mean():
     assert got["high"] - got["low"] < 2 * 1.96 * math.sqrt(float(a.var()) + float(b.var())) / math.sqrt(n) / 2
 
 
+def test_stratified_bootstrap_pools_strata_without_their_spread_between_them():
+    """Two seeds' pairs (n = 300 and 200) whose differences have means 0 and 2 and sds 1 and 0.5. The pooled mean is
+    (300 x 0 + 200 x 2) / 500 = 0.8; drawing within each stratum, its sd is sqrt(300 x 1 + 200 x 0.25) / 500 =
+    0.0374, so the interval is close to 0.8 +- 1.96 x 0.0374 (within 0.3 of that sd, as in the normal-interval test
+    above). Resampling the 500 pairs as one sample adds the spread between the seeds (per pair 0.6 x 0.8^2 + 0.4 x
+    1.2^2 = 0.96 to the within-seed 0.7): an interval sqrt(1.66 / 0.7) = 1.5x as wide. One stratum is
+    paired_bootstrap."""
+    g = torch.Generator().manual_seed(11)
+    first = [torch.randn(300, generator=g, dtype=torch.float64), torch.randn(200, generator=g, dtype=torch.float64)]
+    noise = [torch.randn(300, generator=g, dtype=torch.float64), 0.5 * torch.randn(200, generator=g, dtype=torch.float64)]
+    other = [first[0] + noise[0], first[1] + 2.0 + noise[1]]
+    d = [b - a for a, b in zip(first, other)]
+    mean = float(torch.cat(d).mean())
+    sigma_m = math.sqrt(sum(x.numel() * float(x.var(unbiased=False)) for x in d)) / 500
+    got = stratified_paired_bootstrap(first, other, 4000, seed=2)
+    assert got["diff"] == pytest.approx(mean, abs=1e-12)
+    assert abs(got["low"] - (mean - 1.96 * sigma_m)) < 0.3 * sigma_m
+    assert abs(got["high"] - (mean + 1.96 * sigma_m)) < 0.3 * sigma_m
+    pooled = paired_bootstrap(torch.cat(first), torch.cat(other), 4000, seed=2)
+    assert got["high"] - got["low"] < 0.8 * (pooled["high"] - pooled["low"])
+    one, alone = stratified_paired_bootstrap(first[:1], other[:1], 500, seed=5), paired_bootstrap(first[0], other[0],
+                                                                                                   500, seed=5)
+    assert one == pytest.approx(alone, rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError):
+        stratified_paired_bootstrap(first, other[:1], 500, seed=5)
+
+
 def test_metrics_and_pareto_front():
     assert metrics(torch.tensor([1.0, -1.0, 0.0, 2.0])) == {"accuracy": 0.5, "margin": 0.5}
     front = pareto_front({"a": [0.9, 0.2], "b": [0.5, 0.5], "c": [0.4, 0.4], "d": [0.9, 0.2]})
@@ -71,7 +98,8 @@ def test_metrics_and_pareto_front():
 def runs(tmp_path_factory) -> dict[str, Path]:
     """`trained`: two stages, 3 steps each. `frozen`: the same, with a learning rate (1e-30) below half an ulp
     of every weight, so its stage models are the base model bit for bit (checked below). `copy`: a copy of
-    `trained`. `other`: trained on prepared data whose held-out pairs differ."""
+    `trained`. `other` and `other-frozen`: as `trained` and `frozen`, on prepared data whose held-out pairs differ
+    (a second seed)."""
     from spoctl.engine.align import align
 
     root = tmp_path_factory.mktemp("compare")
@@ -82,9 +110,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     align(AlignConfig(data=prepared, out=root / "trained", learning_rate=5e-3, **common), Output(quiet=True))
     align(AlignConfig(data=prepared, out=root / "frozen", learning_rate=1e-30, **common), Output(quiet=True))
     align(AlignConfig(data=other_prepared, out=root / "other", learning_rate=5e-3, **common), Output(quiet=True))
+    align(AlignConfig(data=other_prepared, out=root / "other-frozen", learning_rate=1e-30, **common),
+          Output(quiet=True))
     shutil.copytree(root / "trained", root / "copy")
     return {"root": root, "model": model, "trained": root / "trained", "frozen": root / "frozen",
-            "copy": root / "copy", "other": root / "other"}
+            "copy": root / "copy", "other": root / "other", "other-frozen": root / "other-frozen"}
 
 
 def compare(*args: str):
@@ -198,3 +228,47 @@ def test_judged_win_rates_beside_when_every_run_judged_the_same_prompts(runs):
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout)
     assert result["judged"] is None and "other 'helpful' prompts" in result["judged_note"]
+
+
+def test_runs_on_two_seeds_pool_their_held_out_pairs(runs):
+    """`trained,other` against `frozen,other-frozen`: two seeds, each with its own 24 held-out pairs per dimension.
+    Pooled, a group's accuracy and margin are those of its 48 pairs: the pair-weighted mean of each seed's own
+    numbers (from single-run compares). The frozen group's final models are their bases, so its difference from the
+    trained group is minus the trained group's numbers, exactly, and its interval holds it."""
+    single = {}
+    for seed_runs in (("trained", "frozen"), ("other", "other-frozen")):
+        res = compare(*(str(runs[r]) for r in seed_runs), "--json", "--no-plot", "--set", "bootstrap_resamples=200")
+        assert res.exit_code == 0, res.output
+        single[seed_runs[0]] = json.loads(res.stdout)["runs"][0]
+    res = compare(f"{runs['trained']},{runs['other']}", f"{runs['frozen']},{runs['other-frozen']}", "--json",
+                  "--no-plot", "--set", "bootstrap_resamples=500")
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert result["bootstrap"]["seeds_pooled"] == 2 and result["bootstrap"]["stratified"]
+    trained, frozen = result["runs"]
+    assert trained["run_dirs"] == [str(runs["trained"]), str(runs["other"])]
+    for d in DIMS:
+        assert trained["pairs"][d] == 48
+        for key in ("accuracy", "margin"):
+            want = (single["trained"]["final"][d][key] + single["other"]["final"][d][key]) / 2
+            assert trained["final"][d][key] == pytest.approx(want, abs=1e-6)
+        assert frozen["final"][d] == {"accuracy": 0.0, "margin": 0.0}
+        for key in ("accuracy", "margin"):
+            c = frozen["vs_first"][d][key]
+            assert c["diff"] == pytest.approx(-trained["final"][d][key], abs=1e-9)
+            assert c["low"] <= c["diff"] <= c["high"]
+    (t,) = trained["retention"]
+    assert t["own_accuracy"] == pytest.approx(
+        (single["trained"]["stages"][0]["dims"]["helpful"]["accuracy"]
+         + single["other"]["stages"][0]["dims"]["helpful"]["accuracy"]) / 2)
+    assert "2 seeds pooled" in res.stderr or "2 seeds pooled" in res.output
+    assert "judged" in result and result["judged"] is None and "seeds" in result["judged_note"]
+
+
+def test_seed_groups_that_do_not_line_up_are_refused(runs):
+    # The seeds in another order: the first seed of one group is the second of the other.
+    res = compare(f"{runs['trained']},{runs['other']}", f"{runs['other-frozen']},{runs['frozen']}", "--no-plot")
+    assert res.exit_code == 2 and "the held-out pairs of 'helpful' differ" in res.stderr
+    assert "same place in every group" in res.stderr
+    res = compare(f"{runs['trained']},{runs['other']}", str(runs["frozen"]), "--no-plot")
+    assert res.exit_code == 2 and "is 1 run," in res.stderr and "one run per seed" in res.stderr

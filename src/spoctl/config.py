@@ -656,7 +656,9 @@ class CompareConfig(StrictModel):
     """`spoctl compare`: several runs' models on the same held-out pairs, with paired bootstrap intervals."""
 
     runs: list[Path] = Field(default_factory=list, description="The run directories (from `spoctl align`); the "
-                                                               "first is the one the others are compared with.")
+                                                               "first is the one the others are compared with. "
+                                                               "`a,b` is one method's runs on several seeds, pooled "
+                                                               "(every RUN then gives its seeds in the same order).")
     dims: list[str] = Field(default_factory=list, description="Dimensions compared (default: the first run's); "
                                                               "every run's prepared data must hold their eval pairs.")
     batch_size: BatchSize = Field(16, description="Pairs per forward in the log-prob pass.")

@@ -23,10 +23,13 @@ COMPARE_FLAGS = [
     "spoctl compare runs/dpo runs/spo runs/keep            # differences from the first run, with 95% intervals",
     "spoctl compare runs/dpo runs/spo --json > compare.json",
     "spoctl compare runs/dpo runs/spo --plot pareto.png --set bootstrap_resamples=10000",
+    "spoctl compare s0/dpo,s1/dpo s0/spo,s1/spo            # two seeds pooled (stratified intervals)",
 ])
 def compare(
     runs: Optional[list[Path]] = typer.Argument(None, metavar="RUN RUN...", help="Run directories made by spoctl align; the first is the"
-                                                " one the others are compared with."),
+                                                " one the others are compared with. A,B: one method's runs on"
+                                                " several seeds, pooled (each RUN lists its seeds in the same"
+                                                " order)."),
     no_plot: bool = typer.Option(False, "--no-plot", help="Skip the PNG plot."),  # plot: null, which no flag value says
     *,
     opts: CommonOptions,

@@ -20,6 +20,11 @@ about. Where every run's latest complete `spoctl eval` judged the same prompts w
 stage's judged win rates are shown beside (their intervals are each run's own Wilson intervals, not paired: the
 report keeps no per-prompt verdicts).
 
+Seeds: a RUN may be a comma-separated group of runs, the same method on several seeds (`s0/dpo,s1/dpo`), each seed
+with held-out pairs of its own. Every group then has one run per seed, in the same seed order; runs at the same
+position must hold the same held-out pairs, and the numbers pool every seed's pairs: accuracy and margin over all of
+them, intervals from a stratified paired bootstrap (each seed's pairs resampled within that seed).
+
 Scoring goes through one call (`score_run`) to the eval scorecard's log-prob store, so passes `spoctl align` or
 `spoctl eval` already made are reused from the run's cache.
 """
@@ -58,6 +63,27 @@ def paired_bootstrap(first: torch.Tensor, other: torch.Tensor, n_resamples: int,
     boot = torch.cat(means)
     low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"diff": float(diff.mean()), "low": low, "high": high}
+
+
+def stratified_paired_bootstrap(first: list[torch.Tensor], other: list[torch.Tensor], n_resamples: int,
+                                seed: int) -> dict[str, float]:
+    """`paired_bootstrap` over several strata at once (one per seed of a study, each with its own held-out pairs):
+    the difference of means over all pairs together, with a percentile 95% interval whose resamples draw every
+    stratum's pairs with replacement from that stratum alone, so that what separates the strata (one seed's easier
+    pairs) does not widen it."""
+    if len(first) != len(other) or not first or any(a.shape != b.shape or a.ndim != 1 or a.numel() == 0
+                                                    for a, b in zip(first, other)):
+        raise ValueError("stratified_paired_bootstrap needs, per stratum, two equally long, non-empty 1-d tensors")
+    diffs = [b.double() - a.double() for a, b in zip(first, other)]
+    total = sum(d.numel() for d in diffs)
+    g = torch.Generator().manual_seed(seed)
+    sums = torch.zeros(n_resamples, dtype=torch.float64)
+    for d in diffs:
+        for start in range(0, n_resamples, 256):  # bounded memory, as in paired_bootstrap
+            idx = torch.randint(d.numel(), (min(256, n_resamples - start), d.numel()), generator=g)
+            sums[start:start + idx.shape[0]] += d[idx].sum(dim=1)
+    low, high = torch.quantile(sums / total, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"diff": float(torch.cat(diffs).mean()), "low": low, "high": high}
 
 
 def metrics(margins: torch.Tensor) -> dict[str, float]:
@@ -155,15 +181,70 @@ def score_run(root: Path, dims: list[str], cfg: CompareConfig, out: Output) -> t
 
 
 # ------------------------------------------------------------------------------------------------ the comparison
-def _names(roots: list[Path]) -> list[str]:
-    """Short, distinct labels: the folder names, or the whole paths where two runs share a folder name."""
-    names = [r.name or str(r) for r in roots]
-    return names if len(set(names)) == len(names) else [str(r) for r in roots]
+@dataclass
+class Group:
+    """One RUN argument: a run, or the same method's runs on several seeds (one per stratum, in seed order)."""
+
+    name: str
+    members: list[ScoredRun]
+
+    @property
+    def dims(self) -> list[str]:
+        return self.members[0].dims
+
+    def margins(self, k: int, d: str) -> list[torch.Tensor]:
+        """Delta_k on d's held-out pairs, one tensor per seed."""
+        return [m.margins[(k, d)] for m in self.members]
+
+    def pooled(self, k: int, d: str) -> torch.Tensor:
+        return torch.cat(self.margins(k, d))
 
 
-def judged_finals(runs: list[ScoredRun], dims: list[str]) -> tuple[dict[str, Any] | None, str | None]:
+def parse_groups(runs: list[Path]) -> list[list[Path]]:
+    """Each RUN argument as its runs: `a` -> [a], `s0/dpo,s1/dpo` -> [s0/dpo, s1/dpo]."""
+    return [[Path(p) for p in str(r).split(",") if p] for r in runs]
+
+
+def _label(paths: list[Path]) -> str:
+    """A group's name: a run's folder name; for several, what their folder names share at the end (`dpo` for
+    seed0-dpo, seed1-dpo), else at the start, else the names joined by commas."""
+    names = [p.name or str(p) for p in paths]
+    if len(names) == 1:
+        return names[0]
+    tail = names[0]
+    while tail and not all(n.endswith(tail) for n in names):
+        tail = tail[1:]
+    head = names[0]
+    while head and not all(n.startswith(head) for n in names):
+        head = head[:-1]
+    for part in (tail.strip("-_. "), head.strip("-_. ")):
+        if part:
+            return part
+    return ",".join(names)
+
+
+def _names(groups: list[list[Path]]) -> list[str]:
+    """Short, distinct labels: folder names (or what a group's share), else the arguments as given."""
+    names = [_label(g) for g in groups]
+    return names if len(set(names)) == len(names) else [",".join(str(p) for p in g) for g in groups]
+
+
+def _difference(first: list[torch.Tensor], other: list[torch.Tensor], resamples: int, seed: int) -> dict[str, float]:
+    """other - first, with its paired interval: over one set of pairs (paired_bootstrap), or several seeds' sets
+    pooled (stratified_paired_bootstrap)."""
+    if len(first) == 1:
+        return paired_bootstrap(first[0], other[0], resamples, seed)
+    return stratified_paired_bootstrap(first, other, resamples, seed)
+
+
+def judged_finals(groups: list[Group], dims: list[str]) -> tuple[dict[str, Any] | None, str | None]:
     """The final stage's judged win rates, when every run's latest complete eval judged the same prompts with
-    the same judge; else (None, why not)."""
+    the same judge; else (None, why not). Single runs only: the reports keep no per-prompt verdicts to pool."""
+    if any(len(g.members) > 1 for g in groups):
+        return None, "runs pooled over seeds (judged win rates are compared run by run)"
+    runs = [g.members[0] for g in groups]
+    for g, r in zip(groups, runs):
+        r.name = g.name
     found = []
     for r in runs:
         files = RunDir(r.root).latest_eval(complete=True)
@@ -192,11 +273,18 @@ def judged_finals(runs: list[ScoredRun], dims: list[str]) -> tuple[dict[str, Any
 
 def compare_runs(cfg: CompareConfig, out: Output) -> dict[str, Any]:
     """The comparison as a dict (what `--json` prints); writes the Pareto plot when `cfg.plot` is set."""
-    roots = [Path(r) for r in cfg.runs]
-    if len(roots) < 2:
+    groups_paths = parse_groups(cfg.runs)
+    if len(groups_paths) < 2:
         raise UsageError("spoctl compare needs at least two runs: spoctl compare RUN RUN [RUN...]")
+    roots = [p for g in groups_paths for p in g]
     if len(set(p.resolve() for p in roots)) != len(roots):
         raise UsageError("spoctl compare: a run is given twice; give each run once")
+    seeds = len(groups_paths[0])
+    for g in groups_paths:
+        if len(g) != seeds:
+            raise UsageError(f"spoctl compare: {','.join(map(str, g))} is {len(g)} run{'s' * (len(g) != 1)}, "
+                             f"{','.join(map(str, groups_paths[0]))} {seeds}: a group of runs has one run per "
+                             "seed, and every group the same seeds in the same order")
     for root in roots:
         if not RunDir(root).exists():
             raise UsageError(f"{root}: not a spoctl run directory (no manifest.json); give folders made by"
@@ -206,65 +294,80 @@ def compare_runs(cfg: CompareConfig, out: Output) -> dict[str, Any]:
         dims = [st["dim"] for st in first.get("stages", [])] or list(first.get("dims") or [])
     else:
         dims = list(cfg.dims)
-    names = _names(roots)
-    out.info(f"comparing {len(roots)} runs on the held-out pairs of {', '.join(dims)}: every stage's model and the"
-             f" base of each run ({cfg.bootstrap_resamples} paired bootstrap resamples)")
-    runs: list[ScoredRun] = []
-    first_pairs: dict[str, HeldOut] = {}
-    for root, name in zip(roots, names):
-        scored, pairs = score_run(root, dims, cfg, out)
-        scored.name = name
-        if not runs:
-            first_pairs = pairs
-        else:
-            for d in dims:
-                if pairs[d].fingerprint != first_pairs[d].fingerprint:
-                    raise UsageError(f"{root} and {roots[0]}: the held-out pairs of '{d}' differ"
-                                     f" ({difference(first_pairs[d], pairs[d])}); compare runs prepared from the"
-                                     " same held-out split (the same --data and prepare settings)")
-        runs.append(scored)
+    names = _names(groups_paths)
+    pooled = f", {seeds} seeds pooled" if seeds > 1 else ""
+    out.info(f"comparing {len(groups_paths)} runs{pooled} on the held-out pairs of {', '.join(dims)}: every stage's"
+             f" model and the base of each run ({cfg.bootstrap_resamples} paired bootstrap resamples)")
+    groups: list[Group] = []
+    first_pairs: list[dict[str, HeldOut]] = []
+    for paths, name in zip(groups_paths, names):
+        members = []
+        for i, root in enumerate(paths):
+            scored, pairs = score_run(root, dims, cfg, out)
+            scored.name = name
+            if not groups:
+                first_pairs.append(pairs)
+            else:
+                for d in dims:
+                    if pairs[d].fingerprint != first_pairs[i][d].fingerprint:
+                        raise UsageError(f"{root} and {groups_paths[0][i]}: the held-out pairs of '{d}' differ"
+                                         f" ({difference(first_pairs[i][d], pairs[d])}); compare runs prepared from"
+                                         " the same held-out split (the same --data and prepare settings)"
+                                         + (", the runs of each seed at the same place in every group"
+                                            if seeds > 1 else ""))
+            if members and scored.dims != members[0].dims:
+                raise UsageError(f"{root}: its stages ({' > '.join(scored.dims)}) are not those of {paths[0]}"
+                                 f" ({' > '.join(members[0].dims)}); a group holds one method's runs on several"
+                                 " seeds")
+            members.append(scored)
+        groups.append(Group(name, members))
     warnings = []
-    bases = {r.base_model for r in runs}
+    bases = {r.base_model for g in groups for r in g.members}
     if len(bases) > 1:
         warnings.append(f"the runs start from different base models ({', '.join(sorted(bases))}): log(pi/pi_0) is"
                         " measured against each run's own base")
     for w in warnings:
         out.warn(w)
 
-    first = runs[0]
+    first = groups[0]
     result_runs = []
-    for r in runs:
-        k_max = len(r.dims)
-        final = {d: metrics(r.margins[(k_max, d)]) for d in dims}
-        stages = [{"k": k, "dim": r.dims[k - 1], "dims": {d: metrics(r.margins[(k, d)]) for d in dims}}
+    for g in groups:
+        k_max = len(g.dims)
+        final = {d: metrics(g.pooled(k_max, d)) for d in dims}
+        stages = [{"k": k, "dim": g.dims[k - 1], "dims": {d: metrics(g.pooled(k, d)) for d in dims}}
                   for k in range(1, k_max + 1)]
         retention = []
-        for j, d in enumerate(r.dims, start=1):
+        for j, d in enumerate(g.dims, start=1):
             if d not in dims:
                 continue
-            own = metrics(r.margins[(j, d)])
+            own = metrics(g.pooled(j, d))
             for k in range(j + 1, k_max + 1):
-                now = metrics(r.margins[(k, d)])
+                now = metrics(g.pooled(k, d))
                 retention.append({"dim": d, "own_stage": j, "after_stage": k, **now,
                                   "own_accuracy": own["accuracy"], "own_margin": own["margin"]})
         vs_first = None
-        if r is not first:
-            fk, rk = len(first.dims), k_max
+        if g is not first:
+            fk = len(first.dims)
             vs_first = {}
             for d in dims:
-                a, b = first.margins[(fk, d)], r.margins[(rk, d)]
+                a, b = first.margins(fk, d), g.margins(k_max, d)
                 vs_first[d] = {
-                    "accuracy": paired_bootstrap((a > 0).double(), (b > 0).double(), cfg.bootstrap_resamples, cfg.seed),
-                    "margin": paired_bootstrap(a, b, cfg.bootstrap_resamples, cfg.seed)}
-        result_runs.append({"name": r.name, "run_dir": str(r.root), "base_model": r.base_model, "stages_order": r.dims,
-                            "pairs": {d: int(r.margins[(0, d)].numel()) for d in dims}, "final": final,
-                            "stages": stages, "retention": retention, "vs_first": vs_first})
-    judged, judged_note = judged_finals(runs, dims)
+                    "accuracy": _difference([(x > 0).double() for x in a], [(x > 0).double() for x in b],
+                                            cfg.bootstrap_resamples, cfg.seed),
+                    "margin": _difference(a, b, cfg.bootstrap_resamples, cfg.seed)}
+        entry = {"name": g.name, "run_dir": str(g.members[0].root), "base_model": g.members[0].base_model,
+                 "stages_order": g.dims, "pairs": {d: int(g.pooled(0, d).numel()) for d in dims}, "final": final,
+                 "stages": stages, "retention": retention, "vs_first": vs_first}
+        if seeds > 1:
+            entry["run_dirs"] = [str(r.root) for r in g.members]
+        result_runs.append(entry)
+    judged, judged_note = judged_finals(groups, dims)
     front = pareto_front({r["name"]: [r["final"][d]["accuracy"] for d in dims] for r in result_runs})
     result: dict[str, Any] = {
         "dims": dims, "runs": result_runs, "first": first.name, "pareto": front, "judged": judged,
         "judged_note": judged_note, "warnings": warnings,
-        "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "interval": "percentile, 95%"},
+        "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "interval": "percentile, 95%",
+                      "seeds_pooled": seeds, "stratified": seeds > 1},
         "plot": None,
     }
     if cfg.plot is not None:
@@ -293,8 +396,10 @@ def print_tables(result: dict[str, Any], out: Output) -> None:
     rows = [[r["name"], *(f"{_interval(r['vs_first'][d]['accuracy'], 100, '.1f')} pts /"
                           f" {_interval(r['vs_first'][d]['margin'], 1, '.3f')}" for d in dims)]
             for r in result["runs"] if r["vs_first"] is not None]
+    boot = result["bootstrap"]
+    how = f"stratified over {boot['seeds_pooled']} seeds, " if boot.get("stratified") else ""
     out.table(f"difference from {result['first']}: accuracy (points) / mean margin, paired bootstrap 95% interval"
-              f" ({result['bootstrap']['resamples']} resamples)", ["run", *dims], rows)
+              f" ({how}{boot['resamples']} resamples)", ["run", *dims], rows)
     rows = [[r["name"], t["dim"], f"{t['own_stage']} -> {t['after_stage']}",
              f"{percent(t['own_accuracy'])} -> {percent(t['accuracy'])}", f"{t['own_margin']:.3f} -> {t['margin']:.3f}"]
             for r in result["runs"] for t in r["retention"]]
