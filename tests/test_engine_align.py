@@ -150,6 +150,55 @@ def test_frozen_log_probs_are_cached_and_reused(world, tmp_path):
     assert "frozen pass" not in second  # every frozen log-prob came from the cache
 
 
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_the_final_view_is_cached_as_the_stage_models_eval_log_probs(world, tmp_path, tuning, monkeypatch):
+    """The last view of a stage scores the trained policy on every eval split; cached under pi_n's fingerprint, it
+    spares `spoctl eval` and `compare` a pass. It must be what a frozen pass of the saved model computes: bit for
+    bit with full fine-tuning (the same weights, batches and kernels), to float rounding with LoRA (adapters
+    unmerged in training, merged when pi_n is loaded: W x + B(A x) against (W + BA) x; 1e-4 relative on a
+    summed log-prob is ~1000x float32's rounding of one)."""
+    from spoctl.engine.chain import ModelChain
+    from spoctl.engine.frozen import compute_logps, logps_cache_dir, LogpsCache
+    from spoctl.models import load_tokenizer
+    from spoctl.rundir import RunDir
+
+    _, model_dir, prepared = world
+    run = tmp_path / tuning
+    extra = ["--lora", "--set", "lora.r=4", "--lr", "1e-2"] if tuning == "lora" else []
+    code, out = run_cli(["align", "--dims", "helpful,harmless", "--data", str(prepared), "--out", str(run), *FAST,
+                         *extra, "--quiet"])
+    assert code == 0, out
+    manifest = json.loads((run / "manifest.json").read_text())
+    chain = ModelChain(str(model_dir), RunDir(run), manifest)
+    data = load_prepared(prepared)
+    cache = LogpsCache(logps_cache_dir(prepared, RunDir(run)), data, chain.fingerprint, torch.float32)
+    pad = load_tokenizer(str(model_dir)).pad_token_id
+    from spoctl.engine.batching import pairs_from_split
+
+    for k in (1, 2):
+        assert not cache.lookup(k, [("helpful", "eval"), ("harmless", "eval")])  # every stage views every dim
+        model = chain.load(k)
+        for dim in ("helpful", "harmless"):
+            got = cache.get(k, dim, "eval")
+            want = compute_logps(model, pairs_from_split(data.split(dim, "eval")), batch_size=16, pad_token_id=pad,
+                                 chunk_size=256, device=torch.device("cpu"))
+            for a, b in ((got.chosen, want.chosen), (got.rejected, want.rejected)):
+                if tuning == "full":
+                    assert torch.equal(a, b)
+                else:
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # ... so the eval scorecard (and compare, which reads it) scores nothing: pi_0's eval log-probs align cached too.
+    from spoctl.config import EvalConfig
+    from spoctl.console import Output
+    from spoctl.engine.scoring import Scoring
+    from spoctl.evaluate import evaluate
+
+    passes, original = [], Scoring.score
+    monkeypatch.setattr(Scoring, "score", lambda self, *a, **kw: passes.append(kw.get("label")) or original(self, *a, **kw))
+    evaluate(EvalConfig(run=run, plot=False), Output(quiet=True))
+    assert passes == [], passes
+
+
 def test_alpha_zero_is_sequential_dpo_and_modes_agree(world, tmp_path):
     _, _, prepared = world
     common = ["align", "--dims", "helpful,harmless", "--data", str(prepared), "--quiet", *FAST]

@@ -103,6 +103,7 @@ def _run_stage(setup: RunSetup, plan: StagePlan) -> None:
             entry.update(ext.finish(train_seconds, setup.out.info, setup.out.warn))
             cost.update(ext.cost(train_seconds))
         _save_stage(setup, plan, entry, model, final, cost, time.perf_counter() - started)
+        _keep_final_view(setup, plan, data)
         stop = [s for s in setup.dist.procs.gather(signals.pending()) if s is not None]
         if stop:  # every process agrees (one collective per stage); the next stage would start over anyway
             signals.acknowledge()
@@ -228,6 +229,19 @@ def _save_stage(setup: RunSetup, plan: StagePlan, entry: dict[str, Any], model: 
         # Within-stage checkpoints only serve a resume of this stage, which is now complete.
         shutil.rmtree(run.checkpoints_dir(n, dim), ignore_errors=True)
     setup.manifest.update(setup.dist.procs.broadcast(setup.manifest if setup.main else None))
+
+
+def _keep_final_view(setup: RunSetup, plan: StagePlan, data: StageData) -> None:
+    """The stage's last view scored the trained policy on every eval split: those are pi_n's eval log-probs, which
+    `spoctl eval` and `spoctl compare` (and a later stage's eval metrics) would otherwise load pi_n to compute
+    again. Cached under pi_n's fingerprint: the same weights (with LoRA, the adapters unmerged: the same model to
+    float rounding, as a frozen pass split over several processes is). Not for a quantized base, whose pi_n is the
+    adapters merged and quantized again: another model."""
+    if setup.cfg.quantize != "none":
+        return
+    for dim, ev in data.evals.items():
+        if ev.policy is not None:
+            setup.store.cache.put(plan.index, dim, "eval", ev.policy)
 
 
 def _saved_tensors(model: Any, *, lora: bool) -> list[torch.Tensor]:

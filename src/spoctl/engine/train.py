@@ -51,6 +51,7 @@ class EvalSet:
     base: FrozenLogps  # pi_0, for the forgetting view (implicit reward of everything aligned so far)
     ref: FrozenLogps | None = None  # pi_{n-1}, only for the stage's own dimension
     offset: torch.Tensor | None = None
+    policy: FrozenLogps | None = None  # the policy's log-probs at the latest view (after training: pi_n's)
 
 
 @dataclass
@@ -263,7 +264,7 @@ def eval_metrics(scorer: nn.Module, plan: StagePlan, data: StageData, scoring: S
                      f"{', '.join(f'{d}/eval' for d in data.evals)}: {sum(len(ev.pairs) for ev in data.evals.values())}"
                      " pairs, one pass")
     for dim, ev in data.evals.items():
-        pol = scoring.score(scorer, ev.pairs, label=f"stage{plan.index} forgetting view {dim}/eval")
+        pol = ev.policy = scoring.score(scorer, ev.pairs, label=f"stage{plan.index} forgetting view {dim}/eval")
         prefix = f"stage{plan.index}/{dim}"
         if ev.ref is not None:
             m = losses.reward_metrics(plan.beta, pol.chosen, pol.rejected, ev.ref.chosen, ev.ref.rejected, ev.offset)
