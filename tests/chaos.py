@@ -103,7 +103,10 @@ def stopped_cleanly(result: subprocess.CompletedProcess, sig: signal.Signals) ->
     if result.returncode == 0:
         return True
     if result.returncode == -sig:
-        return getattr(result, "delay", 1e9) < INTERPRETER_START_S
+        # The default action: no handler yet, so Python was still starting and spoctl had done nothing. Certain
+        # within INTERPRETER_START_S; later (a loaded machine starts Python slowly) only if it printed nothing, as
+        # every command prints before its first piece of work (and output is unbuffered here).
+        return getattr(result, "delay", 1e9) < INTERPRETER_START_S or not (result.stdout or result.stderr)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     return (result.returncode == 128 + sig and len(errors) == 1 and sig.name in errors[0]
             and "Traceback" not in result.stderr)
