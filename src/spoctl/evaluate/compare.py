@@ -50,19 +50,10 @@ from ..rundir import RunDir
 def paired_bootstrap(first: torch.Tensor, other: torch.Tensor, n_resamples: int, seed: int) -> dict[str, float]:
     """Difference mean(other) - mean(first) of two per-pair statistics of the same pairs, with its paired
     percentile-bootstrap 95% interval. Resamples are drawn from a generator seeded with `seed` alone, so every
-    call with the same number of pairs uses the same resamples."""
+    call with the same number of pairs uses the same resamples. One stratum of `stratified_paired_bootstrap`."""
     if first.shape != other.shape or first.ndim != 1 or first.numel() == 0:
         raise ValueError("paired_bootstrap needs two equally long, non-empty 1-d tensors")
-    diff = other.double() - first.double()
-    n = diff.numel()
-    g = torch.Generator().manual_seed(seed)
-    means = []
-    for start in range(0, n_resamples, 256):  # bounded memory: 256 resamples x n indices at a time
-        idx = torch.randint(n, (min(256, n_resamples - start), n), generator=g)
-        means.append(diff[idx].mean(dim=1))
-    boot = torch.cat(means)
-    low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"diff": float(diff.mean()), "low": low, "high": high}
+    return stratified_paired_bootstrap([first], [other], n_resamples, seed)
 
 
 def stratified_paired_bootstrap(first: list[torch.Tensor], other: list[torch.Tensor], n_resamples: int,
@@ -229,22 +220,12 @@ def _names(groups: list[list[Path]]) -> list[str]:
     return names if len(set(names)) == len(names) else [",".join(str(p) for p in g) for g in groups]
 
 
-def _difference(first: list[torch.Tensor], other: list[torch.Tensor], resamples: int, seed: int) -> dict[str, float]:
-    """other - first, with its paired interval: over one set of pairs (paired_bootstrap), or several seeds' sets
-    pooled (stratified_paired_bootstrap)."""
-    if len(first) == 1:
-        return paired_bootstrap(first[0], other[0], resamples, seed)
-    return stratified_paired_bootstrap(first, other, resamples, seed)
-
-
 def judged_finals(groups: list[Group], dims: list[str]) -> tuple[dict[str, Any] | None, str | None]:
     """The final stage's judged win rates, when every run's latest complete eval judged the same prompts with
     the same judge; else (None, why not). Single runs only: the reports keep no per-prompt verdicts to pool."""
     if any(len(g.members) > 1 for g in groups):
         return None, "runs pooled over seeds (judged win rates are compared run by run)"
-    runs = [g.members[0] for g in groups]
-    for g, r in zip(groups, runs):
-        r.name = g.name
+    runs = [g.members[0] for g in groups]  # each named as its group by compare_runs
     found = []
     for r in runs:
         files = RunDir(r.root).latest_eval(complete=True)
@@ -352,9 +333,10 @@ def compare_runs(cfg: CompareConfig, out: Output) -> dict[str, Any]:
             for d in dims:
                 a, b = first.margins(fk, d), g.margins(k_max, d)
                 vs_first[d] = {
-                    "accuracy": _difference([(x > 0).double() for x in a], [(x > 0).double() for x in b],
-                                            cfg.bootstrap_resamples, cfg.seed),
-                    "margin": _difference(a, b, cfg.bootstrap_resamples, cfg.seed)}
+                    "accuracy": stratified_paired_bootstrap([(x > 0).double() for x in a],
+                                                            [(x > 0).double() for x in b], cfg.bootstrap_resamples,
+                                                            cfg.seed),
+                    "margin": stratified_paired_bootstrap(a, b, cfg.bootstrap_resamples, cfg.seed)}
         entry = {"name": g.name, "run_dir": str(g.members[0].root), "base_model": g.members[0].base_model,
                  "stages_order": g.dims, "pairs": {d: int(g.pooled(0, d).numel()) for d in dims}, "final": final,
                  "stages": stages, "retention": retention, "vs_first": vs_first}
