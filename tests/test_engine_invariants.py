@@ -103,6 +103,27 @@ def test_learning_rate_schedules(world, tmp_path, kind):
     assert got == pytest.approx([lr * f for f in SCHEDULES[kind]], rel=1e-12, abs=1e-15)
 
 
+@pytest.mark.parametrize("kind", sorted(SCHEDULES))
+def test_spoctls_schedules_are_transformers_get_scheduler_bit_for_bit(kind):
+    """engine/schedule.py writes transformers' schedules out (importing them cost every align 1.5 s of start-up):
+    the same learning rate at every step, for stage lengths and warmups around the edge cases, and the same state
+    for a checkpoint."""
+    from transformers import get_scheduler
+
+    from spoctl.engine.schedule import make_scheduler
+
+    hf_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[kind]
+    for total in (1, 2, 3, 7, 100):
+        for warmup in sorted({0, 1, total // 3, total - 1, total}):
+            ours, theirs = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4) for _ in range(2))
+            a = make_scheduler(ours, kind, total, warmup)
+            b = get_scheduler(hf_name, theirs, num_warmup_steps=warmup, num_training_steps=total)
+            for _ in range(total + 2):
+                assert a.get_last_lr() == b.get_last_lr(), (total, warmup, a.last_epoch)
+                ours.step(), theirs.step(), a.step(), b.step()
+            assert a.state_dict() == b.state_dict()
+
+
 # ------------------------------------------------------------------------------------------- weight decay, clipping
 def test_weight_decay_decays_matrices_and_never_norms_or_biases(world, tmp_path):
     """One AdamW step from the same weights with the same gradient: decoupled decay subtracts lr * wd * theta_0

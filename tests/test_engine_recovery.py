@@ -131,10 +131,9 @@ def test_resume_with_more_steps_continues_the_unfinished_stage_from_its_checkpoi
     reached = max(int(p.name[5:]) for p in checkpoints(ckpts))
     assert reached < 30, "the kill did not land inside the stage"
 
-    done = subprocess.run([*SPOCTL, *args, "--max-steps", "34", "--resume"], env=_env(), capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stderr
-    assert "continuing from its latest checkpoint with a new schedule (max_steps: 30 -> 34)" in done.stdout + done.stderr
+    result = CliRunner().invoke(app, [*args, "--max-steps", "34", "--resume"], catch_exceptions=False)  # in-process
+    assert result.exit_code == 0, result.output
+    assert "continuing from its latest checkpoint with a new schedule (max_steps: 30 -> 34)" in result.output
     steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
              if "stage1/helpful/loss" in r]
     assert steps == list(range(1, 35))

@@ -3,7 +3,6 @@ that never imports spoctl; the model card, the lineage file, atomic writes, the 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -545,52 +544,3 @@ def test_print_config_and_set(world):
     ok(r)
     cfg = yaml.safe_load(r.output)["export"]
     assert cfg["check_pairs"] == 2 and cfg["max_shard_size"] == "1GB" and cfg["stage"] == "last"
-
-
-# ------------------------------------------------------------------------------------------------ real weights
-@pytest.mark.real
-@pytest.mark.slow
-def test_smollm2_lora_round_trip(smollm2_gguf, shared_dir, tmp_path):
-    """SmolLM2-135M-Instruct (GGUF) on a few real HH-RLHF pairs: prepare, two LoRA steps, export, reload fresh."""
-    src = shared_dir / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
-    if not src.is_file():
-        pytest.skip(f"{src} not found")
-    rows = tmp_path / "helpful.jsonl"
-    with gzip.open(src, "rt", encoding="utf-8") as f:
-        rows.write_text("".join(next(f) for _ in range(12)), encoding="utf-8")
-    # Kept tiny on purpose (2 shared CPU cores): loading the GGUF file dominates, not the pairs.
-    ok(cli("prepare", "--data", f"helpful={rows}", "--format", "hh-rlhf", "--model", smollm2_gguf, "--max-pairs", "8",
-           "--max-length", "128", "--max-prompt-tokens", "64", "--eval-fraction", "0.25", "--out", tmp_path / "prep",
-           "--quiet"))
-    ok(cli("align", "--dims", "helpful", "--data", tmp_path / "prep", "--lora", "--set", "lora.r=4",
-           "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--out", tmp_path / "run", "--quiet"))
-    out = tmp_path / "export"
-    r = cli("export", "--run", tmp_path / "run", "--out", out, "--set", "check_pairs=1", "--json",
-            "--set", "base_model_id=HuggingFaceTB/SmolLM2-135M-Instruct")
-    ok(r)
-    result = json.loads(r.stdout[r.stdout.index("{"):])
-    assert result["check"]["passed"] and result["dtype"] == "bf16"
-    assert safetensors_dtypes(out) == {"BF16"}
-    card = (out / "README.md").read_text()
-    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card, card
-    digest = hashlib.sha256(rows.read_bytes()).hexdigest()
-    assert f"| helpful | `helpful.jsonl` | `{digest[:16]}…` | hh-rlhf | 6 | 2 |" in card, card
-    assert str(tmp_path) not in card and str(tmp_path) not in (out / "spoctl_lineage.json").read_text()
-    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the unpacked GGUF base is gone
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    script = textwrap.dedent("""
-        import sys, json
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(sys.argv[1])
-        model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-        enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        gen = model.generate(**enc, max_new_tokens=8, do_sample=False)
-        print(json.dumps({"text": tok.decode(gen[0, enc["input_ids"].shape[1]:]),
-                          "spoctl": any(m.startswith("spoctl") for m in sys.modules)}))
-    """)
-    res = subprocess.run([sys.executable, "-c", script, str(out)], cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"},
-                         capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert report["spoctl"] is False and report["text"].strip()

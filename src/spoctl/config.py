@@ -431,7 +431,7 @@ class AlignConfig(StrictModel):
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of a stage's steps spent warming the "
                                                                  "learning rate up linearly from 0.")
     scheduler: Literal["linear", "cosine", "constant"] = Field(
-        "linear", description="Learning-rate schedule after warmup (transformers' get_scheduler).")
+        "linear", description="Learning-rate schedule after warmup (the schedules of transformers' get_scheduler).")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay; never applied to biases and norm "
                                                          "weights.")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")

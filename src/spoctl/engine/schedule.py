@@ -1,17 +1,38 @@
 """The learning-rate schedule of a stage: one place, read by training (engine/train.py) and by `--keep`'s
-controller, which counts its time in shares of the stage's learning-rate budget (engine/keep.py, `lr_clock`)."""
+controller, which counts its time in shares of the stage's learning-rate budget (engine/keep.py, `lr_clock`).
+
+The schedules are those of transformers' `get_scheduler` (as HF Trainer and TRL use them), written out here: every
+schedule warms up linearly from 0 first. Importing `transformers.optimization` for three lines of arithmetic cost
+each `spoctl align` about 1.5 s of start-up (it pulls in transformers' trainer utilities, peft and bitsandbytes);
+tests/test_engine_invariants.py checks these factors against `get_scheduler`'s step by step."""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from functools import partial
 
 import torch
 
-# align.scheduler -> transformers' schedule name; every schedule warms up linearly first, as in TRL and HF Trainer.
-SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+SCHEDULES = ("linear", "cosine", "constant")  # align.scheduler
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total: int, warmup: int) -> Any:
-    from transformers import get_scheduler
+def lr_factor(kind: str, step: int, *, total: int, warmup: int) -> float:
+    """The share of the peak learning rate at `step` (0-based, counted before the step is taken)."""
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    if kind == "constant":
+        return 1.0
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    if kind == "linear":
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    if kind == "cosine":  # half a cosine wave, from 1 down to 0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    raise ValueError(f"unknown schedule '{kind}' (one of: {', '.join(SCHEDULES)})")
 
-    return get_scheduler(SCHEDULES[kind], optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total: int,
+                   warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule '{kind}' (one of: {', '.join(SCHEDULES)})")
+    # A partial (not a closure), as transformers builds it: LambdaLR then stores the same state in a checkpoint.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, kind, total=total, warmup=warmup))
