@@ -139,9 +139,9 @@ def demo_stand_in(tmp_path_factory):
 
 # The longest files (measured: `pytest --durations=0`, summed per file), in order: dealt to the workers first. Only a
 # scheduling hint -- a file missing here runs later, nothing else changes.
-LONGEST_FIRST = ("test_readme_commands.py", "test_chaos.py", "test_align_real.py", "test_resume_matrix.py",
-                 "test_distributed_runs.py", "test_other_cpus.py", "test_json_stdout.py", "test_export.py",
-                 "test_cli_errors.py", "test_progress_lines.py", "test_gguf_cache.py")
+LONGEST_FIRST = ("test_readme_commands.py", "test_chaos.py", "test_resume_matrix.py", "test_align_real.py",
+                 "test_other_cpus.py", "test_distributed_runs.py", "test_json_stdout.py", "test_cli_errors.py",
+                 "test_gguf_cache.py", "test_adapter_bytes.py", "test_keep.py", "test_export.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -318,6 +318,10 @@ def test_lora_run_prints_no_library_warning(demo_home):
                  env={"SPOCTL_HOME": str(demo_home / "home")})
     assert res.returncode == 0, res.stderr
     assert "Warning" not in res.stderr and "warnings.warn" not in res.stderr, res.stderr
+    # stdout a pipe in a real process: plain progress lines, no terminal codes (tests/test_progress_lines.py
+    # checks every phase's lines in-process)
+    assert "stage 1/1 helpful step 1/1 loss" in res.stdout and "\x1b[" not in res.stdout, res.stdout
+    assert res.stdout.rstrip().splitlines()[-1] == "next: spoctl eval --run runs/l", res.stdout
 
 
 def test_the_warning_filter_is_targeted():

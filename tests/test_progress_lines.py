@@ -1,19 +1,24 @@
-"""Issue 21's "waiting with nothing on the screen": prepare, align, eval and export run as real processes with
-stdout a pipe (as in CI logs and under nohup), and every long phase -- tokenizing, each frozen pass, the
-forgetting view, generation, judging, export's steps -- prints plain progress lines (count/total, rate), announces
-what it will do and its size first, and each command ends with the next one to run. On a terminal the same
-`Output.progress` draws a rich bar instead (tests/test_console_progress.py)."""
+"""Issue 21's "waiting with nothing on the screen": prepare, align, eval and export with stdout not a terminal (as
+in CI logs and under nohup), and every long phase -- tokenizing, each frozen pass, the forgetting view,
+generation, judging, export's steps -- prints plain progress lines (count/total, rate), announces what it will do
+and its size first, and each command ends with the next one to run. On a terminal the same `Output.progress`
+draws a rich bar instead (tests/test_console_progress.py).
+
+The commands run in this process (CliRunner: stdout a buffer, not a TTY, which is all `Output` asks), not as four
+processes whose start alone costs half a minute; what a real process with stdout a pipe prints is checked by
+tests/test_json_stdout.py and tests/test_cli.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from spoctl.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tinyworld import make_model_dir  # noqa: E402
@@ -23,9 +28,8 @@ PROGRESS = re.compile(r"^(?P<label>.+): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\w
 
 
 def _spoctl(*args: str) -> str:
-    res = subprocess.run([sys.executable, "-m", "spoctl", *args], capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "NO_COLOR": "1"})
-    assert res.returncode == 0, res.stdout + res.stderr
+    res = CliRunner().invoke(app, list(args), env={"NO_COLOR": "1"}, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
     return res.stdout
 
 

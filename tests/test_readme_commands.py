@@ -20,7 +20,9 @@ The only changes made to what a page says (the shrink rule): sizes. In every `sp
     prepare:  --max-pairs 4                       align:  --max-steps 1 --batch-size 2
     demo:     --max-steps 2                       eval:   --num-prompts 2 --max-new-tokens 8 (with --judge)
 
-replace the value the page gives, or are added when it gives none; SPOCTL_HOME is a temporary folder whose demo
+replace the value the page gives, or are added when it gives none; and a `--max-length` the page gives to
+`prepare` becomes 64 (where it gives no `--max-prompt-tokens`, which then defaults to half of it: every later pass
+over the pairs costs in proportion to their length); SPOCTL_HOME is a temporary folder whose demo
 base model is a 20-step stand-in (the real one takes ~30 s to build; its quality is not what this checks).
 
 Markers, at the end of a command line (or alone on a block's first line, for the whole block):
@@ -61,6 +63,8 @@ SHRINK = {
     "demo": {"--max-steps": "2"},
     "eval": {"--num-prompts": "2", "--max-new-tokens": "8"},
 }
+# Replaced where the page gives them, never added (a page that sets the prompt's bound keeps its length too).
+SHRINK_GIVEN = {"prepare": {"--max-length": "64"}}
 SLOW_PAGES = {"docs/align.md", "docs/compare.md", "docs/eval.md", "docs/export.md", "docs/index.md", "docs/study.md",
               "configs/hh-rlhf-lora.yaml", "configs/pku-saferlhf.yaml"}
 RUN_SLOW = os.environ.get("SPOCTL_DOCS_TEST") == "all"
@@ -175,6 +179,9 @@ def shrink(command: str) -> str:
                 rest = re.sub(pattern, f"{flag} {value}", rest)
             else:
                 rest = f" {flag} {value}{rest}"
+        for flag, value in SHRINK_GIVEN.get(sub, {}).items():
+            if "--max-prompt-tokens" not in rest:
+                rest = re.sub(rf"{flag}(=|\s+)\S+", f"{flag} {value}", rest)
         return head + sub + rest
 
     # A command ends at a pipe, a `;`, `&&`, `||` or a comment.
@@ -322,6 +329,10 @@ def test_shrink_rule_changes_sizes_only():
     assert shrink("spoctl align --dims a,b --data p/ --batch-size 4 --max-steps 24 --out r") == \
         "spoctl align --dims a,b --data p/ --batch-size 2 --max-steps 1 --out r"
     assert shrink("spoctl prepare --data a=b --out p") == "spoctl prepare --max-pairs 4 --data a=b --out p"
+    assert shrink("spoctl prepare --data a=b --max-length 128 --out p") == \
+        "spoctl prepare --max-pairs 4 --data a=b --max-length 64 --out p"
+    assert shrink("spoctl prepare --max-length 256 --max-prompt-tokens 192 --out p") == \
+        "spoctl prepare --max-pairs 4 --max-length 256 --max-prompt-tokens 192 --out p"
     assert shrink("spoctl eval runs/hh") == "spoctl eval runs/hh"  # no --judge: nothing is generated
     assert shrink("spoctl eval runs/ci --judge embedding --num-prompts 64 | jq .x") == \
         "spoctl eval --max-new-tokens 8 runs/ci --judge embedding --num-prompts 2 | jq .x"
