@@ -38,8 +38,9 @@ study: venv
 study-real: venv
 	bash study/run_real.sh runs/study-real
 
-# Spread over the cores (pytest-xdist): one file per worker at a time, so each file's fixtures are built once.
-PYTEST_PARALLEL ?= -n auto --dist loadfile
+# Spread over the cores (pytest-xdist): one file per worker at a time, so each file's fixtures are built once;
+# files are dealt in collection order, the longest first (tests/conftest.py, LONGEST_FIRST), not by their count of tests.
+PYTEST_PARALLEL ?= -n auto --dist loadfile --no-loadscope-reorder
 test: venv
 	$(PY) -m pytest -q $(PYTEST_PARALLEL)
 

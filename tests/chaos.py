@@ -69,6 +69,16 @@ def spoctl(args: list[str], *, fsize: int | None = None, timeout: float = 600) -
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def spoctl_here(args: list[str]) -> None:
+    """A setup command, run in this process (CliRunner): one that must succeed and is not what a fault tests."""
+    from typer.testing import CliRunner
+
+    from spoctl.cli import app
+
+    res = CliRunner().invoke(app, [*args, "--quiet"])
+    assert res.exit_code == 0, res.output
+
+
 def kill_at_random(args: list[str], rng: random.Random, within_s: float) -> None:
     proc = subprocess.Popen([*SPOCTL, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(rng.uniform(0.05, within_s))
@@ -330,7 +340,7 @@ def data_replaced(w: World, rng: random.Random) -> Outcome:
     shuffled.write_text("\n".join(lines[: len(lines) - 3]) + "\n")
     args = w.prepare_args(prepared)
     args[1] = f"--data=helpful={shuffled}"
-    assert spoctl([*args, "--force"]).returncode == 0
+    spoctl_here([*args, "--force"])  # the change behind the run's back (setup, not the command under test)
     r = spoctl([*w.align_args(prepared, run), "--resume", "--dims", "helpful,harmless,concise"])
     assert clear_error(r) and "data hash" in r.stderr, r.stderr
     return Outcome("prepared data replaced", "align --resume", r.returncode, r.stderr)
@@ -365,13 +375,8 @@ def make_world(root: Path) -> World:
     # The reference data and run are made in this process (they are not under test, and a process start costs
     # seconds); every fault's commands are real processes. Both ways give the same bytes, which is what each fault's
     # comparison with them checks again.
-    from typer.testing import CliRunner
-
-    from spoctl.cli import app
-
-    for args in (w.prepare_args(w.prepared), w.align_args(w.prepared, w.run)):
-        res = CliRunner().invoke(app, [*args, "--quiet"])
-        assert res.exit_code == 0, res.output
+    spoctl_here(w.prepare_args(w.prepared))
+    spoctl_here(w.align_args(w.prepared, w.run))
     return w
 
 

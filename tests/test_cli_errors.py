@@ -65,9 +65,10 @@ def home(tmp_path_factory) -> Path:
     """SPOCTL_HOME with the demo's base model (a 20-step stand-in) and its prepared data built."""
     root = tmp_path_factory.mktemp("errors-home")
     build_base_model(root / "demo" / base_model_key(0, SFT_STEPS), seed=0, steps=20)
-    res = run(["align", "--dims", "helpful", "--max-steps", "1", "--out", str(root / "warm"), "-q"], cwd=root,
-              env={"SPOCTL_HOME": str(root)})
-    assert res.returncode == 0, res.stderr
+    # Once in this process, so that the demo's prepared data is built before the tests' own processes start.
+    res = CliRunner().invoke(app, ["align", "--dims", "helpful", "--max-steps", "1", "--out", str(root / "warm"), "-q"],
+                             env={"SPOCTL_HOME": str(root)}, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
     return root
 
 
