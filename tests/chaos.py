@@ -70,13 +70,11 @@ def spoctl(args: list[str], *, fsize: int | None = None, timeout: float = 600) -
 
 
 def spoctl_here(args: list[str]) -> None:
-    """A setup command, run in this process (CliRunner): one that must succeed and is not what a fault tests."""
-    from typer.testing import CliRunner
+    """A setup command, run in this process: one that must succeed and is not what a fault tests."""
+    from test_engine_align import run_cli
 
-    from spoctl.cli import app
-
-    res = CliRunner().invoke(app, [*args, "--quiet"])
-    assert res.exit_code == 0, res.output
+    code, out = run_cli([*args, "--quiet"])
+    assert code == 0, out
 
 
 def kill_at_random(args: list[str], rng: random.Random, within_s: float) -> None:

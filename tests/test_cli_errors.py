@@ -21,6 +21,7 @@ from spoctl.cli import app
 from spoctl.demo.model import SFT_STEPS, base_model_key, build_base_model
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
+DEMO_ALIGN = ["align", "--dims", "helpful", "--max-steps", "1"]  # the demo, one step
 
 
 def _drop_root_file_powers() -> None:
@@ -66,10 +67,14 @@ def home(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("errors-home")
     build_base_model(root / "demo" / base_model_key(0, SFT_STEPS), seed=0, steps=20)
     # Once in this process, so that the demo's prepared data is built before the tests' own processes start.
-    res = CliRunner().invoke(app, ["align", "--dims", "helpful", "--max-steps", "1", "--out", str(root / "warm"), "-q"],
-                             env={"SPOCTL_HOME": str(root)}, catch_exceptions=False)
+    res = demo_here(root, "--out", str(root / "warm"), "-q")
     assert res.exit_code == 0, res.output
     return root
+
+
+def demo_here(home: Path, *args: str):
+    """`spoctl align` on the demo (one step), in this process (CliRunner), with `home` as SPOCTL_HOME."""
+    return CliRunner().invoke(app, [*DEMO_ALIGN, *args], env={"SPOCTL_HOME": str(home)}, catch_exceptions=False)
 
 
 @pytest.fixture
@@ -77,7 +82,7 @@ def demo(home, tmp_path):
     """Run `spoctl align` on the demo (one step) in tmp_path."""
 
     def go(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
-        return run(["align", "--dims", "helpful", "--max-steps", "1", *args], cwd=tmp_path,
+        return run([*DEMO_ALIGN, *args], cwd=tmp_path,
                    env={"SPOCTL_HOME": str(home), **(env or {})}, **kw)
 
     return go
@@ -143,8 +148,7 @@ def test_file_size_limit(demo, home, tmp_path, monkeypatch):
     assert_clean_error(res, "file too large", "ulimit -f", "--resume")
     # and the run can go on once the limit is lifted (in this process: the limit was the child's)
     monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(app, ["align", "--dims", "helpful", "--max-steps", "1", "--out", "run", "--resume"],
-                             env={"SPOCTL_HOME": str(home)}, catch_exceptions=False)
+    res = demo_here(home, "--out", "run", "--resume")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"][0]["status"] == "completed"
 

@@ -105,7 +105,7 @@ def test_learning_rate_schedules(world, tmp_path, kind):
 
 @pytest.mark.parametrize("kind", sorted(SCHEDULES))
 def test_spoctls_schedules_are_transformers_get_scheduler_bit_for_bit(kind):
-    """engine/schedule.py writes transformers' schedules out (importing them cost every align 1.5 s of start-up):
+    """engine/schedule.py writes transformers' schedules out (importing them cost every align 2-3 s of start-up):
     the same learning rate at every step, for stage lengths and warmups around the edge cases, and the same state
     for a checkpoint."""
     from transformers import get_scheduler
