@@ -72,3 +72,17 @@ def test_a_signal_before_the_command_starts_ends_with_an_error_line_and_the_json
     assert done.returncode == 143 and done.stderr.startswith("error: stopped by SIGTERM"), done
     assert json.loads(done.stdout) == {"error": done.stderr[len("error: "):].strip(), "exit_code": 143,
                                        "kind": "interrupted"}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_after_the_command_ended_leaves_its_exit_code(sig):
+    """Once `main` has its command's exit code, a signal changes nothing: Python's shutdown would otherwise put the
+    default action back and the process would die by it, silently, after a finished run (chaos caught a -15 20 ms
+    after align's last line). Here the signal comes right after `main`, then the script exits with main's code."""
+    script = ("import os, sys, time\nfrom spoctl.cli import main\ntry:\n    main()\nexcept SystemExit as done:\n"
+              "    code = done.code\n"
+              f"os.kill(os.getpid(), {int(sig)})\ntime.sleep(0.2)\nprint('after', flush=True)\nsys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", script, "prepare", "--print-config"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("after"), (done.returncode, done.stderr)
+    assert "error:" not in done.stderr, done.stderr

@@ -55,6 +55,16 @@ def exit_before_start(argv: list[str]) -> None:
             signal.signal(s, stop)
 
 
+def ignore_after_the_end() -> None:
+    """The command is over and its exit code settled: a SIGTERM or SIGHUP from now on can change nothing it did.
+    Python's shutdown puts the default action back on both signals, so one arriving then ended the process as killed
+    by it (-15 to a shell's 143), silently, after a run that had finished (the chaos test caught it 20 ms after
+    align's last line). Blocked from here on, a late signal is dropped when the process exits, and the command's
+    own exit code stands."""
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+
+
 def _handler(signum: int, frame: object) -> None:
     if _holding[0]:
         _received.append(signum)

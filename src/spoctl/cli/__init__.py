@@ -13,7 +13,7 @@ def main() -> None:
     """Console-script entry point."""
     import sys
 
-    from ..signals import exit_before_start
+    from ..signals import exit_before_start, ignore_after_the_end
     from .eval import bare_judge_to_auto
 
     exit_before_start(sys.argv[1:])  # (again for the `spoctl` script, which imports this module first)
@@ -24,6 +24,7 @@ def main() -> None:
     try:
         app(prog_name="spoctl")
     except SystemExit as done:
+        ignore_after_the_end()
         if not _in_process_group():
             raise
         _leave_process_group(done.code)
