@@ -5,6 +5,10 @@ Every fault ends with the same assertion, whatever it hit: the next command eith
 byte-identical to a run that never saw the fault, or it exits 2 with one clear `error:` line (no traceback) and
 nothing that was complete before is lost. A SIGTERM or SIGHUP ends the command it hits with its documented exit
 code (143, 129) and one `error:` line, leaving no temporary file; `align --resume` then ends identical. `run_faults(n, seed)` draws n faults from FAULTS with a seeded RNG.
+
+A fault that hits a running command hits a real process (kill -9, SIGTERM, SIGHUP, a file-size limit); the command a
+user runs next, and the command run on files damaged at rest, run in this process (`spoctl_next`): a process start
+costs seconds, and what is checked (exit code, stderr, files) is the same.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class World:
     sources: dict[str, Path]
     prepared: Path  # the reference prepared data (never faulted: faults work on copies)
     run: Path  # the reference run
+    # How long each command lasts as a process of its own (seconds, measured in make_world): a fault's random moment
+    # is drawn within it, so that it lands while the command runs, whatever the machine's speed.
+    lasts: dict[str, float] = field(default_factory=dict)
     counter: list[int] = field(default_factory=lambda: [0])
 
     def fresh(self, name: str) -> Path:
@@ -69,19 +76,33 @@ def spoctl(args: list[str], *, fsize: int | None = None, timeout: float = 600) -
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def spoctl_next(args: list[str]) -> subprocess.CompletedProcess:
+    """The command a user runs after a fault, run in this process (CliRunner): its exit code, its stdout and stderr
+    apart, and the files it leaves are what a process of its own gives. The fault itself (the kill, the signal, the
+    file-size limit) always hits a real process; only what follows runs here, as a process start costs seconds."""
+    from typer.testing import CliRunner
+
+    from spoctl.cli import app
+
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    return subprocess.CompletedProcess([*SPOCTL, *args], result.exit_code, result.stdout, result.stderr)
+
+
 def spoctl_here(args: list[str]) -> None:
     """A setup command, run in this process: one that must succeed and is not what a fault tests."""
-    from test_engine_align import run_cli
-
-    code, out = run_cli([*args, "--quiet"])
-    assert code == 0, out
+    r = spoctl_next([*args, "--quiet"])
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
-def kill_at_random(args: list[str], rng: random.Random, within_s: float) -> None:
+def kill_at_random(args: list[str], rng: random.Random, within_s: float) -> str:
+    """kill -9 at a random moment of a spoctl command; says when, and whether the command had ended by then."""
     proc = subprocess.Popen([*SPOCTL, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(rng.uniform(0.05, within_s))
+    delay = rng.uniform(0.05, within_s)
+    time.sleep(delay)
+    ended = proc.poll() is not None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return f"killed after {delay:.1f} of ~{within_s:.1f} s" + (" (it had ended)" if ended else "")
 
 
 def signal_at_random(args: list[str], rng: random.Random, within_s: float,
@@ -166,11 +187,11 @@ def copy_tree(src: Path, dst: Path) -> Path:
 def kill_align(w: World, rng: random.Random) -> Outcome:
     """kill -9 at a random moment of `align`; next: the same command with --resume."""
     out = w.fresh("kill-align")
-    kill_at_random(w.align_args(w.prepared, out), rng, within_s=20)
-    r = spoctl([*w.align_args(w.prepared, out), "--resume"])
+    when = kill_at_random(w.align_args(w.prepared, out), rng, within_s=w.lasts["align"])
+    r = spoctl_next([*w.align_args(w.prepared, out), "--resume"])
     assert r.returncode == 0, r.stderr
     assert stage_weights(out) == stage_weights(w.run), "resumed run differs from the uninterrupted one"
-    return Outcome("kill -9 align", "align --resume", r.returncode, r.stderr)
+    return Outcome("kill -9 align", "align --resume", r.returncode, r.stderr, when)
 
 
 def signal_align(w: World, rng: random.Random) -> Outcome:
@@ -178,16 +199,16 @@ def signal_align(w: World, rng: random.Random) -> Outcome:
     and marking the stage interrupted), no temporary file left; next: the command it prints, --resume."""
     out = w.fresh("signal-align")
     sig = rng.choice([signal.SIGTERM, signal.SIGHUP])
-    first = signal_at_random(w.align_args(w.prepared, out), rng, sig=sig, within_s=20)
+    first = signal_at_random(w.align_args(w.prepared, out), rng, sig=sig, within_s=w.lasts["align"])
     assert stopped_cleanly(first, sig), (first.returncode, first.stderr)
-    detail = f"{sig.name}: exit {first.returncode}"
+    detail = f"{sig.name} after {first.delay:.1f} of ~{w.lasts['align']:.1f} s: exit {first.returncode}"
     if first.returncode and "after step" in first.stderr:  # stopped inside training
         stages = json.loads((out / "manifest.json").read_text())["stages"]
         assert "interrupted" in [st["status"] for st in stages], stages
         assert "--resume" in first.stderr
         detail += ", " + first.stderr.split("stopped by ")[1].split(";")[0]
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))] if out.exists() else True
-    r = spoctl([*w.align_args(w.prepared, out), "--resume"])
+    r = spoctl_next([*w.align_args(w.prepared, out), "--resume"])
     assert r.returncode == 0, r.stderr
     assert stage_weights(out) == stage_weights(w.run), "resumed run differs from the uninterrupted one"
     return Outcome(f"{sig.name} align", "align --resume", r.returncode, first.stderr, detail)
@@ -205,7 +226,7 @@ def signal_eval_export(w: World, rng: random.Random) -> Outcome:
     else:
         args = ["export", "--run", str(run), "--stage", "harmless", "--out", str(target)]
     before = tree_digest(run, skip=lambda p: p.name == ".lock")
-    r = signal_at_random(args, rng, sig=sig, within_s=15)
+    r = signal_at_random(args, rng, sig=sig, within_s=w.lasts[command])
     assert stopped_cleanly(r, sig), (r.returncode, r.stderr)
     after = tree_digest(run, skip=lambda p: p.name == ".lock")
     if r.returncode:  # stopped: nothing earlier changed, nothing half-written
@@ -213,20 +234,21 @@ def signal_eval_export(w: World, rng: random.Random) -> Outcome:
         assert not target.exists() or not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
     else:  # it finished first: it only added its own results
         assert {k: v for k, v in after.items() if k in before} == before
-    return Outcome(f"{sig.name} {command}", command, r.returncode, r.stderr, f"exit {r.returncode}")
+    return Outcome(f"{sig.name} {command}", command, r.returncode, r.stderr,
+                   f"after {r.delay:.1f} of ~{w.lasts[command]:.1f} s: exit {r.returncode}")
 
 
 def kill_prepare(w: World, rng: random.Random) -> Outcome:
     """kill -9 at a random moment of `prepare`; next: the same command again."""
     out = w.fresh("kill-prepare")
-    kill_at_random(w.prepare_args(out), rng, within_s=6)
-    r = spoctl(w.prepare_args(out))
+    when = kill_at_random(w.prepare_args(out), rng, within_s=w.lasts["prepare"])
+    r = spoctl_next(w.prepare_args(out))
     if r.returncode == 0:
         assert prepared_content(out) == prepared_content(w.prepared)
     else:  # the killed one had finished: the rerun refuses to overwrite, and what is there is complete
         assert clear_error(r) and "--force" in r.stderr, r.stderr
         assert prepared_content(out) == prepared_content(w.prepared)
-    return Outcome("kill -9 prepare", "prepare", r.returncode, r.stderr)
+    return Outcome("kill -9 prepare", "prepare", r.returncode, r.stderr, when)
 
 
 def disk_full_align(w: World, rng: random.Random) -> Outcome:
@@ -235,7 +257,7 @@ def disk_full_align(w: World, rng: random.Random) -> Outcome:
     limit = rng.choice([2_000, 20_000, 60_000, 150_000, 400_000])
     first = spoctl(w.align_args(w.prepared, out), fsize=limit)
     assert first.returncode == 0 or clear_error(first), first.stderr
-    r = spoctl([*w.align_args(w.prepared, out), "--resume"])
+    r = spoctl_next([*w.align_args(w.prepared, out), "--resume"])
     assert r.returncode == 0, r.stderr
     assert stage_weights(out) == stage_weights(w.run)
     return Outcome(f"file-size limit {limit} B during align", "align --resume", r.returncode, first.stderr)
@@ -247,7 +269,7 @@ def disk_full_prepare(w: World, rng: random.Random) -> Outcome:
     first = spoctl(w.prepare_args(out), fsize=limit)
     assert clear_error(first) or first.returncode == 0, first.stderr
     assert first.returncode == 0 or not out.exists(), "a failed prepare left a partial --out"
-    r = spoctl(w.prepare_args(out))
+    r = spoctl_next(w.prepare_args(out))
     assert r.returncode == 0 or (clear_error(r) and "--force" in r.stderr), r.stderr
     assert prepared_content(out) == prepared_content(w.prepared)
     return Outcome(f"file-size limit {limit} B during prepare", "prepare", r.returncode, first.stderr)
@@ -258,7 +280,7 @@ def damaged_prepared(w: World, rng: random.Random) -> Outcome:
     prepared = copy_tree(w.prepared, w.fresh("prepared"))
     target = rng.choice(sorted(p for p in prepared.glob("*/*/*") if p.is_file() and p.suffix == ".arrow"))
     detail = damage(target, rng, rng.choice(["flip", "truncate"]))
-    r = spoctl(w.align_args(prepared, w.fresh("on-damaged")))
+    r = spoctl_next(w.align_args(prepared, w.fresh("on-damaged")))
     assert clear_error(r) and target.name in r.stderr, r.stderr
     return Outcome("damaged prepared split", "align", r.returncode, r.stderr, detail)
 
@@ -269,7 +291,7 @@ def damaged_cache(w: World, rng: random.Random) -> Outcome:
     target = rng.choice(sorted((prepared / "cache" / "logps").glob("*.safetensors")))
     detail = damage(target, rng, rng.choice(["flip", "truncate"]))
     out = w.fresh("on-cache")
-    r = spoctl(w.align_args(prepared, out))
+    r = spoctl_next(w.align_args(prepared, out))
     assert r.returncode == 0, r.stderr
     assert stage_weights(out) == stage_weights(w.run)
     return Outcome("damaged log-prob cache", "align", r.returncode, r.stderr, detail)
@@ -286,7 +308,7 @@ def damaged_checkpoint(w: World, rng: random.Random) -> Outcome:
     kill_when(proc, lambda: bool(checkpoints(ckpts)))
     files = sorted(p for p in ckpts.rglob("*") if p.is_file()) if ckpts.is_dir() else []
     detail = damage(rng.choice(files), rng, rng.choice(["flip", "truncate"])) if files else "no checkpoint yet"
-    r = spoctl([*w.align_args(w.prepared, out), "--resume"])
+    r = spoctl_next([*w.align_args(w.prepared, out), "--resume"])
     assert r.returncode == 0, r.stderr
     assert stage_weights(out) == stage_weights(w.run)
     return Outcome("damaged checkpoint", "align --resume", r.returncode, r.stderr, detail)
@@ -300,12 +322,12 @@ def damaged_stage_model(w: World, rng: random.Random) -> Outcome:
     before = tree_digest(run, skip=lambda p: p == target or p.name == ".lock")
     command = rng.choice(["eval", "export", "resume"])
     if command == "eval":
-        r = spoctl(["eval", str(run), "--no-plot"])
+        r = spoctl_next(["eval", str(run), "--no-plot"])
     elif command == "export":
-        r = spoctl(["export", "--run", str(run), "--stage", target.parts[-3].split("-", 1)[1], "--out",
+        r = spoctl_next(["export", "--run", str(run), "--stage", target.parts[-3].split("-", 1)[1], "--out",
                     str(w.fresh("export"))])
     else:
-        r = spoctl([*w.align_args(w.prepared, run), "--resume", "--dims", "helpful,harmless,concise"])
+        r = spoctl_next([*w.align_args(w.prepared, run), "--resume", "--dims", "helpful,harmless,concise"])
     assert clear_error(r) and target.name in r.stderr, r.stderr
     after = tree_digest(run, skip=lambda p: p == target or p.name == ".lock" or "eval" in p.relative_to(run).parts)
     assert {k: v for k, v in before.items() if not k.startswith("eval/")} == after, "files were lost or changed"
@@ -316,7 +338,7 @@ def damaged_manifest(w: World, rng: random.Random) -> Outcome:
     run = copy_tree(w.run, w.fresh("run"))
     detail = damage(run / "manifest.json", rng, rng.choice(["flip", "truncate"]))
     before = tree_digest(run, skip=lambda p: p.name == ".lock")
-    r = spoctl([*w.align_args(w.prepared, run), "--resume"])
+    r = spoctl_next([*w.align_args(w.prepared, run), "--resume"])
     # A flipped bit may land in a value that still parses (a date, a digit): then the run is either still this run
     # (exit 0, same weights) or refused as another; never trained on silently into something else.
     if r.returncode == 0:
@@ -339,7 +361,7 @@ def data_replaced(w: World, rng: random.Random) -> Outcome:
     args = w.prepare_args(prepared)
     args[1] = f"--data=helpful={shuffled}"
     spoctl_here([*args, "--force"])  # the change behind the run's back (setup, not the command under test)
-    r = spoctl([*w.align_args(prepared, run), "--resume", "--dims", "helpful,harmless,concise"])
+    r = spoctl_next([*w.align_args(prepared, run), "--resume", "--dims", "helpful,harmless,concise"])
     assert clear_error(r) and "data hash" in r.stderr, r.stderr
     return Outcome("prepared data replaced", "align --resume", r.returncode, r.stderr)
 
@@ -371,11 +393,33 @@ def make_world(root: Path) -> World:
         sources[dim] = path
     w = World(root, model, sources, root / "prepared", root / "reference-run")
     # The reference data and run are made in this process (they are not under test, and a process start costs
-    # seconds); every fault's commands are real processes. Both ways give the same bytes, which is what each fault's
-    # comparison with them checks again.
-    spoctl_here(w.prepare_args(w.prepared))
-    spoctl_here(w.align_args(w.prepared, w.run))
+    # seconds), then align once more as a real process: the same bytes, and the cost of a process start, which
+    # with each command's time in this process gives how long it lasts as a process of its own. (The first command
+    # here pays the imports a process pays at its start: a prepare before the timed one, so as not to count them
+    # twice. Align's own imports still count in its time here: the other commands' estimates err short, and a
+    # moment drawn within them falls while the command runs.)
+    spoctl_here(w.prepare_args(root / "warm-up-prepared"))
+    in_process = {"prepare": timed(spoctl_here, w.prepare_args(w.prepared)),
+                  "align": timed(spoctl_here, w.align_args(w.prepared, w.run))}
+    scratch = copy_tree(w.run, root / "timing-run")
+    in_process["eval"] = timed(spoctl_here, ["eval", str(scratch), "--no-plot"])
+    in_process["export"] = timed(spoctl_here, ["export", "--run", str(scratch), "--stage", "harmless", "--out",
+                                               str(root / "timing-export")])
+    started = time.perf_counter()
+    real = subprocess.run([*SPOCTL, *w.align_args(w.prepared, root / "process-run"), "--quiet"], capture_output=True,
+                          text=True, timeout=600)
+    w.lasts["align"] = time.perf_counter() - started
+    assert real.returncode == 0, real.stderr
+    assert stage_weights(root / "process-run") == stage_weights(w.run), "a process and this process trained apart"
+    start = max(0.0, w.lasts["align"] - in_process["align"])
+    w.lasts.update({cmd: seconds + start for cmd, seconds in in_process.items() if cmd != "align"})
     return w
+
+
+def timed(command: Callable[[list[str]], None], args: list[str]) -> float:
+    started = time.perf_counter()
+    command(args)
+    return time.perf_counter() - started
 
 
 def run_faults(w: World, n: int, seed: int) -> list[Outcome]:

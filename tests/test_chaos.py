@@ -22,6 +22,7 @@ SEED = int(os.environ.get("SPOCTL_CHAOS_SEED", "20261130"))
 @pytest.mark.slow
 def test_every_fault_ends_in_identical_results_or_a_clear_error(tmp_path_factory):
     world = make_world(tmp_path_factory.mktemp("chaos"))
-    print(f"\nchaos: {FAULT_COUNT} faults, seed {SEED}")
+    print(f"\nchaos: {FAULT_COUNT} faults, seed {SEED}; each command as a process lasts about "
+          + ", ".join(f"{cmd} {seconds:.1f} s" for cmd, seconds in sorted(world.lasts.items())))
     for outcome in run_faults(world, FAULT_COUNT, SEED):
         print(f"  {outcome.fault:40s} -> {outcome.command:15s} exit {outcome.code}  {outcome.detail}")

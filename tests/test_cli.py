@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 from spoctl.cli import app
 from spoctl.cli.common import SHARED_OPTIONS, examples_epilog
 from spoctl.console import Output, is_main_process
-from spoctl.demo.model import SFT_STEPS, base_model_key, build_base_model
 from spoctl.errors import CheckFailed, InputError, TrainingError, UsageError, describe_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +33,11 @@ def spoctl(*args: str, env: dict[str, str] | None = None, cwd: Path | None = Non
 
 
 @pytest.fixture
-def demo_home(tmp_path, monkeypatch) -> Path:
+def demo_home(tmp_path, monkeypatch, demo_stand_in) -> Path:
     """An empty working directory with SPOCTL_HOME set, whose demo base model is a 20-step stand-in."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SPOCTL_HOME", str(tmp_path / "home"))
-    build_base_model(tmp_path / "home" / "demo" / base_model_key(0, SFT_STEPS), seed=0, steps=20)
+    demo_stand_in(tmp_path / "home")
     return tmp_path
 
 

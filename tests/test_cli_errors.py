@@ -18,7 +18,6 @@ import pytest
 from typer.testing import CliRunner
 
 from spoctl.cli import app
-from spoctl.demo.model import SFT_STEPS, base_model_key, build_base_model
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
 DEMO_ALIGN = ["align", "--dims", "helpful", "--max-steps", "1"]  # the demo, one step
@@ -62,10 +61,10 @@ def assert_clean_error(res: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
+def home(tmp_path_factory, demo_stand_in) -> Path:
     """SPOCTL_HOME with the demo's base model (a 20-step stand-in) and its prepared data built."""
     root = tmp_path_factory.mktemp("errors-home")
-    build_base_model(root / "demo" / base_model_key(0, SFT_STEPS), seed=0, steps=20)
+    demo_stand_in(root)
     # Once in this process, so that the demo's prepared data is built before the tests' own processes start.
     res = demo_here(root, "--out", str(root / "warm"), "-q")
     assert res.exit_code == 0, res.output

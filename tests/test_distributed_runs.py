@@ -2,6 +2,7 @@
 `one_process`, is the reference of every full fine-tuning comparison), frozen passes shared out over 1, 2 and 3
 processes, two rendezvous "nodes" on this machine, damaged checkpoints, and `spoctl eval`'s scorecard under two
 processes. (A process killed with SIGKILL, SIGTERM or SIGHUP and the run resumed: tests/test_resume_matrix.py.)
+The two-process commands that need no launcher of their own share one torchrun launch (`launched`).
 
 Comparisons of two trainings that differ only in float rounding use ROUNDING_RUN and its bound (see
 test_engine_align.py): AdamW with epsilon 1.0 is Lipschitz in the gradient, so rounding-size gradient differences
@@ -80,12 +81,60 @@ def one_process(world, tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(world, tmp_path_factory) -> tuple[Path, Path]:
+def launched(world, tmp_path_factory, request) -> dict[str, Path]:
+    """The two-process commands that need no launcher of their own, run by one torchrun launch
+    (tests/spoctl_sequence.py: each launch costs every process its start), one after the other: the DDP run ("ddp":
+    the same training as `one_process`, frozen passes included), the FSDP LoRA run ("fsdp-lora") and the
+    two-process eval of a copy of `one_process`'s run ("eval"). Only the commands of the tests this session runs
+    (tests/test_other_cpus.py runs the DDP test alone). Returns each command's folder: run, prepared data, exit code
+    in `code`, the launch's log in `log`."""
+    here = Path(__file__)
+    wanted = {item.originalname + (f"[{item.callspec.id}]" if hasattr(item, "callspec") else "")
+              for item in request.session.items if item.path == here}
+    root, commands, folders = tmp_path_factory.mktemp("launched"), [], {}
+
+    def add(name: str, *args: str) -> None:
+        folders[name] = root / name
+        commands.append(list(args))
+
+    if wanted & {"test_ddp_on_two_processes_trains_what_one_process_trains",
+                 "test_the_frozen_pass_on_1_2_and_3_processes_writes_the_same_cache"}:
+        add("ddp", *ROUNDING_ALIGN, "--data", str(copy_prepared(world[2], root / "ddp" / "prepared")),
+            "--out", str(root / "ddp" / "run"))
+    if "test_fsdp_on_two_processes_trains_what_one_process_trains[lora]" in wanted:
+        add("fsdp-lora", *ROUNDING_ALIGN, "--lora", "--set", "lora.r=4", "--set", "distributed=fsdp", "--set",
+            "fsdp.cpu_offload=true", "--data", str(copy_prepared(world[2], root / "fsdp-lora" / "prepared")),
+            "--out", str(root / "fsdp-lora" / "run"))
+    if "test_eval_scorecard_under_two_processes_equals_one_process" in wanted:
+        one_run, one_data = request.getfixturevalue("one_process")
+        shutil.copytree(one_run, root / "eval" / "run")
+        add("eval", "eval", str(root / "eval" / "run"), "--data", str(copy_prepared(one_data, root / "eval" /
+            "prepared")), "--no-plot", "--json")  # its own cache: every model scored in the launch
+    if commands:
+        spec, codes = root / "commands.json", root / "codes.json"
+        spec.write_text(json.dumps(commands))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(here.with_name("spoctl_sequence.py")), str(spec), str(codes)]
+        done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=1800)
+        log = done.stdout + done.stderr
+        assert done.returncode == 0, log[-6000:]
+        for name, code in zip(folders, json.loads(codes.read_text())):
+            folders[name] = {"run": folders[name] / "run", "data": folders[name] / "prepared", "code": code,
+                             "log": log}
+    return folders
+
+
+def launched_run(launched: dict, name: str) -> tuple[Path, Path]:
+    """(run, prepared data) of a command of the shared launch, which must have exited 0."""
+    got = launched[name]
+    assert got["code"] == 0, f"{name}: exit {got['code']}\n" + got["log"][-6000:]
+    return got["run"], got["data"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(launched) -> tuple[Path, Path]:
     """(run, its prepared data): the same training as `one_process` on two DDP processes, frozen passes included."""
-    root = tmp_path_factory.mktemp("ddp")
-    data = copy_prepared(world[2], root / "prepared")
-    run(torchrun(2, *ROUNDING_ALIGN, "--data", str(data), "--out", str(root / "run")))
-    return root / "run", data
+    return launched_run(launched, "ddp")
 
 
 def cache(data: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -145,39 +194,37 @@ def lora_init(model_dir: Path, stage: int, seed: int = 0) -> dict[str, torch.Ten
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_fsdp_on_two_processes_trains_what_one_process_trains(world, tmp_path, kind, request):
     """Two stages, FSDP2 over two processes (full fine-tuning launched with the shipped accelerate config and with
-    activation checkpointing; LoRA through torchrun and the setting, with CPU offload) against one plain process:
-    the same weights and logged metrics to rounding."""
+    activation checkpointing; LoRA through torchrun and the setting, with CPU offload: a command of the shared
+    launch) against one plain process: the same weights and logged metrics to rounding."""
     root, model_dir, prepared = world
-    extra = ["--lora", "--set", "lora.r=4"] if kind == "lora" else ["--full"]
-    common = [*ROUNDING_ALIGN, *extra]
     if kind == "full":
         one = request.getfixturevalue("one_process")[0]
+        two_dir = tmp_path / "two"
+        run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             str(ROOT / "configs/accelerate/fsdp2.yaml"), "--num_processes", "2", "--main_process_port",
+             str(free_port()), "-m", "spoctl", *ROUNDING_ALIGN, "--full", "--data",
+             str(copy_prepared(prepared, tmp_path / "p2")), "--out", str(two_dir), "--set",
+             "gradient_checkpointing=true"])
     else:
         one = tmp_path / "one"
-        code, out = run_cli([*common, "--data", str(copy_prepared(prepared, tmp_path / "p1")), "--out", str(one)])
+        code, out = run_cli([*ROUNDING_ALIGN, "--lora", "--set", "lora.r=4", "--data",
+                             str(copy_prepared(prepared, tmp_path / "p1")), "--out", str(one)])
         assert code == 0, out
-    two = [*common, "--data", str(copy_prepared(prepared, tmp_path / "p2")), "--out", str(tmp_path / "two")]
-    if kind == "full":
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs/accelerate/fsdp2.yaml"), "--num_processes", "2", "--main_process_port",
-               str(free_port()), "-m", "spoctl", *two, "--set", "gradient_checkpointing=true"]
-    else:
-        cmd = torchrun(2, *two, "--set", "distributed=fsdp", "--set", "fsdp.cpu_offload=true")
-    run(cmd)
-    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+        two_dir = launched_run(request.getfixturevalue("launched"), "fsdp-lora")[0]
+    manifest = json.loads((two_dir / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["distributed"]["name"] == "fsdp"
     assert (manifest["distributed"]["source"], manifest["distributed"]["gradient_checkpointing"],
             manifest["distributed"]["cpu_offload"]) == (("accelerate config", True, False) if kind == "full"
                                                          else ("align.distributed", False, True))
     if kind == "full":
-        assert_trains_what_one_process_trains(tmp_path / "two", one, model_dir)
+        assert_trains_what_one_process_trains(two_dir, one, model_dir)
     else:  # LoRA: each stage's adapter, measured from the adapter it started from
         for n, stage in enumerate(("01-helpful", "02-harmless"), start=1):
-            assert_same_to_rounding(weights(tmp_path / "two", stage), weights(one, stage), lora_init(model_dir, n))
-        assert_metrics_same_to_rounding(metrics(tmp_path / "two"), metrics(one))
+            assert_same_to_rounding(weights(two_dir, stage), weights(one, stage), lora_init(model_dir, n))
+        assert_metrics_same_to_rounding(metrics(two_dir), metrics(one))
     # The stage models are plain Hugging Face folders, as one process writes them.
     for stage in ("01-helpful", "02-harmless"):
-        assert sorted(p.name for p in (tmp_path / "two" / "stages" / stage / "model").iterdir()) == \
+        assert sorted(p.name for p in (two_dir / "stages" / stage / "model").iterdir()) == \
             sorted(p.name for p in (one / "stages" / stage / "model").iterdir())
 
 
@@ -225,19 +272,17 @@ def test_the_frozen_pass_on_1_2_and_3_processes_writes_the_same_cache(world, one
             assert_same_logps(three[name], one[name])
 
 
-def test_eval_scorecard_under_two_processes_equals_one_process(one_process, tmp_path):
+def test_eval_scorecard_under_two_processes_equals_one_process(one_process, launched, tmp_path):
+    """`spoctl eval` of the same run on one process (here) and on two (a command of the shared launch), each with
+    its own cache, so every model is scored under each."""
     run_dir = tmp_path / "run"
     shutil.copytree(one_process[0], run_dir)
-    reports = {}
-    for n in (1, 2):
-        data = copy_prepared(one_process[1], tmp_path / f"e{n}")  # its own cache: every model scored here
-        args = ["eval", str(run_dir), "--data", str(data), "--no-plot", "--json"]
-        if n == 1:
-            code, out = run_cli(args)
-            assert code == 0, out
-        else:
-            run(torchrun(n, *args))
-        reports[n] = json.loads(RunDir(run_dir).eval_report_path.read_text())
+    data = copy_prepared(one_process[1], tmp_path / "e1")
+    code, out = run_cli(["eval", str(run_dir), "--data", str(data), "--no-plot", "--json"])
+    assert code == 0, out
+    reports = {1: (run_dir, data), 2: launched_run(launched, "eval")}
+    for n, (evaluated, data) in reports.items():
+        reports[n] = json.loads(RunDir(evaluated).eval_report_path.read_text())
         assert len(list((data / "cache" / "logps").glob("*.safetensors"))) == 3 * 2  # pi_0..pi_2 on 2 dims
     one, two = reports[1]["scorecard"], reports[2]["scorecard"]
     assert [r["k"] for r in one] == [r["k"] for r in two] == [0, 1, 2]

@@ -31,7 +31,10 @@ Markers, at the end of a command line (or alone on a block's first line, for the
                     installed): listed by this test as a skipped case with WHAT as the reason, never dropped
     # exit: 0,1     exit codes that mean the command worked (a CI gate that may fail by design)
 
-`make test` (and `.ci/run`) are this suite itself: listed as not run, for that reason.
+`make test` (and `.ci/run`) are this suite itself: listed as not run, for that reason. A `make` command that an
+earlier page already runs as written (`make demo`: README.md, then docs/demo.md) runs there only; the later one is
+listed as not run, naming where it runs. (A make target does the same whatever the page: spoctl's own commands,
+whose results a page goes on to use, always run.)
 
 Two tiers. `make test` runs README.md, docs/demo.md, docs/prepare.md and the demo configs. The pages whose
 commands train, evaluate or export SmolLM2 (or run the study) take about a minute of CPU per command, mostly
@@ -188,8 +191,24 @@ def shrink(command: str) -> str:
     return re.sub(r"((?:^|\s)(?:spoctl|-m spoctl)\s+)(prepare|align|demo|eval|export)([^|;&#]*)", one, command)
 
 
+def mark_repeated_make_commands(pages: dict[str, Page]) -> None:
+    """A `make` command run by an earlier page: not run again (its reason says where it runs)."""
+    first: dict[str, str] = {}
+    for page, found in pages.items():
+        for block in found.blocks:
+            for c in block.commands:
+                target = re.sub(r"\s*#.*$", "", c.text)
+                if not target.startswith("make ") or c.needs or RECURSIVE.match(c.text):
+                    continue
+                if target in first:
+                    c.needs = f"`{target}` runs as written at {first[target]}"
+                else:
+                    first[target] = f"{page}:{c.line}"
+
+
 # ------------------------------------------------------------------------------------------------ running
 ALL_PAGES = {page: read_page(page) for page in PAGES}
+mark_repeated_make_commands(ALL_PAGES)
 
 
 def not_run_reason(c: Command) -> str | None:
@@ -344,6 +363,10 @@ def test_shrink_rule_changes_sizes_only():
 def test_every_page_with_commands_is_read_and_markers_parse():
     texts = [c.text for b in ALL_PAGES["README.md"].blocks for c in b.commands]
     assert any(t.startswith("make demo") for t in texts) and any(t.startswith("make test") for t in texts)
+    (readme_demo,) = [c for b in ALL_PAGES["README.md"].blocks for c in b.commands if c.text.startswith("make demo")]
+    assert not_run_reason(readme_demo) is None  # the first `make demo` runs; docs/demo.md's names it
+    assert [c.needs for b in ALL_PAGES["docs/demo.md"].blocks for c in b.commands if c.text.startswith("make demo")] \
+        == [f"`make demo` runs as written at README.md:{readme_demo.line}"]
     commands = [c for page in PAGES for b in ALL_PAGES[page].blocks for c in b.commands]
     assert len(commands) > 20
     # every "not run" says why, and commands that obviously need a GPU or a key are marked
