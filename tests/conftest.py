@@ -141,9 +141,10 @@ def demo_stand_in(tmp_path_factory):
 # scheduling hint -- a file missing here runs later, nothing else changes. pytest-xdist deals files by their count of
 # tests unless given --no-loadscope-reorder (the Makefile gives it): chaos, one test of two minutes, then came last
 # and ran alone on one core for its whole length.
-LONGEST_FIRST = ("test_readme_commands.py", "test_align_real.py", "test_chaos.py", "test_other_cpus.py",
-                 "test_resume_matrix.py", "test_distributed_runs.py", "test_json_stdout.py", "test_cli_errors.py",
-                 "test_gguf_cache.py", "test_adapter_bytes.py", "test_keep.py", "test_export.py", "test_cli.py")
+LONGEST_FIRST = ("test_readme_commands.py", "test_resume_matrix.py", "test_other_cpus.py", "test_align_real.py",
+                 "test_distributed_runs.py", "test_json_stdout.py", "test_chaos.py", "test_cli_errors.py",
+                 "test_gguf_cache.py", "test_export.py", "test_cli.py", "test_keep.py", "test_adapter_bytes.py",
+                 "test_engine_recovery.py", "test_engine_logprobs.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -157,7 +157,7 @@ def test_the_reported_values_are_refused_before_any_work(command, setting, key, 
     args = [command, "--set", setting, "--print-config"] + (["--data", "p"] if command == "align" else [])
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
-    assert f"'{key}'" in res.stderr and f"accepted range: " in res.stderr and bound in res.stderr, res.stderr
+    assert f"'{key}'" in res.stderr and "accepted range: " in res.stderr and bound in res.stderr, res.stderr
 
 
 def test_the_same_values_in_a_config_file(tmp_path):

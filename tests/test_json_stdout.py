@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from test_engine_align import SPOCTL, _env
 from test_distributed_runs import torchrun
-from tinyworld import checkpoints, kill_when, make_world
+from tinyworld import checkpoints, make_world, stop_in_process
 
 ARGS = ["--lr", "1e-3", "--batch-size", "4"]
 
@@ -66,9 +65,10 @@ def test_prepare_align_resume_eval_gate_and_export(world, tmp_path):
     run = tmp_path / "run"
     align = ["align", "--dims", "helpful,harmless", "--data", str(prepared), *ARGS, "--epochs", "8", "--max-steps",
              "12", "--set", "save_every=2", "--out", str(run)]
-    proc = subprocess.Popen([*SPOCTL, *align, "--json"], env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    kill_when(proc, lambda: bool(checkpoints(run / "stages" / "01-helpful" / "checkpoints")), timeout=300)
+    # Stopped in stage 1 (SIGTERM, in this process: what is checked here is the resume's stdout).
+    stopped, out = stop_in_process([*align, "--quiet"], lambda: bool(checkpoints(run / "stages" / "01-helpful" /
+                                                                                   "checkpoints")))
+    assert stopped == 143, out
     code, doc, err = spoctl(*align, "--resume")
     assert code == 0 and doc["run_dir"] == str(run), err
     assert "resuming from step" in err, err  # said, on stderr

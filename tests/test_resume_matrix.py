@@ -20,7 +20,6 @@ and its resume on one process: test_a_checkpoint_written_by_two_fsdp_processes_r
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -33,7 +32,7 @@ import pytest
 from safetensors import safe_open
 
 from test_engine_align import SPOCTL, _env, assert_same, assert_same_to_rounding, run_cli, weights
-from tinyworld import checkpoints, kill_when, make_model_dir, make_prepared
+from tinyworld import checkpoints, kill_when, make_model_dir, make_prepared, stop_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -165,25 +164,9 @@ class Matrix:
             self.outcome[cell].update(resume_code=code, resume_out=out)
 
     def _signal_this_process(self, cell: tuple[str, str, str], sig: signal.Signals) -> int:
-        """`spoctl align` in this process (CliRunner), sent `sig` from another thread once stage 2 checkpointed."""
+        """`spoctl align` in this process (CliRunner), sent `sig` once stage 2 checkpointed."""
         run = self.run(cell, "interrupted")
-        ignored = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGHUP)}  # between commands
-        over = threading.Event()
-
-        def send() -> None:
-            wait_for(lambda: over.is_set() or bool(stage2_checkpoints(run)))
-            if not over.is_set():
-                os.kill(os.getpid(), sig)
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        try:
-            code, out = run_cli(self.args(cell, "interrupted"))
-        finally:
-            over.set()
-            sender.join(60)
-            for s, h in ignored.items():
-                signal.signal(s, h)
+        code, out = stop_in_process(self.args(cell, "interrupted"), lambda: bool(stage2_checkpoints(run)), sig)
         self.outcome[cell]["stderr"] = out
         return code
 

@@ -114,3 +114,40 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float 
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def stop_in_process(args: list[str], ready: Callable[[], bool], sig: signal.Signals = signal.SIGTERM,
+                    timeout: float = 1500) -> tuple[int, str]:
+    """`spoctl ARGS` in this process (CliRunner), sent `sig` from another thread as soon as `ready()` holds: spoctl
+    stops at the next step boundary with a checkpoint, as a process of its own does (the runs after a real kill:
+    tests/test_resume_matrix.py, tests/chaos.py). (exit code, output). Between commands this process ignores the
+    signal, so one sent just as the command ended changes nothing."""
+    import os
+    import threading
+
+    from typer.testing import CliRunner
+
+    from spoctl.cli import app
+
+    ignored = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGHUP)}
+    over = threading.Event()
+
+    def send() -> None:
+        deadline = time.time() + timeout
+        while not (over.is_set() or ready()):
+            if time.time() > deadline:
+                return
+            time.sleep(0.005)
+        if not over.is_set():
+            os.kill(os.getpid(), sig)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        result = CliRunner().invoke(app, args, catch_exceptions=False)
+    finally:
+        over.set()
+        sender.join(60)
+        for s, handler in ignored.items():
+            signal.signal(s, handler)
+    return result.exit_code, result.output
