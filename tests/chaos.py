@@ -325,7 +325,7 @@ def damaged_stage_model(w: World, rng: random.Random) -> Outcome:
         r = spoctl_next(["eval", str(run), "--no-plot"])
     elif command == "export":
         r = spoctl_next(["export", "--run", str(run), "--stage", target.parts[-3].split("-", 1)[1], "--out",
-                    str(w.fresh("export"))])
+                         str(w.fresh("export"))])
     else:
         r = spoctl_next([*w.align_args(w.prepared, run), "--resume", "--dims", "helpful,harmless,concise"])
     assert clear_error(r) and target.name in r.stderr, r.stderr

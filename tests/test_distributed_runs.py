@@ -81,13 +81,13 @@ def one_process(world, tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def launched(world, tmp_path_factory, request) -> dict[str, Path]:
+def launched(world, tmp_path_factory, request) -> dict[str, dict]:
     """The two-process commands that need no launcher of their own, run by one torchrun launch
     (tests/spoctl_sequence.py: each launch costs every process its start), one after the other: the DDP run ("ddp":
     the same training as `one_process`, frozen passes included), the FSDP LoRA run ("fsdp-lora") and the
     two-process eval of a copy of `one_process`'s run ("eval"). Only the commands of the tests this session runs
-    (tests/test_other_cpus.py runs the DDP test alone). Returns each command's folder: run, prepared data, exit code
-    in `code`, the launch's log in `log`."""
+    (tests/test_other_cpus.py runs the DDP test alone). Returns, by command, its `run` and prepared `data` folders,
+    its exit `code` and the launch's `log`."""
     here = Path(__file__)
     wanted = {item.originalname + (f"[{item.callspec.id}]" if hasattr(item, "callspec") else "")
               for item in request.session.items if item.path == here}
