@@ -309,8 +309,8 @@ def test_two_processes_keep_like_one_process(world, tmp_path):
             "--max-steps", "3", "--set", "adam_epsilon=1.0", "--keep", "helpful=2", "--set", "keep_control.every=1",
             "--set", "keep_control.replay_pairs=2", "--quiet"]
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
-    one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")], catch_exceptions=False)  # in this process
-    assert one.exit_code == 0, one.output
+    code, output = align(*args[1:], "--out", str(tmp_path / "one"))  # in this process
+    assert code == 0, output
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     subprocess.run([*two, "-m", "spoctl", *args, "--out", str(tmp_path / "two")], check=True, env=env)
     k1, k2 = (manifest(tmp_path / r)["stages"][1]["keep"]["helpful"] for r in ("one", "two"))
