@@ -25,14 +25,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
 from test_engine_align import SPOCTL, _env, assert_same, assert_same_to_rounding, run_cli, weights
-from tinyworld import checkpoints, kill_when, make_model_dir, make_prepared, stop_in_process
+from tinyworld import checkpoints, kill_when, make_model_dir, make_prepared, poll_until, stop_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -96,13 +95,13 @@ def workers(proc: subprocess.Popen, ranks: tuple[int, ...]) -> list:
 
 
 def wait_for(ready, proc: subprocess.Popen | None = None, timeout: float = 1500) -> None:
-    deadline = time.time() + timeout
-    while not ready():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the launch ended (exit {proc.returncode}) before it could be signalled")
-        if time.time() > deadline:
-            raise AssertionError("timed out waiting for a checkpoint")
-        time.sleep(0.005)
+    def ended() -> bool:
+        return proc is not None and proc.poll() is not None
+
+    if not poll_until(lambda: ready() or ended(), timeout):
+        raise AssertionError("timed out waiting for a checkpoint")
+    if not ready():
+        raise AssertionError(f"the launch ended (exit {proc.returncode}) before it could be signalled")
 
 
 def torchrun(port_args: list[str], *args: str) -> list[str]:

@@ -107,11 +107,19 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith("step-")) if folder.is_dir() else []
 
 
-def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> None:
-    """SIGKILL `proc` as soon as `ready()` holds (polled every 5 ms), or when it has ended or `timeout` passed."""
+def poll_until(done: Callable[[], bool], timeout: float) -> bool:
+    """Poll `done()` every 5 ms until it holds (True) or `timeout` seconds have passed (False)."""
     deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not ready():
+    while not done():
+        if time.time() > deadline:
+            return False
         time.sleep(0.005)
+    return True
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds, or when it has ended or `timeout` passed."""
+    poll_until(lambda: proc.poll() is not None or ready(), timeout)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
@@ -133,12 +141,7 @@ def stop_in_process(args: list[str], ready: Callable[[], bool], sig: signal.Sign
     over = threading.Event()
 
     def send() -> None:
-        deadline = time.time() + timeout
-        while not (over.is_set() or ready()):
-            if time.time() > deadline:
-                return
-            time.sleep(0.005)
-        if not over.is_set():
+        if poll_until(lambda: over.is_set() or ready(), timeout) and not over.is_set():
             os.kill(os.getpid(), sig)
 
     sender = threading.Thread(target=send, daemon=True)
