@@ -184,7 +184,9 @@ def test_unwritable_cache_falls_back_to_the_file(monkeypatch, tmp_path):
 def test_smollm2_through_the_cache_is_the_gguf_file(smollm2_gguf, tmp_path, monkeypatch):
     """Config, tokenizer and weights read back from the cache equal those transformers made of the GGUF file (the
     objects it saved into the cache: a direct load, without loading the file twice), and a warm load does not read
-    the GGUF file at all."""
+    the GGUF file at all. Each part is unpacked from one parse of the file and one tensor-name table
+    (gguf_cache._parsed_once), and the weights made so are the file's."""
+    import gguf
     import torch
     import transformers
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
@@ -200,11 +202,31 @@ def test_smollm2_through_the_cache_is_the_gguf_file(smollm2_gguf, tmp_path, monk
             return _original(self, folder, *args, **kwargs)
 
         monkeypatch.setattr(cls, "save_pretrained", spy)
+    parses, tables, before = [], [], (gguf.GGUFReader, gguf.get_tensor_name_map)
+    for cls, seen in ((gguf.GGUFReader, parses), (gguf.TensorNameMap, tables)):
+        def counted(self, *args, _original=cls.__init__, _seen=seen, **kwargs):
+            _seen.append(args)
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", counted)
     spec = str(smollm2_gguf)
     monkeypatch.setenv("SPOCTL_CACHE", str(tmp_path / "cache"))
     cold = (model_config(spec), load_tokenizer(spec), load_causal_lm(spec))
     assert unpacked.keys() == {"config", "tokenizer", "model"}
+    # One parse a part (transformers alone: 4, the model's config and weights each) and one tensor-name table
+    # (transformers alone: one per submodule, 397), then gguf's own functions again.
+    assert len(parses) == 3 and len(tables) == 1, (parses, len(tables))
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == before
     direct = (unpacked["config"], unpacked["tokenizer"], unpacked["model"])
+    # The weights made through the shared parse and table are the file's: dequantised here from a parse of its own,
+    # under the names the table gives them (none of these three is permuted on the way).
+    own_parse = {t.name: t for t in gguf.GGUFReader(str(smollm2_gguf)).tensors}
+    made = direct[2].state_dict()
+    for ours, theirs in (("token_embd.weight", "model.embed_tokens.weight"),
+                         ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+                         ("blk.29.attn_v.weight", "model.layers.29.self_attn.v_proj.weight")):
+        values = gguf.dequantize(own_parse[ours].data, own_parse[ours].tensor_type)
+        assert torch.equal(torch.from_numpy(values.copy()).reshape(made[theirs].shape), made[theirs]), theirs
 
     def no_gguf(*args, **kwargs):
         raise AssertionError("a warm load read the GGUF file")

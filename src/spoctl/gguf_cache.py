@@ -2,8 +2,8 @@
 an ordinary safetensors model folder so that later loads read that instead.
 
 transformers parses a GGUF file anew on every load: for SmolLM2-135M's 98 MB file about 5 CPU-seconds for the
-config, 5 for the tokenizer and 19 for the model (dequantisation included), and spoctl loads a base model several
-times per command (tokenizer, vocabulary check, base fingerprint, every frozen model of a LoRA chain). The cache
+config, 5 for the tokenizer and 19 for the model (dequantisation included; 9 when unpacked here, `_parsed_once`),
+and spoctl loads a base model several times per command (tokenizer, vocabulary check, base fingerprint, every frozen model of a LoRA chain). The cache
 turns each into a read of a safetensors folder.
 
 Layout: `<cache_home>/gguf/<sha256 of the file>-transformers-<version>-v<FORMAT>/{config,tokenizer,model}/`. The key
@@ -19,11 +19,13 @@ What a run records about its model is unchanged: manifests name the .gguf file a
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from .fsutil import atomic_directory, read_json, sha256_file, write_json_atomic
 from .rundir import cache_home
@@ -98,7 +100,8 @@ def load_through_cache(gguf: Path, part: str, *, build: Callable[[], Any], save:
                 entry.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 return _unwritable(gguf, entry, err, direct)
-            obj = build()
+            with _parsed_once():
+                obj = build()
             try:
                 with atomic_directory(folder) as tmp:
                     save(obj, tmp)
@@ -119,6 +122,35 @@ def load_through_cache(gguf: Path, part: str, *, build: Callable[[], Any], save:
                                     f"{first}); unpacking the GGUF file again")
             shutil.rmtree(folder, ignore_errors=True)
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _parsed_once() -> Iterator[None]:
+    """While a part is unpacked: transformers parses the whole GGUF file on every read of it (about 3 CPU-seconds
+    for SmolLM2's 98 MB, most of it the vocabulary; a model reads it twice, for its config and its weights) and
+    builds gguf's tensor-name table once per submodule (some 400 times for SmolLM2, about 10 ms each). Here each
+    is made once per part. The reader is only read from (transformers dequantises into new arrays) and is dropped
+    with the part (it holds ~130 MB for SmolLM2); gguf's own functions are restored afterwards."""
+    try:
+        import gguf
+    except ImportError:  # transformers then says what to install
+        yield
+        return
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+        readers.clear()
 
 
 def _unwritable(gguf: Path, entry: Path, err: Exception, direct: Callable[[], T]) -> T:
