@@ -9,7 +9,8 @@ are what every x86 CPU can run. The sessions for the CPUs run side by side.
 
 A session whose kernels are this CPU's own is not started: on a CPU with AVX2 and nothing above it (no AVX-512, no
 AVX-VNNI, no AMX), "avx2" is what PyTorch and MKL pick anyway, so the session would repeat, kernel for kernel, what
-the main session runs. Its case is then a skip that says so (it runs on an AVX-512 CPU, where its kernels differ).
+`make test` runs in its own session. Its case is then a skip that says so (it runs on an AVX-512 CPU, where its
+kernels differ).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def sessions(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
 def test_rounding_comparisons_hold_with_another_cpus_kernels(sessions, cpu):
     if cpu not in sessions:
         pytest.skip(f"{OTHER_CPUS[cpu]} are this CPU's own kernels (PyTorch: {torch.backends.cpu.get_cpu_capability()},"
-                    " nothing above AVX2): the main session ran these tests with them")
+                    " nothing above AVX2): the suite runs these tests with them where it runs their files")
     proc, output = sessions[cpu]
     proc.wait(timeout=1800)
     text = output.read_text()

@@ -2,9 +2,9 @@
 an ordinary safetensors model folder so that later loads read that instead.
 
 transformers parses a GGUF file anew on every load: for SmolLM2-135M's 98 MB file about 5 CPU-seconds for the
-config, 5 for the tokenizer and 19 for the model (dequantisation included; 9 when unpacked here, `_parsed_once`),
-and spoctl loads a base model several times per command (tokenizer, vocabulary check, base fingerprint, every frozen model of a LoRA chain). The cache
-turns each into a read of a safetensors folder.
+config, 5 for the tokenizer and 19 for the model (dequantisation included; 9 when unpacked here, see
+`_parsed_once`), and spoctl loads a base model several times per command (tokenizer, vocabulary check, base
+fingerprint, every frozen model of a LoRA chain). The cache turns each into a read of a safetensors folder.
 
 Layout: `<cache_home>/gguf/<sha256 of the file>-transformers-<version>-v<FORMAT>/{config,tokenizer,model}/`. The key
 is the file's content, not its name or place, and the transformers version (which owns the unpacking: another
@@ -126,11 +126,11 @@ def load_through_cache(gguf: Path, part: str, *, build: Callable[[], Any], save:
 
 @contextlib.contextmanager
 def _parsed_once() -> Iterator[None]:
-    """While a part is unpacked: transformers parses the whole GGUF file on every read of it (about 3 CPU-seconds
-    for SmolLM2's 98 MB, most of it the vocabulary; a model reads it twice, for its config and its weights) and
-    builds gguf's tensor-name table once per submodule (some 400 times for SmolLM2, about 10 ms each). Here each
-    is made once per part. The reader is only read from (transformers dequantises into new arrays) and is dropped
-    with the part (it holds ~130 MB for SmolLM2); gguf's own functions are restored afterwards."""
+    """While a part is unpacked: transformers parses the whole GGUF file on every read of it (3-4 s for SmolLM2's
+    98 MB, most of it the vocabulary; a model reads it twice, for its config and its weights) and builds gguf's
+    tensor-name table once per submodule (397 times for SmolLM2, 10-20 ms each). Here each is made once per part.
+    The reader is only read from (transformers dequantises into new arrays) and goes with the part (it holds ~130
+    MB for SmolLM2, so it is not kept for the next one); gguf's own functions are restored afterwards."""
     try:
         import gguf
     except ImportError:  # transformers then says what to install
