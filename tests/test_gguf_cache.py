@@ -134,11 +134,16 @@ def test_a_part_that_never_loads_raises(cache, tmp_path):
 
 @pytest.mark.parametrize("error", [RuntimeError, UsageError])  # UsageError: e.g. a model spoctl refuses
 def test_a_file_that_does_not_unpack_is_the_callers_error(cache, tmp_path, error):
+    import gguf as gguf_package
+
+    before = (gguf_package.GGUFReader, gguf_package.get_tensor_name_map)
     gguf, calls = fake_gguf(tmp_path), Counting()
     calls.build = lambda: (_ for _ in ()).throw(error("not a GGUF file"))
     with pytest.raises(error, match="not a GGUF file"):
         calls(gguf)
     assert calls.direct_calls == 0 and list(gguf_cache.entry_dir(gguf).iterdir()) == []
+    # the unpacking's shared parse (gguf_cache._parsed_once) is undone when the unpacking fails
+    assert (gguf_package.GGUFReader, gguf_package.get_tensor_name_map) == before
 
 
 def test_a_failed_write_leaves_nothing_and_falls_back(cache, tmp_path):
