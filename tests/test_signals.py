@@ -74,6 +74,25 @@ def test_a_signal_before_the_command_starts_ends_with_an_error_line_and_the_json
                                        "kind": "interrupted"}
 
 
+@pytest.mark.parametrize("args,code", [(["align", "--lr", "-1"], 2), (["align", "--print-config"], 143)])
+def test_under_a_launcher_a_signal_before_the_command_waits_for_its_input_check(args, code):
+    """torchrun ends the other processes with SIGTERM as soon as one fails; on an input error every process finds,
+    the quickest one fails first, and the main process, still importing, then said "stopped by SIGTERM" instead of
+    the error (CI: test_json_stdout's `--lr -1` under torchrun). Under a launcher the signal now waits for the input
+    check: an input error is the answer (exit 2), valid input stops with the signal (143) before any work."""
+    script = ("import os, signal, sys\nfrom spoctl.signals import exit_before_start\nexit_before_start(sys.argv[1:])\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\nfrom spoctl.cli import main\n"
+              "main()\n")
+    done = subprocess.run([sys.executable, "-c", script, *args, "--json"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "WORLD_SIZE": "2", "RANK": "0"})
+    doc = json.loads(done.stdout)
+    assert done.returncode == doc["exit_code"] == code, (done.returncode, done.stdout, done.stderr)
+    if code == 2:
+        assert "--lr" in doc["error"] and "SIGTERM" not in done.stderr, done.stderr
+    else:
+        assert doc["kind"] == "interrupted" and "SIGTERM" in doc["error"], doc
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_after_the_command_ended_leaves_its_exit_code(sig):
     """Once `main` has its command's exit code, a signal changes nothing: Python's shutdown would otherwise put the

@@ -15,6 +15,7 @@ interrupted in the manifest and then raises `Interrupted` with the command that 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
@@ -29,12 +30,22 @@ _holding = [0]  # depth of `held()` blocks
 
 def exit_before_start(argv: list[str]) -> None:
     """Until a command installs `stop_signals` (Python starting, the CLI's imports): SIGTERM or SIGHUP ends the
-    process at once, nothing having been done, with the same `error:` line, JSON document and exit code."""
+    process at once, nothing having been done, with the same `error:` line, JSON document and exit code.
+
+    Except under a launcher (WORLD_SIZE above 1): there the signal is most often torchrun ending the other
+    processes because one of them failed -- on an input error every process finds, the quickest one. The main
+    process, still importing, would then print "stopped by SIGTERM" in place of the error the user has to fix (CI
+    caught it: a `--lr -1` under torchrun gave an "interrupted" JSON document). So there the signal waits for the
+    command's input check (`execute` holds signals while it validates): an input error is reported as such, and
+    valid input stops with the signal before any work. The launcher kills a process that does not end in time."""
     json_mode = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
+    launched = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
 
     def stop(signum: int, frame: object) -> None:
+        if launched:
+            _received.append(signum)
+            return
         import json
-        import os
         import sys
 
         from .console import is_main_process
