@@ -54,7 +54,7 @@ def cpu_flags() -> set[str] | None:
 
 
 def own_kernels(kernels: dict[str, str]) -> bool:
-    """True when `kernels` are the ones this CPU picks with no setting: then the main session already ran them."""
+    """True when `kernels` are the ones this CPU picks with no setting: `make test` runs the tests with them already."""
     flags = cpu_flags()
     return (flags is not None and kernels["ATEN_CPU_CAPABILITY"].upper() == torch.backends.cpu.get_cpu_capability()
             and kernels["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
