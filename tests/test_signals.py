@@ -74,15 +74,26 @@ def test_a_signal_before_the_command_starts_ends_with_an_error_line_and_the_json
                                        "kind": "interrupted"}
 
 
+# Where the signal arrives: before the CLI's imports, or once the command has started (inside `stop_signals`) and
+# before its input check (CI's second sighting: align importing its modules).
+_SIGNAL_AT = {
+    "before-imports": "os.kill(os.getpid(), signal.SIGTERM)\nfrom spoctl.cli import main\n",
+    "in-the-command": ("from spoctl.cli import main\nimport spoctl.cli.align as command\nchecked = command.execute\n"
+                       "def signalled(*a, **k):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return checked(*a, **k)\n"
+                       "command.execute = signalled\n"),
+}
+
+
+@pytest.mark.parametrize("at", sorted(_SIGNAL_AT))
 @pytest.mark.parametrize("args,code", [(["align", "--lr", "-1"], 2), (["align", "--print-config"], 143)])
-def test_under_a_launcher_a_signal_before_the_command_waits_for_its_input_check(args, code):
+def test_under_a_launcher_a_signal_before_the_input_check_waits_for_it(args, code, at):
     """torchrun ends the other processes with SIGTERM as soon as one fails; on an input error every process finds,
-    the quickest one fails first, and the main process, still importing, then said "stopped by SIGTERM" instead of
-    the error (CI: test_json_stdout's `--lr -1` under torchrun). Under a launcher the signal now waits for the input
-    check: an input error is the answer (exit 2), valid input stops with the signal (143) before any work."""
+    the quickest one fails first, and the main process, not yet at its input check, then said "stopped by SIGTERM"
+    instead of the error (CI, twice: test_json_stdout's `--lr -1` under torchrun). Under a launcher the signal now
+    waits for the input check: an input error is the answer (exit 2), valid input stops with the signal (143)
+    before any work."""
     script = ("import os, signal, sys\nfrom spoctl.signals import exit_before_start\nexit_before_start(sys.argv[1:])\n"
-              "os.kill(os.getpid(), signal.SIGTERM)\nfrom spoctl.cli import main\n"
-              "main()\n")
+              f"{_SIGNAL_AT[at]}main()\n")
     done = subprocess.run([sys.executable, "-c", script, *args, "--json"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "WORLD_SIZE": "2", "RANK": "0"})
     doc = json.loads(done.stdout)

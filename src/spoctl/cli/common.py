@@ -39,7 +39,7 @@ from .flags import COMMAND_FLAGS, Flag, flag_for
 from ..config import ConfigError, StrictModel, dump_config, resolve_config
 from ..console import Output, is_main_process, stdout_reserved
 from ..errors import EXIT_INTERNAL, CheckFailed, ErrorInfo, Stopped, UsageError, describe_error
-from ..signals import held, stop_signals
+from ..signals import input_check, stop_signals
 
 ISSUES = "the spoctl issue tracker"
 M = TypeVar("M", bound=StrictModel)
@@ -310,7 +310,7 @@ def execute(opts: CommonOptions, build: Callable[[], StrictModel], section: str,
     after the comment `header(cfg)` if any) or act on it and print the result. Returns the result (None after
     --print-config). A SIGTERM or SIGHUP waits for the configuration's check: an input error is the command's
     answer, else the signal stops it before any work (signals.exit_before_start says why)."""
-    with held():
+    with input_check():
         cfg = build()
     out = opts.output
     if opts.print_config:
