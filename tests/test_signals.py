@@ -74,34 +74,54 @@ def test_a_signal_before_the_command_starts_ends_with_an_error_line_and_the_json
                                        "kind": "interrupted"}
 
 
-# Where the signal arrives: before the CLI's imports, or once the command has started (inside `stop_signals`) and
-# before its input check (CI's second sighting: align importing its modules).
+# Where the signal arrives: before the CLI's imports; once the command has started (inside `stop_signals`), before
+# its configuration is checked (CI's second sighting: align importing its modules); in align's engine, before its
+# data and model checks (check_inputs).
+def _signal_before(module: str, name: str) -> str:
+    return (f"from spoctl.cli import main\nimport {module} as where\nchecked = where.{name}\n"
+            "def signalled(*a, **k):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return checked(*a, **k)\n"
+            f"where.{name} = signalled\n")
+
+
 _SIGNAL_AT = {
     "before-imports": "os.kill(os.getpid(), signal.SIGTERM)\nfrom spoctl.cli import main\n",
-    "in-the-command": ("from spoctl.cli import main\nimport spoctl.cli.align as command\nchecked = command.execute\n"
-                       "def signalled(*a, **k):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return checked(*a, **k)\n"
-                       "command.execute = signalled\n"),
+    "in-the-command": _signal_before("spoctl.cli.align", "execute"),
+    "in-the-engine": _signal_before("spoctl.engine.align", "check_inputs"),
 }
 
 
-@pytest.mark.parametrize("at", sorted(_SIGNAL_AT))
-@pytest.mark.parametrize("args,code", [(["align", "--lr", "-1"], 2), (["align", "--print-config"], 143)])
-def test_under_a_launcher_a_signal_before_the_input_check_waits_for_it(args, code, at):
+@pytest.mark.parametrize("at,args,code,says", [
+    ("before-imports", ["--lr", "-1"], 2, "--lr"),
+    ("in-the-command", ["--lr", "-1"], 2, "--lr"),
+    ("in-the-engine", ["--data", "{tmp}/no-such-folder"], 2, "no-such-folder"),
+    ("before-imports", ["--print-config"], 143, "SIGTERM"),
+    ("in-the-command", ["--print-config"], 143, "SIGTERM"),
+    ("in-the-engine", ["--data", "{prepared}", "--out", "{tmp}/run"], 143, "SIGTERM"),
+])
+def test_under_a_launcher_a_signal_before_the_input_checks_waits_for_them(at, args, code, says, tmp_path):
     """torchrun ends the other processes with SIGTERM as soon as one fails; on an input error every process finds,
-    the quickest one fails first, and the main process, not yet at its input check, then said "stopped by SIGTERM"
-    instead of the error (CI, twice: test_json_stdout's `--lr -1` under torchrun). Under a launcher the signal now
-    waits for the input check: an input error is the answer (exit 2), valid input stops with the signal (143)
-    before any work."""
+    the quickest one fails first, and the main process, not yet through its own checks, then said "stopped by
+    SIGTERM" instead of the error (CI, twice: test_json_stdout's `--lr -1` under torchrun). Under a launcher the
+    signal now waits for the input checks: an input error is the answer (exit 2), valid input stops with the
+    signal (143) before any work -- no run folder."""
+    if "{prepared}" in " ".join(args):
+        from tinyworld import make_model_dir, make_prepared
+
+        model = make_model_dir(tmp_path / "model")
+        args = [a.replace("{prepared}", str(make_prepared(tmp_path / "prepared", model, ["helpful"]))) for a in args]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     script = ("import os, signal, sys\nfrom spoctl.signals import exit_before_start\nexit_before_start(sys.argv[1:])\n"
               f"{_SIGNAL_AT[at]}main()\n")
-    done = subprocess.run([sys.executable, "-c", script, *args, "--json"], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-c", script, "align", "--dims", "helpful", *args, "--json"],
+                          capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "WORLD_SIZE": "2", "RANK": "0"})
     doc = json.loads(done.stdout)
-    assert done.returncode == doc["exit_code"] == code, (done.returncode, done.stdout, done.stderr)
+    assert done.returncode == doc["exit_code"] == code and says in doc["error"], (done.returncode, done.stdout,
+                                                                                  done.stderr)
     if code == 2:
-        assert "--lr" in doc["error"] and "SIGTERM" not in done.stderr, done.stderr
+        assert "SIGTERM" not in done.stderr, done.stderr
     else:
-        assert doc["kind"] == "interrupted" and "SIGTERM" in doc["error"], doc
+        assert doc["kind"] == "interrupted" and not (tmp_path / "run").exists(), doc
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])

@@ -26,7 +26,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 _received: list[int] = []  # the signals received while held, in order
 _holding = [0]  # depth of `held()` blocks
-_before_input_check = [False]  # under a launcher: a signal waits until the command has checked its input
+_awaiting_checks = [False]  # under a launcher: a signal waits until the command's input checks are done
 
 
 def exit_before_start(argv: list[str]) -> None:
@@ -36,13 +36,13 @@ def exit_before_start(argv: list[str]) -> None:
     Except under a launcher (WORLD_SIZE above 1): there the signal is most often torchrun ending the other
     processes because one of them failed -- on an input error every process finds, the quickest one. The main
     process, still importing, would then print "stopped by SIGTERM" in place of the error the user has to fix (CI
-    caught it: a `--lr -1` under torchrun gave an "interrupted" JSON document). So there the signal waits for the
-    command's input check (`input_checked`), also once the command has started and not yet reached that check (CI
-    again: the signal came while `align` imported its modules): an input error is reported as such, and valid
-    input stops with the signal before any work. The launcher kills a process that does not end in time."""
+    caught it: a `--lr -1` under torchrun gave an "interrupted" JSON document). So there the signal waits until the
+    command has checked its input (`checks_done`), also once the command has started (CI again: the signal came
+    while `align` imported its modules): an input error is reported as such, and valid input stops with the signal
+    before any work. The launcher kills a process that does not end in time."""
     json_mode = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
     launched = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
-    _before_input_check[0] = launched
+    _awaiting_checks[0] = launched
 
     def stop(signum: int, frame: object) -> None:
         if launched:
@@ -80,7 +80,7 @@ def ignore_after_the_end() -> None:
 
 
 def _handler(signum: int, frame: object) -> None:
-    if _holding[0] or _before_input_check[0]:
+    if _holding[0] or _awaiting_checks[0]:
         _received.append(signum)
         return
     raise Stopped(signum)
@@ -117,13 +117,17 @@ def held() -> Iterator[None]:
         raise Stopped(signum)
 
 
-@contextlib.contextmanager
-def input_check() -> Iterator[None]:
-    """The block that checks a command's input (its configuration): a signal received inside it, or earlier and
-    held (`exit_before_start`, under a launcher), raises when the block ends, after an input error, which wins."""
-    with held():
-        yield
-        _before_input_check[0] = False
+def checks_done() -> None:
+    """The command has checked its input and starts its work (align: after its data, model and tokenizer checks,
+    before the process group): a signal that waited for this (under a launcher, `exit_before_start`) stops it now.
+    Elsewhere a no-op."""
+    if not _awaiting_checks[0]:
+        return
+    _awaiting_checks[0] = False
+    if _received and not _holding[0]:
+        signum = _received[0]
+        _received.clear()
+        raise Stopped(signum)
 
 
 def pending() -> int | None:

@@ -12,6 +12,7 @@ import shlex
 
 from ..config import AlignConfig
 from ..errors import Interrupted, Stopped
+from ..signals import checks_done
 from .common import CommonOptions, command, execute
 from .flags import Flag
 
@@ -61,6 +62,7 @@ def align(*, opts: CommonOptions) -> None:
         if runs_demo(cfg):
             from ..demo.run import run_demo
 
+            checks_done()  # the demo's input is its own: nothing more to check before it builds its assets
             out.info(DEMO_VIA_ALIGN)
             return run_demo(out, cfg)
         from ..engine.align import align as run_align
@@ -73,6 +75,7 @@ def align(*, opts: CommonOptions) -> None:
             raise Interrupted(f"{err}; continue the run with the same command and --resume: "
                               f"{shlex.join(['spoctl', *again])}", err.signum) from None
 
-    result = execute(opts, build, "align", act, header=lambda cfg: DEMO_VIA_ALIGN if runs_demo(cfg) else None)
+    result = execute(opts, build, "align", act, header=lambda cfg: DEMO_VIA_ALIGN if runs_demo(cfg) else None,
+                     action_checks_more=True)
     if result is not None:
         out.info(f"next: spoctl eval --run {shlex.quote(result['run_dir'])}")

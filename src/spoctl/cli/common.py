@@ -39,7 +39,7 @@ from .flags import COMMAND_FLAGS, Flag, flag_for
 from ..config import ConfigError, StrictModel, dump_config, resolve_config
 from ..console import Output, is_main_process, stdout_reserved
 from ..errors import EXIT_INTERNAL, CheckFailed, ErrorInfo, Stopped, UsageError, describe_error
-from ..signals import input_check, stop_signals
+from ..signals import checks_done, stop_signals
 
 ISSUES = "the spoctl issue tracker"
 M = TypeVar("M", bound=StrictModel)
@@ -305,13 +305,16 @@ def command(name: str | None = None, *, config: type[StrictModel] | None = None,
 # ------------------------------------------------------------------------------------------------ running a command
 def execute(opts: CommonOptions, build: Callable[[], StrictModel], section: str,
             action: Callable[[Any], dict[str, Any]], *,
-            header: Callable[[Any], str | None] | None = None) -> dict[str, Any] | None:
+            header: Callable[[Any], str | None] | None = None,
+            action_checks_more: bool = False) -> dict[str, Any] | None:
     """The shape of every subcommand: build the configuration (`opts.resolve`), then print it (--print-config,
     after the comment `header(cfg)` if any) or act on it and print the result. Returns the result (None after
-    --print-config). A SIGTERM or SIGHUP waits for the configuration's check: an input error is the command's
-    answer, else the signal stops it before any work (signals.exit_before_start says why)."""
-    with input_check():
-        cfg = build()
+    --print-config). Under a launcher a SIGTERM or SIGHUP waits for the input checks (signals.exit_before_start
+    says why): the configuration's, and `action`'s own first when `action_checks_more` (it then calls
+    `signals.checks_done()` itself, as align does after checking its data and model)."""
+    cfg = build()
+    if opts.print_config or not action_checks_more:
+        checks_done()
     out = opts.output
     if opts.print_config:
         if out.json_mode:

@@ -49,6 +49,7 @@ def align(cfg: AlignConfig, out: Output) -> dict[str, Any]:
         # any process group. What the launcher decided is part of the configuration from here on.
         strategy = resolve_strategy(cfg)
         cfg = strategy.applied_to(cfg)
+        signals.checks_done()  # under a launcher: a signal during the checks above stops the run here, before work
         # 2. The processes, then the run directory: checked, locked, its manifest written.
         with processes(cfg, plans, strategy) as dist, \
                 open_run(cfg, out, prepared, base_spec, tokenizer, plans, dist) as setup:
