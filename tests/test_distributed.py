@@ -181,6 +181,37 @@ def test_a_checkpoint_restores_weights_optimizer_schedule_and_rng_exactly(tmp_pa
     assert not list((tmp_path / "step-000003").rglob("*.pt")), "nothing pickled"
 
 
+def test_the_shares_two_processes_write_resume_on_one(tmp_path):
+    """DDP: each process writes its share of the replicated state (whole tensors, balanced by bytes) in a file of
+    its own; DCP's reader puts them together on another process count, here one, exactly."""
+    from safetensors.torch import load_file
+
+    from spoctl.engine.checkpoint import _flat_state, _write_share
+
+    model, opt, sched = _training_state(0)
+    for _ in range(2):
+        _step(model, opt, sched)
+    folder = tmp_path / "step-000002"
+    save_checkpoint(folder, procs=Processes(), scorer=model, optimizer=opt, scheduler=sched, meta={"step": 2})
+    for one in (folder / "state").glob("*.safetensors"):  # as the two processes of a DDP run write it
+        one.unlink()
+    flat, _ = _flat_state(model, opt)
+    for rank in (0, 1):
+        _write_share(flat, folder / "state", Processes(rank, 2))
+    shares = [load_file(str(f)) for f in sorted((folder / "state").glob("*.safetensors"))]
+    assert len(shares) == 2 and not set(shares[0]) & set(shares[1]) and set(shares[0]) | set(shares[1]) == set(flat)
+    _step(model, opt, sched)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+
+    other, opt2, sched2 = _training_state(1)
+    with torch.no_grad():
+        other[2].bias.copy_(model[2].bias)
+    load_checkpoint(folder, procs=Processes(), scorer=other, optimizer=opt2, scheduler=sched2)
+    _step(other, opt2, sched2)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
 def _damage(path: Path, how: str) -> None:
     raw = bytearray(path.read_bytes())
     if how == "flip":
