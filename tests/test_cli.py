@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 
 from spoctl.cli import app
 from spoctl.cli.common import SHARED_OPTIONS, examples_epilog
-from spoctl.console import Output, is_main_process
+from spoctl.console import Output
 from spoctl.errors import CheckFailed, InputError, TrainingError, UsageError, describe_error
+from spoctl.launcher import is_main_process, world_size
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["prepare", "align", "eval", "export", "demo"]
@@ -285,6 +286,23 @@ def test_ctrl_c_exits_130(demo_home):
                                       ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, False)])
 def test_main_process_from_the_launcher_environment(env, main):
     assert is_main_process(env) is main
+
+
+@pytest.mark.parametrize("value,n", [(None, 1), ("", 1), (" ", 1), ("1", 1), ("2", 2), (" 8 ", 8), ("0", 1),
+                                     ("two", 1), ("-2", 1)])
+def test_the_number_of_processes_from_the_launcher_environment(value, n):
+    assert world_size({} if value is None else {"WORLD_SIZE": value}) == n
+
+
+def test_an_empty_world_size_is_one_process(monkeypatch):
+    """An empty WORLD_SIZE left in a shell: `eval` joined no process group and crashed on int('') ('a bug in
+    spoctl', exit 70); it is one process, as for every other command."""
+    import torch
+
+    from spoctl.engine.processes import Processes
+
+    monkeypatch.setenv("WORLD_SIZE", "")
+    assert Processes.from_launcher(torch.device("cpu")).world == 1
 
 
 def test_only_the_main_process_prints(monkeypatch):

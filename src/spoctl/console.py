@@ -20,17 +20,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from rich.console import Console
 from rich.table import Table
 
-
-def is_main_process(env: dict[str, str] | None = None) -> bool:
-    """Whether this process should talk to people: the global main process of a distributed launch (RANK 0; without
-    RANK, LOCAL_RANK 0), or a plain single process. Read from the launcher's environment variables, which exist
-    before any accelerate/torch.distributed setup, so the first lines are already printed once."""
-    env = os.environ if env is None else env
-    for name in ("RANK", "LOCAL_RANK"):
-        value = env.get(name, "").strip()
-        if value:
-            return value == "0"
-    return True
+from .launcher import is_main_process
 
 
 @dataclass

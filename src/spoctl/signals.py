@@ -21,6 +21,7 @@ import threading
 from typing import Iterator
 
 from .errors import Stopped
+from .launcher import is_main_process, world_size
 
 SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -41,7 +42,7 @@ def exit_before_start(argv: list[str]) -> None:
     while `align` imported its modules): an input error is reported as such, and valid input stops with the signal
     before any work. The launcher kills a process that does not end in time."""
     json_mode = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
-    launched = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+    launched = world_size() > 1
     _awaiting_checks[0] = launched
 
     def stop(signum: int, frame: object) -> None:
@@ -50,8 +51,6 @@ def exit_before_start(argv: list[str]) -> None:
             return
         import json
         import sys
-
-        from .console import is_main_process
 
         message = f"stopped by {signal.Signals(signum).name} outside the command's work (nothing was being written)"
         sys.stderr.write(f"error: {message}\n")

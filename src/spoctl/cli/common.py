@@ -37,8 +37,9 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from .. import __version__
 from .flags import COMMAND_FLAGS, Flag, flag_for
 from ..config import ConfigError, StrictModel, dump_config, resolve_config
-from ..console import Output, is_main_process, stdout_reserved
+from ..console import Output, stdout_reserved
 from ..errors import EXIT_INTERNAL, CheckFailed, ErrorInfo, Stopped, UsageError, describe_error
+from ..launcher import is_main_process
 from ..signals import checks_done, stop_signals
 
 ISSUES = "the spoctl issue tracker"

@@ -6,13 +6,13 @@ differently wait forever in different collectives.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, TypeVar
 
 import torch
 
 from .. import errors
 from ..errors import SpoctlError
+from ..launcher import world_size
 
 T = TypeVar("T")
 
@@ -39,7 +39,7 @@ class Processes:
         (torchrun, accelerate launch) asked for in the environment, through accelerate, as `align` does."""
         import torch.distributed as dist
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized()):
+        if world_size() > 1 and not (dist.is_available() and dist.is_initialized()):
             from accelerate import PartialState
 
             PartialState(cpu=device.type == "cpu")
