@@ -294,15 +294,20 @@ def test_the_number_of_processes_from_the_launcher_environment(value, n):
     assert world_size({} if value is None else {"WORLD_SIZE": value}) == n
 
 
-def test_an_empty_world_size_is_one_process(monkeypatch):
-    """An empty WORLD_SIZE left in a shell: `eval` joined no process group and crashed on int('') ('a bug in
-    spoctl', exit 70); it is one process, as for every other command."""
+@pytest.mark.parametrize("name", ["WORLD_SIZE", "RANK", "LOCAL_RANK"])
+def test_a_launcher_variable_that_is_not_a_number_is_an_input_error(name, monkeypatch, tmp_path):
+    """An empty `WORLD_SIZE=` left in a shell: accelerate stopped on int('') after the model was loaded (`align`,
+    exit 70 'a bug in spoctl'), and so did `eval`'s process setup. Now exit 2, before any work, naming it."""
     import torch
 
     from spoctl.engine.processes import Processes
 
-    monkeypatch.setenv("WORLD_SIZE", "")
-    assert Processes.from_launcher(torch.device("cpu")).world == 1
+    monkeypatch.setenv(name, "")
+    res = runner.invoke(app, ["align", "--dims", "helpful", "--data", str(tmp_path / "prepared")])
+    assert res.exit_code == 2 and f"environment variable {name} is ''" in res.output, res.output
+    assert f"unset {name}" in res.output
+    with pytest.raises(UsageError, match=name):
+        Processes.from_launcher(torch.device("cpu"))
 
 
 def test_only_the_main_process_prints(monkeypatch):

@@ -21,7 +21,22 @@ def is_main_process(env: Mapping[str, str] | None = None) -> bool:
 
 def world_size(env: Mapping[str, str] | None = None) -> int:
     """How many processes the launcher started (WORLD_SIZE); 1 without a launcher. An empty or unreadable value
-    counts as 1 -- a launcher always sets a number, and an empty WORLD_SIZE left in a shell must not fail a
-    single-process command."""
+    counts as 1 here, where a signal handler asks; the commands that start processes refuse it first
+    (`check_environment`)."""
     value = (os.environ if env is None else env).get("WORLD_SIZE", "").strip()
     return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def check_environment(env: Mapping[str, str] | None = None) -> None:
+    """A launcher's variable set to something that is not a number -- most often an empty `WORLD_SIZE=` left in a
+    shell or a job script: accelerate and torch.distributed stop on it with a bare ValueError deep in their setup,
+    after the model is loaded. Here it is an input error that names the variable and what to do."""
+    from .errors import UsageError
+
+    env = os.environ if env is None else env
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        value = env.get(name)
+        if value is not None and not value.strip().isdigit():
+            raise UsageError(f"the environment variable {name} is {value!r}, not a number: launchers (torchrun, "
+                             f"accelerate launch) set it for each process; `unset {name}` to run one process, or "
+                             "start spoctl through the launcher")

@@ -12,7 +12,7 @@ import torch
 
 from .. import errors
 from ..errors import SpoctlError
-from ..launcher import world_size
+from ..launcher import check_environment, world_size
 
 T = TypeVar("T")
 
@@ -39,6 +39,7 @@ class Processes:
         (torchrun, accelerate launch) asked for in the environment, through accelerate, as `align` does."""
         import torch.distributed as dist
 
+        check_environment()
         if world_size() > 1 and not (dist.is_available() and dist.is_initialized()):
             from accelerate import PartialState
 

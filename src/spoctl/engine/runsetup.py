@@ -19,6 +19,7 @@ from ..config import AlignConfig, dump_config
 from ..console import Output
 from ..errors import UsageError
 from ..fsutil import remove_litter
+from ..launcher import check_environment
 from ..models import (Quantization, check_attention_available, check_model_loadable, check_quantization_available,
                       check_vocabulary_fits, load_causal_lm, load_tokenizer, tokenizer_identity)
 from ..precision import accelerate_mixed_precision, resolve as resolve_precision
@@ -110,6 +111,7 @@ def check_inputs(cfg: AlignConfig) -> tuple[Any, str, Any, list[StagePlan]]:
     Returns (prepared data, opened for reading: close it; base model; tokenizer; stage plans)."""
     from ..data.store import load_prepared
 
+    check_environment()  # the launcher's variables, read by accelerate when it starts the processes
     if not cfg.dims:
         raise UsageError("no dimensions given: pass --dims helpful,harmless (the stage order)")
     if cfg.data is None:
