@@ -32,6 +32,7 @@ from ..console import Output
 from ..fsutil import atomic_directory, sha256_file
 from ..models import tensor_bytes, tied_aliases
 from .chain import hash_problems, size_problems
+from .frozen import balanced_shards
 from .processes import Processes
 
 STATE_DIR = "state"
@@ -116,19 +117,15 @@ def _sharded(flat: dict[str, torch.Tensor]) -> bool:
 
 
 def _write_share(flat: dict[str, torch.Tensor], folder: Path, procs: Processes) -> None:
-    """Replicated state (one process, DDP): each process writes its share of the tensors, balanced by bytes, as one
-    safetensors file named as DCP names its own; DCP's reader reads it back on any process layout (a tensor without
-    DCP's offsets is a whole one). dcp.save took 4.5 times as long for the same state (SmolLM2's full fine-tuning,
-    1.6 GB: 14.3 s against 3.3 s on 2 CPU cores, benchmarks/checkpoint_write.py): it serialises every tensor into
-    bytes in memory before it writes them."""
-    size = {name: t.numel() * t.element_size() for name, t in flat.items()}
-    load = [0] * procs.world
-    mine: dict[str, torch.Tensor] = {}
-    for name in sorted(flat, key=lambda n: (-size[n], n)):  # the same order, so the same shares, on every process
-        rank = load.index(min(load))
-        load[rank] += size[name]
-        if rank == procs.rank:
-            mine[name] = flat[name].contiguous()
+    """Replicated state (one process, DDP): each process writes its share of the tensors, balanced by bytes as the
+    frozen pass balances pairs by tokens (`balanced_shards`: the same shares on every process), as one safetensors
+    file named as DCP names its own; DCP's reader reads it back on any process layout (a tensor without DCP's
+    offsets is a whole one). dcp.save took 4.5 times as long for the same state (SmolLM2's full fine-tuning, 1.6 GB:
+    14.3 s against 3.3 s on 2 CPU cores, benchmarks/checkpoint_write.py): it serialises every tensor into bytes in
+    memory before it writes them."""
+    names = sorted(flat)
+    share = balanced_shards([flat[n].numel() * flat[n].element_size() for n in names], procs.world)[procs.rank]
+    mine = {names[i]: flat[names[i]].contiguous() for i in share}
     if mine:
         folder.mkdir(parents=True, exist_ok=True)
         save_file(mine, str(folder / f"shard-{procs.rank + 1:05d}-model-00001-of-00001.safetensors"))
