@@ -1,11 +1,14 @@
 """What a launcher (torchrun, `accelerate launch`, Slurm's srun through them) tells this process in its
 environment: its rank and how many processes the command runs on. Read from the variables alone, which exist
-before torch.distributed or accelerate is set up -- and before torch is imported, so `signals` can ask too."""
+before torch.distributed or accelerate is set up -- and before torch is imported, so `signals` can ask too (this
+module imports only `errors`, which imports only the standard library)."""
 
 from __future__ import annotations
 
 import os
 from typing import Mapping
+
+from .errors import UsageError
 
 
 def is_main_process(env: Mapping[str, str] | None = None) -> bool:
@@ -31,8 +34,6 @@ def check_environment(env: Mapping[str, str] | None = None) -> None:
     """A launcher's variable set to something that is not a number -- most often an empty `WORLD_SIZE=` left in a
     shell or a job script: accelerate and torch.distributed stop on it with a bare ValueError deep in their setup,
     after the model is loaded. Here it is an input error that names the variable and what to do."""
-    from .errors import UsageError
-
     env = os.environ if env is None else env
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         value = env.get(name)
