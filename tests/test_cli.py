@@ -125,6 +125,21 @@ def test_shell_completion_script_and_completions():
 
 
 # ------------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("args", [["eval", "no-such-run"], ["eval"], ["export", "--run", "no-such-run", "--out", "x"],
+                                  ["export", "--out", "x"]])
+def test_a_missing_run_is_told_before_the_model_libraries_load(args, tmp_path):
+    """`spoctl eval`/`export` with a mistyped run, or none: the error comes before torch is imported (half a second,
+    not the ~3 s torch's import alone takes), in the real entry point. The child says at exit whether torch was
+    imported."""
+    code = ("import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, "
+            "file=sys.stderr)); from spoctl.cli import main; main()")
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and lines[-2].startswith("error: ") and "run" in lines[-2], res.stderr
+    assert lines[-1] == "torch imported: False", res.stderr
+
+
 def test_json_usage_error_is_one_object_on_stdout():
     res = runner.invoke(app, ["align", "--bta", "1", "--json"])
     assert res.exit_code == 2

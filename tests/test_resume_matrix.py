@@ -8,8 +8,8 @@ Each path (one process, DDP, FSDP) is interrupted once by SIGKILL (the checkpoin
 is left); the other cells by SIGTERM or SIGHUP, sent to every process or to some of them only (spoctl then saves a
 checkpoint at the next step boundary, every process agreeing on the step, marks the stage interrupted and exits
 143 or 129). Affordable on 2 cores: a tiny model, 10 steps a stage, and the two-process runs launched together --
-one torchrun launch runs the eight uninterrupted runs, the six runs stopped by a signal and their resumes
-(tests/spoctl_sequence.py), so only the two SIGKILLed runs and their resumes need launches of their own.
+the two SIGKILLed runs need a launch each (the kill ends it), then one torchrun launch runs the eight
+uninterrupted runs, the six runs stopped by a signal and all eight resumes (tests/spoctl_sequence.py).
 
 This module took over what these tests did (now removed): test_engine_align.py::
 test_resume_after_sigkill_in_stage_2_gives_the_same_final_weights (cell untied/full/one) and
@@ -174,16 +174,7 @@ class Matrix:
         cells = [c for c in CELLS if c[2] != "one"]
         signalled = [c for c in cells if INTERRUPT[c][0] != signal.SIGKILL]
         killed = [c for c in cells if INTERRUPT[c][0] == signal.SIGKILL]
-        # One launch: every uninterrupted run, the runs stopped by a signal, then their resumes.
-        commands = ([self.args(c, "straight") for c in cells] + [self.args(c, "interrupted") for c in signalled]
-                    + [[*self.args(c, "interrupted"), "--resume"] for c in signalled])
-        codes = self._sequence(commands, signalled)
-        n = len(cells)
-        assert codes[:n] == [0] * n, codes
-        for i, cell in enumerate(signalled):
-            run = self.run(cell, "interrupted")
-            self.outcome[cell].update(code=codes[n + i], resume_code=codes[n + len(signalled) + i])
-        for cell in killed:  # a launch of its own each: SIGKILL ends the launch
+        for cell in killed:  # first, a launch of its own each: SIGKILL ends the launch
             sig, ranks = INTERRUPT[cell]
             run = self.run(cell, "interrupted")
             proc = subprocess.Popen(torchrun([], "-m", "spoctl", *self.args(cell, "interrupted")), env=_env(),
@@ -196,8 +187,16 @@ class Matrix:
             self.outcome[cell]["litter"] = []  # SIGKILL leaves temporary files; the resume removes them
             if cell[2] == "fsdp":
                 shutil.copytree(run, self.run(cell, "resharded"))
-        codes = self._sequence([[*self.args(c, "interrupted"), "--resume"] for c in killed], [])
-        for cell, code in zip(killed, codes):
+        # Then one launch (each costs every process its start): every uninterrupted run, the runs stopped by a
+        # signal, their resumes, and the resumes of the killed runs.
+        commands = ([self.args(c, "straight") for c in cells] + [self.args(c, "interrupted") for c in signalled]
+                    + [[*self.args(c, "interrupted"), "--resume"] for c in (*signalled, *killed)])
+        codes = self._sequence(commands, signalled)
+        n, resumes = len(cells), codes[len(cells) + len(signalled):]
+        assert codes[:n] == [0] * n, codes
+        for i, cell in enumerate(signalled):
+            self.outcome[cell]["code"] = codes[n + i]
+        for cell, code in zip((*signalled, *killed), resumes):
             self.outcome[cell]["resume_code"] = code
         for cell in killed:
             if cell[2] == "fsdp":  # the two-process FSDP checkpoint resumed on one process: DCP reshards it

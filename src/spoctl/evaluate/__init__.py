@@ -14,16 +14,22 @@ runs on the same held-out pairs: `spoctl compare`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import EvalConfig
+    from ..console import Output
 
 __all__ = ["evaluate"]
 
 
-def __getattr__(name: str) -> Any:
-    # Imported on first use: the runner needs torch, while `spoctl.config` reads the judge registry from this
-    # package and must stay importable without it.
-    if name == "evaluate":
-        from .runner import evaluate
+def evaluate(cfg: EvalConfig, out: Output) -> dict[str, Any]:
+    """Evaluate the run `cfg` names (see runner.evaluate). The run is found and its manifest read before the runner,
+    which needs torch, is imported: `spoctl.config` reads the judge registry from this package and must stay
+    importable without torch, and a mistyped RUN_DIR is told at once."""
+    from .runinfo import find_run
 
-        return evaluate
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    find_run(cfg)
+    from .runner import evaluate as evaluate_run
+
+    return evaluate_run(cfg, out)

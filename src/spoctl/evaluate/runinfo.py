@@ -84,22 +84,29 @@ def resolve_base(run: RunDir, spec: str) -> str:
     return spec
 
 
+def find_run(cfg: EvalConfig) -> tuple[RunDir, dict[str, Any]]:
+    """The run to evaluate (RUN_DIR, else the latest under ./runs) and its manifest; UsageError when there is none,
+    RUN_DIR is missing or is not a run. Needs no torch: `spoctl.evaluate.evaluate` asks it first, so a mistyped
+    RUN_DIR is told in half a second instead of after the model libraries load."""
+    root = cfg.run if cfg.run is not None else latest_run()
+    if root is None:
+        raise UsageError("no run given and no run under ./runs: spoctl eval RUN_DIR (a directory made by"
+                         " `spoctl align`)")
+    run = RunDir(root)
+    if not run.root.is_dir():
+        raise UsageError(f"{run.root}: no such run directory")
+    return run, run.read_manifest()  # UsageError when there is none
+
+
 def open_run(cfg: EvalConfig, out: Output) -> EvalRun:
     from ..data.store import load_prepared
     from ..engine.chain import ModelChain
     from ..models import load_tokenizer
 
+    run, manifest = find_run(cfg)
     if cfg.run is None:
-        latest = latest_run()
-        if latest is None:
-            raise UsageError("no run given and no run under ./runs: spoctl eval RUN_DIR (a directory made by"
-                             " `spoctl align`)")
-        out.info(f"evaluating the latest run: {latest}")
-        cfg = cfg.model_copy(update={"run": latest})
-    run = RunDir(cfg.run)
-    if not run.root.is_dir():
-        raise UsageError(f"{run.root}: no such run directory")
-    manifest = run.read_manifest()  # UsageError when there is none
+        out.info(f"evaluating the latest run: {run.root}")
+        cfg = cfg.model_copy(update={"run": run.root})
     stages, unfinished = completed_prefix(manifest)
     if not stages:
         raise UsageError(f"{run.root}: no stage has completed yet, so there is nothing to evaluate"

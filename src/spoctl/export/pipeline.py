@@ -95,8 +95,6 @@ def _shareable(folder: Path) -> None:
 
 def export_model(cfg: ExportConfig, out: Output) -> dict[str, Any]:
     """Export one stage of the run in `cfg.run` to `cfg.out`. Raises UsageError (exit 2) or CheckFailed (exit 1)."""
-    if cfg.run is None:
-        raise UsageError("no run given: pass --run RUN_DIR (made by `spoctl align`)")
     src = select_stage(cfg.run, cfg.stage, out)
     if cfg.adapter_only and not src.lora:
         raise UsageError(f"{src.run.root}: a full fine-tuning run has no adapters; drop --adapter-only")

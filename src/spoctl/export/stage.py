@@ -53,10 +53,18 @@ class ExportSource:
         return self.run.stage_model_dir(k, self.manifest["stages"][k - 1]["dim"])
 
 
-def select_stage(run_dir: Path, stage: str, out: Output) -> ExportSource:
-    """Resolve `--stage last|N|DIM` against the run's manifest; only a completed stage can be exported."""
+def read_run(run_dir: Path | None) -> tuple[RunDir, dict[str, Any]]:
+    """The run `--run` names and its manifest; UsageError when none is given or it is not a run. Needs no torch:
+    `spoctl.export.export_model` asks it before the exporter is imported, so a mistyped --run is told at once."""
+    if run_dir is None:
+        raise UsageError("no run given: pass --run RUN_DIR (made by `spoctl align`)")
     run = RunDir(run_dir)
-    manifest = run.read_manifest()  # UsageError when RUN_DIR is not a run
+    return run, run.read_manifest()  # UsageError when RUN_DIR is not a run
+
+
+def select_stage(run_dir: Path | None, stage: str, out: Output) -> ExportSource:
+    """Resolve `--stage last|N|DIM` against the run's manifest; only a completed stage can be exported."""
+    run, manifest = read_run(run_dir)
     stages = manifest.get("stages") or []
     done = [st["index"] for st in stages if st.get("status") == "completed"]
     spec = stage.strip()
