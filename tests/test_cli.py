@@ -126,17 +126,20 @@ def test_shell_completion_script_and_completions():
 
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("args", [["eval", "no-such-run"], ["eval"], ["export", "--run", "no-such-run", "--out", "x"],
-                                  ["export", "--out", "x"]])
-def test_a_missing_run_is_told_before_the_model_libraries_load(args, tmp_path):
-    """`spoctl eval`/`export` with a mistyped run, or none: the error comes before torch is imported (half a second,
-    not the ~3 s torch's import alone takes), in the real entry point. The child says at exit whether torch was
-    imported."""
+                                  ["export", "--out", "x"], ["align", "--dims", "helpful", "--out", "afile/run"],
+                                  ["align", "--dims", "helpful", "--out", "afile"]])
+def test_a_missing_run_or_an_unusable_out_is_told_before_the_model_libraries_load(args, tmp_path):
+    """`spoctl eval`/`export` with a mistyped run (or none), `spoctl align` with an --out it cannot use: the error
+    comes before torch is imported (half a second, not the ~3 s torch's import alone takes, or the demo's assets),
+    in the real entry point. The child says at exit whether torch was imported."""
+    (tmp_path / "afile").write_text("x")
     code = ("import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, "
             "file=sys.stderr)); from spoctl.cli import main; main()")
     res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=120)
+                         timeout=600, env={**os.environ, "SPOCTL_HOME": str(tmp_path / "home")})
     lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and lines[-2].startswith("error: ") and "run" in lines[-2], res.stderr
+    assert res.returncode == 2 and lines[-2].startswith("error: ") and ("run" in lines[-2] or "afile" in lines[-2]), \
+        res.stderr
     assert lines[-1] == "torch imported: False", res.stderr
 
 

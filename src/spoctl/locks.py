@@ -26,13 +26,17 @@ LOCK_NAME = ".lock"
 READER_WAIT_S = 5.0
 
 
+def lock_is_a_folder(path: Path) -> UsageError:
+    return UsageError(f"{path}: is a folder, where spoctl keeps its lock file; remove it")
+
+
 def _open(path: Path, *, create: bool) -> int | None:
     """A descriptor on the lock file, or None where there is none and none can be made (read-only media)."""
     flags = os.O_RDWR | (os.O_CREAT if create else 0)
     try:
         return os.open(path, flags, 0o644)
     except IsADirectoryError:
-        raise UsageError(f"{path}: is a folder, where spoctl keeps its lock file; remove it") from None
+        raise lock_is_a_folder(path) from None
     except FileNotFoundError:
         if not create:
             return None

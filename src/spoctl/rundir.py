@@ -25,7 +25,9 @@ Everything is written atomically (temporary file or folder, then rename), so wha
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -34,7 +36,7 @@ from typing import Any
 from . import __version__
 from .errors import UsageError
 from .fsutil import is_litter, read_json, write_json_atomic, write_text_atomic
-from .locks import ExclusiveLock
+from .locks import LOCK_NAME, ExclusiveLock, lock_is_a_folder
 
 RUN_MANIFEST = "manifest.json"
 EVAL_POINTER = "latest.json"
@@ -63,8 +65,6 @@ def now_iso() -> str:
 def demo_home() -> Path:
     """Where the built-in demo caches its base model and prepared data: $SPOCTL_HOME/demo, else runs/.demo-assets
     (beside the runs, so `make clean` removes it too)."""
-    import os
-
     home = os.environ.get("SPOCTL_HOME")
     return Path(home).expanduser() / "demo" if home else Path("runs") / ".demo-assets"
 
@@ -72,8 +72,6 @@ def demo_home() -> Path:
 def cache_home() -> Path | None:
     """Where spoctl keeps what it can rebuild but is slow to make (GGUF files unpacked to safetensors): $SPOCTL_CACHE,
     else $XDG_CACHE_HOME/spoctl, else ~/.cache/spoctl. None when SPOCTL_CACHE=off (nothing is cached)."""
-    import os
-
     explicit = os.environ.get("SPOCTL_CACHE", "").strip()
     if explicit.lower() == "off":
         return None
@@ -231,13 +229,25 @@ class RunDir:
 
     def check_usable(self) -> None:
         """Refuse, before writing anything (the lock file included), a --out that cannot become this run directory:
-        a file, or a folder that holds something other than a spoctl run."""
+        a file, a path through a file, a folder that cannot be made (no write permission where it would go), a
+        lock file that is a folder, or a folder that holds something other than a spoctl run. Reads only, and
+        raises what making the folder and its lock would raise, so `spoctl align` can ask it before the model
+        libraries load (cli/align.py), as well as just before it locks the folder (engine/runsetup.py)."""
         if str(self.root) in ("", "."):
             raise UsageError("--out: give a folder for the run (e.g. --out runs/hh), not the current directory")
-        if self.root.exists() and not self.root.is_dir():
+        try:
+            self.root.stat()  # a part of the path that is a file, or a folder that cannot be searched: as mkdir says
+        except FileNotFoundError:
+            above = next(p for p in self.root.absolute().parents if p.exists())
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self.root)) from None
+            return
+        if not self.root.is_dir():
             raise UsageError(f"{self.root}: exists and is not a folder; choose another --out")
-        if self.root.is_dir() and not self.exists():
-            other = [p.name for p in self.root.iterdir() if p.name != ".lock" and not is_litter(p.name)]
+        if (self.root / LOCK_NAME).is_dir():
+            raise lock_is_a_folder(self.root / LOCK_NAME)
+        if not self.exists():
+            other = [p.name for p in self.root.iterdir() if p.name != LOCK_NAME and not is_litter(p.name)]
             if other:
                 raise UsageError(f"{self.root}: exists and is not empty ({', '.join(sorted(other)[:3])}"
                                  f"{', ...' if len(other) > 3 else ''}), but is not a spoctl run; choose another --out")

@@ -12,6 +12,8 @@ import shlex
 
 from ..config import AlignConfig
 from ..errors import Interrupted, Stopped
+from ..launcher import is_main_process
+from ..rundir import RunDir
 from ..signals import checks_done
 from .common import CommonOptions, command, execute
 from .flags import Flag
@@ -59,6 +61,8 @@ def align(*, opts: CommonOptions) -> None:
         return demo_for_align(opts.resolve(AlignConfig, "align"))
 
     def act(cfg: AlignConfig) -> dict:
+        if cfg.out is not None and is_main_process():  # a bad --out is told before the model libraries load
+            RunDir(cfg.out).check_usable()
         if runs_demo(cfg):
             from ..demo.run import run_demo
 
