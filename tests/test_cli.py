@@ -127,9 +127,12 @@ def test_shell_completion_script_and_completions():
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("args", [["eval", "no-such-run"], ["eval"], ["export", "--run", "no-such-run", "--out", "x"],
                                   ["export", "--out", "x"], ["align", "--dims", "helpful", "--out", "afile/run"],
-                                  ["align", "--dims", "helpful", "--out", "afile"]])
-def test_a_missing_run_or_an_unusable_out_is_told_before_the_model_libraries_load(args, tmp_path):
-    """`spoctl eval`/`export` with a mistyped run (or none), `spoctl align` with an --out it cannot use: the error
+                                  ["align", "--dims", "helpful", "--out", "afile"],
+                                  ["align", "--dims", "helpful", "--data", "no-such-run"],
+                                  ["align", "--dims", "helpful", "--data", "afile"]])
+def test_a_mistyped_run_data_or_out_is_told_before_the_model_libraries_load(args, tmp_path):
+    """`spoctl eval`/`export` with a mistyped run (or none), `spoctl align` with a --data folder that is not there
+    (or not prepared data) or an --out it cannot use: the error
     comes before torch is imported (half a second, not the ~3 s torch's import alone takes, or the demo's assets),
     in the real entry point. The child says at exit whether torch was imported."""
     (tmp_path / "afile").write_text("x")
@@ -251,13 +254,13 @@ def test_describe_error_kinds_and_codes():
 
 
 def test_unexpected_exception_keeps_the_traceback_and_asks_for_a_report(monkeypatch):
-    import spoctl.engine.align
+    import spoctl.evaluate
 
     def boom(cfg, out):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(spoctl.engine.align, "align", boom)
-    res = runner.invoke(app, ["align", "--data", "prepared", "--json"])
+    monkeypatch.setattr(spoctl.evaluate, "evaluate", boom)
+    res = runner.invoke(app, ["eval", "some-run", "--json"])
     assert res.exit_code == 70
     assert "Traceback (most recent call last)" in res.stderr and "ZeroDivisionError: a bug" in res.stderr
     last = res.stderr.strip().splitlines()[-1]

@@ -9,10 +9,12 @@ dimension it lacks is an error that points to `--data`.
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 from ..config import AlignConfig
+from ..data.store import read_manifest
 from ..errors import Interrupted, Stopped
-from ..launcher import is_main_process
+from ..launcher import check_environment, is_main_process
 from ..rundir import RunDir
 from ..signals import checks_done
 from .common import CommonOptions, command, execute
@@ -61,8 +63,7 @@ def align(*, opts: CommonOptions) -> None:
         return demo_for_align(opts.resolve(AlignConfig, "align"))
 
     def act(cfg: AlignConfig) -> dict:
-        if cfg.out is not None and is_main_process():  # a bad --out is told before the model libraries load
-            RunDir(cfg.out).check_usable()
+        _check_paths_first(cfg)
         if runs_demo(cfg):
             from ..demo.run import run_demo
 
@@ -83,3 +84,16 @@ def align(*, opts: CommonOptions) -> None:
                      action_checks_more=True)
     if result is not None:
         out.info(f"next: spoctl eval --run {shlex.quote(result['run_dir'])}")
+
+
+def _check_paths_first(cfg: AlignConfig) -> None:
+    """The two paths users mistype most, checked before the engine imports torch and transformers (3-8 s, and the
+    demo's assets): a missing or foreign --data folder, and an --out that cannot become the run directory (looked
+    at by the main process only: the run directory is its alone). Both only read; the engine checks them again
+    where it opens them, so a library caller gets the same errors. The launcher's variables come first, as in the
+    engine's checks: which process is the main one depends on them."""
+    check_environment()
+    if cfg.data is not None:
+        read_manifest(Path(cfg.data))
+    if cfg.out is not None and is_main_process():
+        RunDir(cfg.out).check_usable()
