@@ -132,9 +132,9 @@ def test_shell_completion_script_and_completions():
                                   ["align", "--dims", "helpful", "--data", "afile"]])
 def test_a_mistyped_run_data_or_out_is_told_before_the_model_libraries_load(args, tmp_path):
     """`spoctl eval`/`export` with a mistyped run (or none), `spoctl align` with a --data folder that is not there
-    (or not prepared data) or an --out it cannot use: the error
-    comes before torch is imported (half a second, not the ~3 s torch's import alone takes, or the demo's assets),
-    in the real entry point. The child says at exit whether torch was imported."""
+    (or not prepared data) or an --out it cannot use: the error comes before torch is imported (half a second, not
+    the ~3 s torch's import alone takes, or the demo's assets), in the real entry point. The child says at exit
+    whether torch was imported."""
     (tmp_path / "afile").write_text("x")
     code = ("import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, "
             "file=sys.stderr)); from spoctl.cli import main; main()")
