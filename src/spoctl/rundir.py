@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -236,13 +237,14 @@ class RunDir:
         if str(self.root) in ("", "."):
             raise UsageError("--out: give a folder for the run (e.g. --out runs/hh), not the current directory")
         try:
-            self.root.stat()  # a part of the path that is a file, or a folder that cannot be searched: as mkdir says
+            # A part of the path that is a file, or a folder that cannot be searched, raises here as mkdir would.
+            found = self.root.stat()
         except FileNotFoundError:
             above = next(p for p in self.root.absolute().parents if p.exists())
             if not os.access(above, os.W_OK | os.X_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self.root)) from None
             return
-        if not self.root.is_dir():
+        if not stat.S_ISDIR(found.st_mode):
             raise UsageError(f"{self.root}: exists and is not a folder; choose another --out")
         if (self.root / LOCK_NAME).is_dir():
             raise lock_is_a_folder(self.root / LOCK_NAME)
