@@ -117,6 +117,21 @@ def _test_threads():
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _warm_processes(tmp_path_factory):
+    """Warm test processes (tests/warm.py): the tests that start their commands with `warm.python_cmd` and friends
+    fork them from a server that imported torch, transformers and PEFT once, instead of importing them again in
+    each. SPOCTL_TEST_WARM=0 turns it off (every command then starts fresh, as a user's does)."""
+    import warm
+
+    if os.environ.get("SPOCTL_TEST_WARM", "1") == "0" or not hasattr(os, "pidfd_open"):
+        yield
+        return
+    warm.set_up(str(tmp_path_factory.mktemp("warm")))
+    yield
+    warm.tear_down()
+
+
 @pytest.fixture(scope="session")
 def demo_stand_in(tmp_path_factory):
     """`install(home)` puts the demo's 20-step stand-in base model where the demo looks for its cached base model
@@ -141,10 +156,10 @@ def demo_stand_in(tmp_path_factory):
 # scheduling hint -- a file missing here runs later, nothing else changes. pytest-xdist deals files by their count of
 # tests unless given --no-loadscope-reorder (the Makefile gives it): chaos, one test of two minutes, then came last
 # and ran alone on one core for its whole length.
-LONGEST_FIRST = ("test_readme_commands.py", "test_resume_matrix.py", "test_other_cpus.py", "test_align_real.py",
-                 "test_distributed_runs.py", "test_json_stdout.py", "test_chaos.py", "test_cli_errors.py",
-                 "test_gguf_cache.py", "test_export.py", "test_cli.py", "test_keep.py", "test_adapter_bytes.py",
-                 "test_engine_recovery.py", "test_engine_logprobs.py")
+LONGEST_FIRST = ("test_other_cpus.py", "test_align_real.py", "test_readme_commands.py", "test_distributed_runs.py",
+                 "test_resume_matrix.py", "test_chaos.py", "test_json_stdout.py", "test_gguf_cache.py",
+                 "test_export.py", "test_cli.py", "test_keep.py", "test_cli_errors.py", "test_warm.py",
+                 "test_signals.py", "test_adapter_bytes.py", "test_engine_recovery.py", "test_engine_logprobs.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import warm
 from spoctl.cli import app
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
@@ -45,7 +46,9 @@ def permissions_apply():
 
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, preexec=None,
         stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spoctl", *args], cwd=cwd, env={**os.environ, **(env or {})},
+    # Warm (tests/warm.py) unless `preexec` changes the process itself (its powers), which a warm command would not get.
+    python = [sys.executable] if preexec is not None else warm.python_cmd()
+    return subprocess.run([*python, "-m", "spoctl", *args], cwd=cwd, env={**os.environ, **(env or {})},
                           stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=600, preexec_fn=preexec)
 
 

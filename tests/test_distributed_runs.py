@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from test_engine_align import (ROUNDING_RATIO, ROUNDING_RUN, SPOCTL, _env, assert_same, assert_same_to_rounding,
                                run_cli, weights)
 from spoctl.rundir import RunDir  # noqa: E402
+import warm
 from tinyworld import checkpoints, kill_when, make_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +41,9 @@ def free_port() -> int:
 
 
 def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(free_port()), *extra, "-m", "spoctl", *args]
+    """`torchrun ... -m spoctl ARGS`, its processes warm (tests/warm.py)."""
+    return [*warm.python_cmd("-m", "torch.distributed.run"), "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), *extra, *warm.torchrun_entry("-m", "spoctl", *args)]
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -113,8 +115,9 @@ def launched(world, tmp_path_factory, request) -> dict[str, dict]:
     if commands:
         spec, codes = root / "commands.json", root / "codes.json"
         spec.write_text(json.dumps(commands))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(here.with_name("spoctl_sequence.py")), str(spec), str(codes)]
+        cmd = [*warm.python_cmd("-m", "torch.distributed.run"), "--nproc_per_node", "2", "--master_port",
+               str(free_port()), *warm.torchrun_entry(str(here.with_name("spoctl_sequence.py")), str(spec),
+                                                      str(codes))]
         done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=1800)
         log = done.stdout + done.stderr
         assert done.returncode == 0, log[-6000:]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from test_engine_align import SPOCTL, _env
+import warm
+from test_engine_align import _env
 from test_distributed_runs import torchrun
 from tinyworld import checkpoints, make_world, stop_in_process
 
@@ -24,7 +25,7 @@ def world(tmp_path_factory):
 
 def spoctl(*args: str, cmd: list[str] | None = None, cwd: Path | None = None) -> tuple[int, dict, str]:
     """Run `spoctl ARGS --json` in its own process; (exit code, the one JSON document of stdout, stderr)."""
-    done = subprocess.run([*(cmd or SPOCTL), *args, "--json"] if cmd is None else [*cmd, "--json"],
+    done = subprocess.run([*warm.python_cmd("-m", "spoctl"), *args, "--json"] if cmd is None else [*cmd, "--json"],
                           capture_output=True, text=True, env=_env(), timeout=900, cwd=cwd)
     try:
         doc = json.loads(done.stdout)  # one document, nothing before or after it (whitespace aside)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from spoctl.engine import keep as K
 from spoctl.engine.plan import stage_plans
 from spoctl.evaluate import gate
 
+import warm
 from test_distributed_runs import free_port
 from tinyworld import make_world
 
@@ -311,8 +311,9 @@ def test_two_processes_keep_like_one_process(world, tmp_path):
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
     code, output = align(*args[1:], "--out", str(tmp_path / "one"))  # in this process
     assert code == 0, output
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    subprocess.run([*two, "-m", "spoctl", *args, "--out", str(tmp_path / "two")], check=True, env=env)
+    two = [*warm.python_cmd("-m", "torch.distributed.run"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    subprocess.run([*two, *warm.torchrun_entry("-m", "spoctl", *args, "--out", str(tmp_path / "two"))], check=True,
+                   env=env)
     k1, k2 = (manifest(tmp_path / r)["stages"][1]["keep"]["helpful"] for r in ("one", "two"))
     assert k2["replayed_pairs"] == k1["replayed_pairs"] == 4
     assert [p["multiplier"] for p in k2["trajectory"]] == pytest.approx([p["multiplier"] for p in k1["trajectory"]],

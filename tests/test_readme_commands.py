@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import warm
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -241,6 +242,8 @@ def docs_env(shared_dir, tmp_path_factory, demo_stand_in):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "SPOCTL_"))}
     env.update(SPOCTL_HOME=str(home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    if warm.available():  # `spoctl` in the pages' commands: a bash function (after `. .venv/bin/activate` too)
+        env["BASH_FUNC_spoctl%%"] = f'() {{ "{warm.bin_dir()}/spoctl" "$@"; }}'
     return {"env": env, "shared": shared_dir, "factory": tmp_path_factory, "pages": {}, "starters": {}}
 
 

@@ -31,6 +31,7 @@ import pytest
 from safetensors import safe_open
 
 from test_engine_align import SPOCTL, _env, assert_same, assert_same_to_rounding, run_cli, weights
+import warm
 from tinyworld import checkpoints, kill_when, make_model_dir, make_prepared, poll_until, stop_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -104,11 +105,14 @@ def wait_for(ready, proc: subprocess.Popen | None = None, timeout: float = 1500)
         raise AssertionError(f"the launch ended (exit {proc.returncode}) before it could be signalled")
 
 
-def torchrun(port_args: list[str], *args: str) -> list[str]:
+def torchrun(port_args: list[str], *args: str, warm_processes: bool = False) -> list[str]:
+    """`torchrun ... ARGS` on two processes. Its processes warm (tests/warm.py) where asked: not where one is
+    SIGKILLed (a warm command dies a few milliseconds after its client). The launcher itself is never warm: the
+    processes signalled are found among its children."""
     from test_distributed_runs import free_port
 
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(free_port()), *port_args, *args]
+            str(free_port()), *port_args, *(warm.torchrun_entry(*args) if warm_processes else args)]
 
 
 class Matrix:
@@ -210,7 +214,8 @@ class Matrix:
         spec.write_text(json.dumps(commands))
         log = (self.root / f"sequence-{len(commands)}.log").open("w")
         proc = subprocess.Popen(torchrun([], str(Path(__file__).with_name("spoctl_sequence.py")), str(spec),
-                                         str(codes)), env=_env(), stdout=log, stderr=subprocess.STDOUT)
+                                         str(codes), warm_processes=True), env=_env(), stdout=log,
+                                stderr=subprocess.STDOUT)
         try:
             for cell in signalled:
                 sig, ranks = INTERRUPT[cell]
