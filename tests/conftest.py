@@ -124,12 +124,22 @@ def _warm_processes(tmp_path_factory):
     each. SPOCTL_TEST_WARM=0 turns it off (every command then starts fresh, as a user's does)."""
     import warm
 
-    if os.environ.get("SPOCTL_TEST_WARM", "1") == "0" or not hasattr(os, "pidfd_open"):
+    if os.environ.get("SPOCTL_TEST_WARM", "1") == "0":
         yield
         return
-    warm.set_up(str(tmp_path_factory.mktemp("warm")))
+    if os.path.isdir(os.environ.get(warm.DIR_VAR, "")):  # a pytest that a test started (tests/test_other_cpus.py)
+        yield  # uses the servers of the run that started it
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers of one `pytest -n` share the servers (each one imports)
+        folder, owner = tmp_path_factory.getbasetemp().parent / "warm", os.getppid()
+    else:
+        folder, owner = tmp_path_factory.mktemp("warm"), os.getpid()
+    warm.set_up(str(folder), owner)
     yield
-    warm.tear_down()
+    if owner == os.getpid():  # (shared servers end with the pytest process that started the workers)
+        warm.tear_down()
+    else:
+        os.environ.pop(warm.DIR_VAR, None)
 
 
 @pytest.fixture(scope="session")
@@ -156,10 +166,10 @@ def demo_stand_in(tmp_path_factory):
 # scheduling hint -- a file missing here runs later, nothing else changes. pytest-xdist deals files by their count of
 # tests unless given --no-loadscope-reorder (the Makefile gives it): chaos, one test of two minutes, then came last
 # and ran alone on one core for its whole length.
-LONGEST_FIRST = ("test_other_cpus.py", "test_align_real.py", "test_readme_commands.py", "test_distributed_runs.py",
-                 "test_resume_matrix.py", "test_chaos.py", "test_json_stdout.py", "test_gguf_cache.py",
-                 "test_export.py", "test_cli.py", "test_keep.py", "test_cli_errors.py", "test_warm.py",
-                 "test_signals.py", "test_adapter_bytes.py", "test_engine_recovery.py", "test_engine_logprobs.py")
+LONGEST_FIRST = ("test_align_real.py", "test_readme_commands.py", "test_resume_matrix.py", "test_other_cpus.py",
+                 "test_chaos.py", "test_distributed_runs.py", "test_gguf_cache.py", "test_export.py",
+                 "test_cli_errors.py", "test_cli.py", "test_warm.py", "test_signals.py", "test_json_stdout.py",
+                 "test_keep.py", "test_adapter_bytes.py", "test_engine_recovery.py", "test_engine_logprobs.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -40,8 +40,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
-    """`torchrun ... -m spoctl ARGS`, its processes warm (tests/warm.py)."""
+def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = (), warm_processes: bool = True) -> list[str]:
+    """`torchrun ... -m spoctl ARGS`, its processes warm (tests/warm.py) unless told otherwise."""
+    if not warm_processes:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(free_port()), *extra, "-m", "spoctl", *args]
     return [*warm.python_cmd("-m", "torch.distributed.run"), "--nproc_per_node", str(nproc), "--master_port",
             str(free_port()), *extra, *warm.torchrun_entry("-m", "spoctl", *args)]
 

@@ -317,7 +317,9 @@ def test_two_writers_cannot_share_a_run_directory(world, tmp_path):
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    tests = str(Path(__file__).parent)
+    if env.get("PYTHONPATH", "").split(os.pathsep)[0] != tests:  # (a pytest started with it has it already)
+        env["PYTHONPATH"] = os.pathsep.join([tests, env.get("PYTHONPATH", "")])
     return env
 
 

@@ -23,6 +23,7 @@ from spoctl.evaluate import gate
 
 import warm
 from test_distributed_runs import free_port
+from test_engine_align import _env
 from tinyworld import make_world
 
 FAST = ["--lr", "1e-3", "--batch-size", "4", "--max-steps", "6", "--quiet"]
@@ -308,7 +309,7 @@ def test_two_processes_keep_like_one_process(world, tmp_path):
     args = ["align", "--dims", "helpful,harmless", "--data", str(prepared), "--lr", "0.5", "--batch-size", "4",
             "--max-steps", "3", "--set", "adam_epsilon=1.0", "--keep", "helpful=2", "--set", "keep_control.every=1",
             "--set", "keep_control.replay_pairs=2", "--quiet"]
-    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = _env()  # (the environment of the suite's other launches: their warm processes, tests/warm.py)
     code, output = align(*args[1:], "--out", str(tmp_path / "one"))  # in this process
     assert code == 0, output
     two = [*warm.python_cmd("-m", "torch.distributed.run"), "--nproc_per_node", "2", "--master_port", str(free_port())]

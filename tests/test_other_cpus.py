@@ -15,13 +15,14 @@ kernels differ).
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import warm
+from test_engine_align import _env
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDING_TESTS = [
@@ -72,10 +73,12 @@ def sessions(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
             continue
         folder = tmp_path_factory.mktemp(f"cpu-{cpu}")
         with open(folder / "output.txt", "w") as out:
+            # Warm (tests/warm.py): the session and its launches share one server, which imports with these kernels'
+            # variables (the environment its launches get, tests/test_engine_align.py's _env, so one server serves all).
             started[cpu] = (subprocess.Popen(
-                [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"--basetemp={folder / 'tmp'}",
-                 *ROUNDING_TESTS], cwd=ROOT, env={**os.environ, **kernels}, stdout=out, stderr=subprocess.STDOUT),
-                folder / "output.txt")
+                [*warm.python_cmd("-m", "pytest"), "-q", "-x", "-p", "no:cacheprovider",
+                 f"--basetemp={folder / 'tmp'}", *ROUNDING_TESTS], cwd=ROOT, env={**_env(), **kernels}, stdout=out,
+                stderr=subprocess.STDOUT), folder / "output.txt")
     yield started
     for proc, _ in started.values():
         if proc.poll() is None:

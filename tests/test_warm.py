@@ -100,9 +100,26 @@ def test_a_killed_client_takes_its_command_with_it(tmp_path):
 
 
 def test_an_import_time_variable_gets_a_server_of_its_own(tmp_path):
-    """huggingface_hub reads HF_HUB_OFFLINE when imported: a command that sets it sees it, as a fresh one does."""
+    """huggingface_hub reads HF_HUB_OFFLINE when imported: a command that sets it sees it, as a fresh one does.
+    (Offline as tests/test_readme_commands.py's commands are, whose server this may share: a server costs seconds.)"""
     script = "import huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
-    for value, expect in (("1", "True"), ("0", "False")):
-        env = {**os.environ, "HF_HUB_OFFLINE": value}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))}
+    for env, expect in ((base, "False"), ({**base, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, "True")):
         got = subprocess.run(warm.python_cmd("-c", script), env=env, capture_output=True, text=True, timeout=120)
         assert got.stdout.strip() == expect, got.stderr
+
+
+def test_the_processes_of_a_torchrun_launch_are_warm(tmp_path):
+    """torchrun gives each process variables of its own (TORCHELASTIC_ERROR_FILE is per rank): not read at import,
+    they must not cost each process a server of its own, i.e. the imports the warm processes are there to save."""
+    from test_distributed_runs import free_port
+
+    script = "import os, sys; print(os.environ['RANK'], 'transformers' in sys.modules)"  # imported: a warm process
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           *warm.torchrun_entry("-c", script)]
+    servers = lambda: {p for p in os.listdir(os.environ[warm.DIR_VAR]) if p.endswith(".sock")}  # noqa: E731
+    before = servers()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line for line in done.stdout.splitlines() if line.strip()) == ["0 True", "1 True"], done.stdout
+    assert len(servers() - before) <= 1  # at most the one for this environment

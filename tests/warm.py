@@ -15,19 +15,20 @@ stderr (the client's own file descriptors, passed over the socket), the working 
 SIGTERM, SIGINT or SIGHUP sent to the client is forwarded to the command; if the client dies (SIGKILL), the
 command is killed too, but a few milliseconds later, so the tests that SIGKILL a command keep fresh processes.
 
-Where a warm process could differ from a fresh one, it is not used (the client then runs a fresh `python`):
-- an environment variable read at import (Python's own, locale, thread pools, CPU kernels, torch, Hugging Face,
-  HOME) differs from the server's (tests/test_other_cpus.py's kernels, a test's own HF_HOME or PYTHONHASHSEED);
-- a Python option other than -u, -m, -c or a script;
-- no server (SPOCTL_TEST_WARM=0, or the server did not start: the suite then runs as before, only slower).
+The environment variables read while the libraries import (Python's own, locale, thread pools, CPU kernels,
+torch, Hugging Face, HOME) pick the server: a command whose values differ (tests/test_other_cpus.py's kernels, a
+test's own HF_HOME) gets a server started with its values, so what a library read at import is the command's.
+A fresh `python` runs instead where a warm one could differ: a Python option other than -u, -m, -c or a script;
+no server (SPOCTL_TEST_WARM=0, or a server that did not start: the suite then runs as before, only slower).
 And what stays fresh on purpose: the tests of the entry point itself and of what it imports
 (tests/test_cli.py), of hash seeds (tests/test_adapter_bytes.py), of pids in lock messages, and every test that
 SIGKILLs a command. All processes forked from one server share one hash seed (fresh ones draw their own);
 `random` is reseeded in each.
 
 Use: `python_cmd("-m", "spoctl", ...)` in place of `[sys.executable, "-m", "spoctl", ...]`, `torchrun_entry(...)`
-for what follows torchrun's options, and `bin_dir()` on PATH for a shell's `spoctl`. The server is started by
-tests/conftest.py, one per pytest process (each xdist worker)."""
+for what follows torchrun's options, and `bin_dir()`'s `spoctl` for a shell. tests/conftest.py gives each pytest
+run a folder for the servers (the xdist workers of one run share it); a server is started by the first command
+whose import-time environment it serves, and ends with the run."""
 
 from __future__ import annotations
 
@@ -43,13 +44,18 @@ DIR_VAR = "WARM_PYTHON_DIR"  # not SPOCTL_*: tests that drop spoctl's variables 
 # other than its own), started by the first command that needs it.
 IMPORT_TIME_VARS = ("PYTHON", "LANG", "LC_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "ATEN_", "TORCH", "PYTORCH_",
                     "CUDA", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "XDG_", "HOME", "BNB_", "TRITON_")
+# Not read at import: PYTHONUNBUFFERED is read at start-up and applied by the runner to its streams; torchrun gives
+# each process its own TORCHELASTIC_* values (an error file per rank) and TORCH_NCCL_*, read when the process group
+# starts.
+NOT_AT_IMPORT = ("PYTHONUNBUFFERED", "TORCHELASTIC_", "TORCH_NCCL_")
 PRELOAD = ("torch", "torch.distributed", "transformers", "transformers.models.llama.modeling_llama", "peft",
            "safetensors.torch", "spoctl.cli", "spoctl.engine.align", "spoctl.evaluate.runner", "spoctl.export.pipeline")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _import_time_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in sorted(env.items()) if k.startswith(IMPORT_TIME_VARS)}
+    return {k: v for k, v in sorted(env.items()) if k.startswith(IMPORT_TIME_VARS)
+            and not k.startswith(NOT_AT_IMPORT)}
 
 
 # ------------------------------------------------------------------------------------------------ test side
@@ -72,23 +78,30 @@ def torchrun_entry(*argv: str) -> list[str]:
     return ["--no-python", os.path.join(bin_dir(), "python"), "-u", *argv] if available() else list(argv)
 
 
-def set_up(folder: str) -> None:
-    """Make `folder` this pytest process's warm folder (its clients, and the servers they start, live there); every
-    process this one starts finds it in the environment."""
+def set_up(folder: str, owner: int) -> None:
+    """Make `folder` this pytest process's warm folder (its clients, and the servers they start, live there; the
+    servers end when process `owner` has ended). Every process this one starts finds it in the environment. Several
+    pytest processes (xdist's workers) may share one folder and its servers."""
     os.makedirs(os.path.join(folder, "bin"), exist_ok=True)
     for name, mode in (("python", "python"), ("spoctl", "console")):  # `-S`: the client needs no site-packages
         script = os.path.join(folder, "bin", name)
-        with open(script, "w", encoding="utf-8") as f:
-            f.write(f"#!{sys.executable} -S\nimport sys\nsys.path.insert(0, {HERE!r})\nimport warm\n"
-                    f"warm.client({mode!r}, sys.argv[1:])\n")
-        os.chmod(script, 0o755)
-    with open(os.path.join(folder, "owner.pid"), "w", encoding="utf-8") as f:
-        f.write(str(os.getpid()))
+        _write(script, f"#!{sys.executable} -S\nimport sys\nsys.path.insert(0, {HERE!r})\nimport warm\n"
+                       f"warm.client({mode!r}, sys.argv[1:])\n", 0o755)
+    _write(os.path.join(folder, "owner.pid"), str(owner), 0o644)
     os.environ[DIR_VAR] = folder
 
 
+def _write(path: str, text: str, mode: int) -> None:
+    """Whole or not at all: another worker may be starting a client from this folder meanwhile."""
+    part = f"{path}.{os.getpid()}.tmp"
+    with open(part, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(part, mode)
+    os.replace(part, path)
+
+
 def tear_down() -> None:
-    """End the servers of this process's warm folder."""
+    """End the servers of this process's warm folder (call it only in the folder's owner)."""
     folder = os.environ.pop(DIR_VAR, None)
     if not folder or not os.path.isdir(folder):
         return
@@ -291,19 +304,24 @@ def _supervise(conn: socket.socket, request: dict, fds: list[int]) -> None:
         _run(request, fds)  # never returns
     for fd in fds:
         os.close(fd)
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd = os.pidfd_open(pid)  # readable when the runner ends (Linux 5.3 and later)
+    except (AttributeError, OSError):
+        pidfd = None  # elsewhere: look every 20 ms
     conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
     poller = select.poll()
     poller.register(conn, select.POLLIN)
-    poller.register(pidfd, select.POLLIN)
-    while True:
-        ready = {fd for fd, _ in poller.poll()}
-        if pidfd in ready:
-            break
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    status = None
+    while status is None:
+        ready = {fd for fd, _ in poller.poll(None if pidfd is not None else 20)}
         if conn.fileno() in ready and not conn.recv(1):  # the client died: so does its command
             os.kill(pid, signal.SIGKILL)
-            break
-    _, status = os.waitpid(pid, 0)
+            status = os.waitpid(pid, 0)[1]
+        elif pidfd is None or pidfd in ready:
+            done, found = os.waitpid(pid, 0 if pidfd is not None else os.WNOHANG)
+            status = found if done == pid else None
     end = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"exit": os.WEXITSTATUS(status)}
     try:
         conn.sendall(json.dumps(end).encode() + b"\n")
