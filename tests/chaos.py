@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import warm
-
 SPOCTL = [sys.executable, "-m", "spoctl"]
 ALIGN_ARGS = ["--dims", "helpful,harmless", "--lr", "1e-3", "--batch-size", "4", "--max-steps", "6",
               "--set", "save_every=2"]
@@ -74,9 +72,7 @@ def spoctl(args: list[str], *, fsize: int | None = None, timeout: float = 600) -
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    # Warm (tests/warm.py) unless a file-size limit is set on the process (a warm command would not get it).
-    cmd = [*SPOCTL, *args] if fsize is not None else [*warm.python_cmd("-m", "spoctl"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=limit,
+    return subprocess.run([*SPOCTL, *args], capture_output=True, text=True, timeout=timeout, preexec_fn=limit,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

@@ -146,7 +146,9 @@ class Matrix:
             run = self.run(cell, "interrupted")
             if how == "subprocess":
                 extra = ["--json"] if sig != signal.SIGKILL else []
-                proc = subprocess.Popen([*SPOCTL, *self.args(cell, "interrupted", *extra)], env=_env(),
+                # Warm (tests/warm.py) where the signal is forwarded (SIGTERM), fresh where it is SIGKILL.
+                python = [*SPOCTL] if sig == signal.SIGKILL else warm.python_cmd("-m", "spoctl")
+                proc = subprocess.Popen([*python, *self.args(cell, "interrupted", *extra)], env=_env(),
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 if sig == signal.SIGKILL:
                     kill_when(proc, lambda: bool(stage2_checkpoints(run)))

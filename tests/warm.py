@@ -46,8 +46,9 @@ IMPORT_TIME_VARS = ("PYTHON", "LANG", "LC_", "OMP_", "MKL_", "OPENBLAS_", "KMP_"
                     "CUDA", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "XDG_", "HOME", "BNB_", "TRITON_")
 # Not read at import: PYTHONUNBUFFERED is read at start-up and applied by the runner to its streams; torchrun gives
 # each process its own TORCHELASTIC_* values (an error file per rank) and TORCH_NCCL_*, read when the process group
-# starts.
-NOT_AT_IMPORT = ("PYTHONUNBUFFERED", "TORCHELASTIC_", "TORCH_NCCL_")
+# starts; TORCHINDUCTOR_CACHE_DIR is read when inductor compiles, and set to its default by importing it (a process
+# that did has it, one that did not yet has not: the same environment, else two servers).
+NOT_AT_IMPORT = ("PYTHONUNBUFFERED", "TORCHELASTIC_", "TORCH_NCCL_", "TORCHINDUCTOR_CACHE_DIR")
 PRELOAD = ("torch", "torch.distributed", "transformers", "transformers.models.llama.modeling_llama", "peft",
            "safetensors.torch", "spoctl.cli", "spoctl.engine.align", "spoctl.evaluate.runner", "spoctl.export.pipeline")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -232,10 +233,12 @@ def serve(path: str, folder: str) -> None:
     listener.settimeout(5)
     owner = int(open(os.path.join(folder, "owner.pid"), encoding="utf-8").read())
     own = _import_time_env(dict(os.environ))  # before the imports, some of which set variables of their own
+    before = dict(os.environ)
     import importlib
 
     for name in PRELOAD:
         importlib.import_module(name)
+    set_by_imports = {k: v for k, v in os.environ.items() if before.get(k) != v}
     threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
     if threads != 1:  # forking a process with threads is not safe: every request runs fresh instead
         sys.stderr.write(f"warm server: {threads} threads after the imports; not serving\n")
@@ -266,6 +269,7 @@ def serve(path: str, folder: str) -> None:
             conn.sendall(json.dumps({"fallback": why}).encode() + b"\n")
         elif os.fork() == 0:
             listener.close()
+            request["env"] = {**set_by_imports, **request["env"]}  # as in a process that imported them itself
             _supervise(conn, request, fds)  # never returns
         for fd in fds:
             os.close(fd)
