@@ -123,3 +123,13 @@ def test_the_processes_of_a_torchrun_launch_are_warm(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(line for line in done.stdout.splitlines() if line.strip()) == ["0 True", "1 True"], done.stdout
     assert len(servers() - before) <= 1  # at most the one for this environment
+
+
+def test_what_warm_leaves_out_of_a_servers_choice_is_what_spoctl_sets_for_itself(monkeypatch):
+    """warm.SPOCTL_SETS are values every spoctl command sets itself: the list must follow spoctl's."""
+    from spoctl.cli.common import quiet_library_output
+
+    for name in warm.SPOCTL_SETS:
+        monkeypatch.delenv(name, raising=False)
+    quiet_library_output()
+    assert {name: os.environ.get(name) for name in warm.SPOCTL_SETS} == warm.SPOCTL_SETS

@@ -20,8 +20,10 @@ torch, Hugging Face, HOME) pick the server: a command whose values differ (tests
 test's own HF_HOME) gets a server started with its values, so what a library read at import is the command's.
 A fresh `python` runs instead where a warm one could differ: a Python option other than -u, -m, -c or a script;
 no server (SPOCTL_TEST_WARM=0, or a server that did not start: the suite then runs as before, only slower).
-And what stays fresh on purpose: the tests of the entry point itself and of what it imports
-(tests/test_cli.py), of hash seeds (tests/test_adapter_bytes.py), of pids in lock messages, and every test that
+And what stays fresh on purpose: the tests of the entry point itself and of what it imports, library warnings
+included (tests/test_cli.py), of hash seeds (tests/test_adapter_bytes.py), of pids in lock messages, of signals at a
+command's start (tests/test_signals.py, the chaos suite), of a process's limits and powers (file size,
+capabilities), of a launch where one process fails at once (tests/test_json_stdout.py), and every test that
 SIGKILLs a command. All processes forked from one server share one hash seed (fresh ones draw their own);
 `random` is reseeded in each.
 
@@ -49,6 +51,11 @@ IMPORT_TIME_VARS = ("PYTHON", "LANG", "LC_", "OMP_", "MKL_", "OPENBLAS_", "KMP_"
 # starts; TORCHINDUCTOR_CACHE_DIR is read when inductor compiles, and set to its default by importing it (a process
 # that did has it, one that did not yet has not: the same environment, else two servers).
 NOT_AT_IMPORT = ("PYTHONUNBUFFERED", "TORCHELASTIC_", "TORCH_NCCL_", "TORCHINDUCTOR_CACHE_DIR")
+# What every spoctl command sets for itself before it does anything (spoctl.cli.common.quiet_library_output: with
+# setdefault, and a library imported already is told directly): a test process has them once it ran a command in
+# process, and whether it had does not change what a spoctl command does, so they do not pick a server.
+SPOCTL_SETS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+               "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 PRELOAD = ("torch", "torch.distributed", "transformers", "transformers.models.llama.modeling_llama", "peft",
            "safetensors.torch", "spoctl.cli", "spoctl.engine.align", "spoctl.evaluate.runner", "spoctl.export.pipeline")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,7 +63,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _import_time_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in sorted(env.items()) if k.startswith(IMPORT_TIME_VARS)
-            and not k.startswith(NOT_AT_IMPORT)}
+            and not k.startswith(NOT_AT_IMPORT) and SPOCTL_SETS.get(k) != v}
 
 
 # ------------------------------------------------------------------------------------------------ test side
