@@ -59,6 +59,8 @@ SPOCTL_SETS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "e
 PRELOAD = ("torch", "torch.distributed", "transformers", "transformers.models.llama.modeling_llama", "peft",
            "safetensors.torch", "spoctl.cli", "spoctl.engine.align", "spoctl.evaluate.runner", "spoctl.export.pipeline")
 HERE = os.path.dirname(os.path.abspath(__file__))
+# What the client passes on to its command (SIGKILL cannot be caught: the supervisor kills the command then).
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _import_time_env(env: dict[str, str]) -> dict[str, str]:
@@ -190,7 +192,7 @@ def _client_warm(path: str, mode: str, argv: list[str]) -> None:
         sock.connect(path)
     except OSError:
         raise _Fallback from None
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+    for s in FORWARDED:
         signal.signal(s, forward)
     request = json.dumps({"mode": mode, "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
     socket.send_fds(sock, [struct.pack("!I", len(request)) + request], [0, 1, 2])
@@ -200,7 +202,7 @@ def _client_warm(path: str, mode: str, argv: list[str]) -> None:
         if "fallback" in msg:
             if os.environ.get("WARM_PYTHON_DEBUG"):
                 sys.stderr.write(f"warm client: fresh process: {msg['fallback']}\n")
-            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+            for s in FORWARDED:
                 signal.signal(s, signal.SIG_DFL)
             raise _Fallback
         if "pid" in msg:
@@ -239,7 +241,6 @@ def serve(path: str, folder: str) -> None:
     listener.listen(64)
     listener.settimeout(5)
     owner = int(open(os.path.join(folder, "owner.pid"), encoding="utf-8").read())
-    own = _import_time_env(dict(os.environ))  # before the imports, some of which set variables of their own
     before = dict(os.environ)
     import importlib
 
@@ -247,18 +248,16 @@ def serve(path: str, folder: str) -> None:
         importlib.import_module(name)
     set_by_imports = {k: v for k, v in os.environ.items() if before.get(k) != v}
     threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
-    if threads != 1:  # forking a process with threads is not safe: every request runs fresh instead
+    refuse = threads != 1  # forking a process with threads is not safe: every request runs fresh instead
+    if refuse:
         sys.stderr.write(f"warm server: {threads} threads after the imports; not serving\n")
-        refuse = True
-    else:
-        refuse = False
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     while True:
         try:
             conn, _ = listener.accept()
-        except socket.timeout:  # the pytest process that owns the folder ended without tear_down (killed): so do we
+        except socket.timeout:  # the pytest process that owns the folder has ended (or was killed): so do we
             try:
                 os.kill(owner, 0)
             except ProcessLookupError:
@@ -271,9 +270,8 @@ def serve(path: str, folder: str) -> None:
         except (OSError, ValueError):
             conn.close()
             continue
-        why = "not serving" if refuse else _incompatible(own, request["env"])
-        if why:
-            conn.sendall(json.dumps({"fallback": why}).encode() + b"\n")
+        if refuse:  # (no other reason: the client chose this server by its environment, _server_for)
+            conn.sendall(json.dumps({"fallback": f"the server has {threads} threads"}).encode() + b"\n")
         elif os.fork() == 0:
             listener.close()
             request["env"] = {**set_by_imports, **request["env"]}  # as in a process that imported them itself
@@ -294,14 +292,6 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
             raise ValueError("short request")
         data += more
     return json.loads(data[4:4 + size]), list(fds)
-
-
-def _incompatible(own: dict[str, str], env: dict[str, str]) -> str | None:
-    theirs = _import_time_env(env)
-    if theirs != own:
-        keys = sorted(k for k in set(own) | set(theirs) if own.get(k) != theirs.get(k))
-        return f"environment differs in {', '.join(keys)}"
-    return None
 
 
 def _supervise(conn: socket.socket, request: dict, fds: list[int]) -> None:
